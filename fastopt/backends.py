@@ -1,0 +1,177 @@
+"""The one place that decides which implementation of an op runs.
+
+Backends, each a module exposing functions named ``<op>_<suffix>`` with the shared signature of
+``fastopt.reference.<op>_reference``:
+
+========  ==========================================================  ======================
+name      runs on                                                     module
+========  ==========================================================  ======================
+triton    CUDA tensors; CPU tensors when ``TRITON_INTERPRET=1``       ``fastopt.kernels``
+cuda      CUDA tensors                                                ``fastopt.extension``
+cpu       CPU tensors                                                 ``fastopt.extension``
+torch     anything                                                    ``fastopt.reference``
+========  ==========================================================  ======================
+
+``backend="auto"`` tries, for CUDA tensors, triton then cuda then torch, and for CPU tensors cpu
+then torch, taking the first that implements the op for the tensors' dtype. The environment
+variable ``FASTOPT_BACKEND`` replaces "auto" with a named backend. A backend asked for by name
+that cannot run raises :class:`BackendUnavailableError` saying what is missing and how to get it.
+
+Backend modules are imported lazily, on first use, and an import failure is kept as the reason
+reported for that backend; nothing here rebinds module globals, so every backend that can run
+stays callable in one process (one test or benchmark run compares them all).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, Optional, Tuple, Union
+
+import torch
+
+__all__ = ["BACKENDS", "CHOICES", "OPS", "BackendUnavailableError", "available", "why_not",
+           "resolve", "select", "validate_backend_name", "ENV_VAR"]
+
+ENV_VAR = "FASTOPT_BACKEND"
+
+OPS = (
+    "ladam_step",              # LAdam mode variance_lap
+    "ladam_update_lap_step",   # LAdam mode update_lap
+    "ladam_weight_lap_step",   # LAdam mode weight_lap
+    "ladam_wave_step",         # LAdam mode wave_variance
+    "ladagrad_step",
+    "lrmsprop_step",
+)
+
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+@dataclass(frozen=True)
+class _Spec:
+    module: str
+    suffix: str                       # functions are named f"{op}_{suffix}"
+    devices: FrozenSet[str]           # device types it runs on (cpu for triton: see _device_reason)
+    dtypes: FrozenSet[torch.dtype]
+    needs: str                        # what an ImportError of ``module`` means, and how to fix it
+
+
+_SPECS: Dict[str, _Spec] = {
+    "triton": _Spec("fastopt.kernels", "triton", frozenset({"cuda", "cpu"}),
+                    frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                    'the triton package: pip install "fastopt[triton]"'),
+    "cuda": _Spec("fastopt.extension", "cuda", frozenset({"cuda"}),
+                  frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+                  "the C++/CUDA extension fastopt._C built with CUDA: reinstall with "
+                  "pip install --no-build-isolation . where torch has CUDA and nvcc is on PATH"),
+    "cpu": _Spec("fastopt.extension", "cpu", frozenset({"cpu"}),
+                 frozenset({torch.bfloat16, torch.float32, torch.float64}),
+                 "the C++ extension fastopt._C: reinstall with pip install --no-build-isolation . "
+                 "(needs a C++ compiler), or install ninja so that it builds on first use"),
+    "torch": _Spec("fastopt.reference", "reference", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
+                   _FLOATS, "torch"),
+}
+
+BACKENDS: Tuple[str, ...] = tuple(_SPECS)
+CHOICES: Tuple[str, ...] = ("auto",) + BACKENDS
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend named by the user cannot run here; the message says why and what to do."""
+
+
+def validate_backend_name(backend: object, argument: str = "backend") -> str:
+    """Return ``backend`` if it is one of :data:`CHOICES`, else raise a ValueError naming ``argument``."""
+    if not isinstance(backend, str) or backend not in CHOICES:
+        raise ValueError(f"Invalid {argument}: {backend!r}. Choose from: {CHOICES}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _load(backend: str):
+    """(module, None) or (None, reason). Import errors are kept, not raised: see the module doc."""
+    spec = _SPECS[backend]
+    try:
+        return importlib.import_module(spec.module), None
+    except ImportError as err:  # a missing optional dependency or an unbuilt extension
+        return None, f"backend={backend!r} needs {spec.needs} ({type(err).__name__}: {err})"
+
+
+def _device_reason(backend: str, device_type: str) -> Optional[str]:
+    spec = _SPECS[backend]
+    if backend == "triton" and device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ("backend='triton' runs on CUDA tensors; CPU tensors need Triton's interpreter "
+                    "(set TRITON_INTERPRET=1 before triton is imported; slow, meant for tests)")
+        return None
+    if device_type not in spec.devices:
+        where = " or ".join(sorted(spec.devices))
+        return f"backend={backend!r} runs on {where} tensors; got {device_type} tensors"
+    return None
+
+
+def why_not(backend: str, op: Optional[str] = None, device: Union[str, torch.device, None] = None,
+            dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on tensors of ``device`` and ``dtype``; None if it can.
+
+    Every argument after ``backend`` is optional: ``why_not("triton")`` only asks whether the
+    backend can be loaded on this machine.
+    """
+    validate_backend_name(backend)
+    if backend == "auto":
+        return None
+    if op is not None and op not in OPS:
+        raise ValueError(f"Invalid op: {op!r}. Choose from: {OPS}")
+    spec = _SPECS[backend]
+    if device is not None:
+        reason = _device_reason(backend, torch.device(device).type)
+        if reason:
+            return reason
+    if dtype is not None and dtype not in spec.dtypes:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in spec.dtypes))
+        return f"backend={backend!r} supports dtypes {names}; got {str(dtype).replace('torch.', '')}"
+    module, reason = _load(backend)
+    if module is None:
+        return reason
+    if op is not None and not callable(getattr(module, f"{op}_{spec.suffix}", None)):
+        return f"backend={backend!r} has no implementation of {op!r} yet; use backend='torch'"
+    return None
+
+
+def available(backend: str, op: Optional[str] = None, device=None, dtype=None) -> bool:
+    """True if :func:`why_not` finds nothing in the way."""
+    return why_not(backend, op, device, dtype) is None
+
+
+def resolve(op: str, device: Union[str, torch.device], dtype: torch.dtype, backend: str = "auto") -> str:
+    """The name of the backend that runs ``op`` on tensors of ``device`` and ``dtype``.
+
+    "auto" (unless ``FASTOPT_BACKEND`` names a backend) takes the first backend of the device's
+    preference order that can run; a named backend that cannot run raises
+    :class:`BackendUnavailableError`.
+    """
+    validate_backend_name(backend)
+    if backend == "auto" and os.environ.get(ENV_VAR):
+        backend = validate_backend_name(os.environ[ENV_VAR], argument=f"environment variable {ENV_VAR}")
+    device_type = torch.device(device).type
+    if backend != "auto":
+        reason = why_not(backend, op, device_type, dtype)
+        if reason:
+            raise BackendUnavailableError(reason)
+        return backend
+    reasons = []
+    for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+        reason = why_not(candidate, op, device_type, dtype)
+        if reason is None:
+            return candidate
+        reasons.append(reason)
+    raise BackendUnavailableError(f"no backend can run {op!r} on {device_type} {dtype}: " + "; ".join(reasons))
+
+
+def select(op: str, device: Union[str, torch.device], dtype: torch.dtype, backend: str = "auto") -> Callable:
+    """The function that runs ``op`` on tensors of ``device`` and ``dtype`` (see :func:`resolve`)."""
+    name = resolve(op, device, dtype, backend)
+    module, _ = _load(name)
+    return getattr(module, f"{op}_{_SPECS[name].suffix}")

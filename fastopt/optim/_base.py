@@ -1,0 +1,187 @@
+"""What LAdam, LAdaGrad and LRMSProp share: validation, state, grouping and dispatch.
+
+A step validates everything (hyperparameters, gradients, backend availability) for every group
+before it touches any tensor, so bad input leaves parameters and state as they were. Then, per
+(group, device, dtype) bucket, it creates missing state, increments the per-tensor step counts
+and calls the one function :func:`fastopt.backends.select` chose for that bucket.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Dict, List, Mapping, Tuple
+
+import torch
+from torch.optim import Optimizer
+
+from .. import backends
+from . import _validation as v
+
+
+def _bucket_by_device_and_dtype(params: List[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
+    buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
+    for p in params:
+        buckets.setdefault((p.device, p.dtype), []).append(p)
+    return buckets
+
+
+class LaplacianOptimizer(Optimizer):
+    """Base class of the LAdam family. Subclasses set:
+
+    * ``_CHECKS``: hyperparameter name -> check (see :mod:`._validation`);
+    * ``_LADAM_STATE_KEYS``: ladam's state key -> ours, for loading ladam checkpoints;
+    * ``_op(group)``: the backend op of the group;
+    * ``_init_state(state, p, group)``: create the missing state tensors of ``p``;
+    * ``_run(fn, group, params, grads, states)``: call the selected op.
+    """
+
+    _CHECKS: Dict[str, v.Check] = {}
+    _LADAM_STATE_KEYS: Dict[str, str] = {}
+    _NAME = "LaplacianOptimizer"
+
+    def __init__(self, params, defaults: Dict[str, Any], backend: str = "auto"):
+        self.backend = backend
+        super().__init__(params, defaults)
+
+    # -- the backend is the optimizer's, not a group's: a checkpoint written on one backend must
+    #    load on any other, and load_state_dict overwrites group entries with the saved ones.
+    @property
+    def backend(self) -> str:
+        """Which implementation runs the step: one of :data:`fastopt.backends.CHOICES`."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        backends.validate_backend_name(name)
+        if name != "auto":
+            reason = backends.why_not(name)
+            if reason:
+                raise backends.BackendUnavailableError(reason)
+        self._backend = name
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**super().__getstate__(), "_backend": self._backend}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state.setdefault("_backend", "auto")
+        super().__setstate__(state)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        merged = {**self.defaults, **{k: val for k, val in param_group.items() if k != "params"}}
+        v.check_all(self._CHECKS, merged)
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # sets: torch's own error below
+            params = param_group["params"] = list(params)
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+            if len({id(p) for p in tensors}) != len(tensors):
+                raise ValueError(f"{self._NAME}: a parameter group lists the same tensor twice; "
+                                 "each parameter must appear once (it would be stepped twice)")
+        super().add_param_group(param_group)
+
+    # -- step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] = None):
+        """Perform one optimization step.
+
+        Args:
+            closure (callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            v.check_all(self._CHECKS, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                self._check_param_and_grad(p)
+            op = self._op(group)
+            for (device, dtype), bucket in _bucket_by_device_and_dtype(params).items():
+                work.append((backends.select(op, device, dtype, self._backend), group, bucket))
+        for fn, group, bucket in work:
+            self._step_bucket(fn, group, bucket)
+        return loss
+
+    def _check_param_and_grad(self, p: torch.Tensor) -> None:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(f"{self._NAME} does not support sparse gradients")
+        if not p.is_floating_point():
+            raise TypeError(f"{self._NAME} optimizes real floating-point parameters; got a parameter of "
+                            f"dtype {p.dtype} (view complex parameters with torch.view_as_real)")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"{self._NAME}: a gradient does not match its parameter: grad "
+                             f"{tuple(g.shape)} {g.dtype} on {g.device}, parameter {tuple(p.shape)} "
+                             f"{p.dtype} on {p.device}")
+
+    def _step_bucket(self, fn: Callable, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
+        new = [p for p in params if len(self.state[p]) == 0]
+        states = [self._state_of(p, group) for p in params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        try:
+            self._run(fn, group, params, [p.grad for p in params], states)
+        except BaseException:
+            # Put the bookkeeping back; the implementations validate before they write.
+            torch._foreach_sub_(steps, 1)
+            for p in new:
+                del self.state[p]
+            raise
+
+    def _state_of(self, p: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            # A CPU float32 scalar, as torch.optim.Adam keeps it when neither fused nor capturable.
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if "use_lap" not in state:
+            # Decided at the parameter's first step and then frozen (ladam's rule).
+            state["use_lap"] = bool(group["c2"] > 0 and p.numel() >= group["min_spatial_size"])
+        self._init_state(state, p, group)
+        return state
+
+    @staticmethod
+    def _zeros(p: torch.Tensor) -> torch.Tensor:
+        # Contiguous in logical order whatever p's layout: the stencil walks that order.
+        return torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state_dict saved by this class, by ladam (keys ``m``, ``v``, ``v_prev``, integer
+        ``step``) or by torch.optim.Adam / Adagrad / RMSprop where the state means the same.
+
+        Hyperparameters a foreign state_dict lacks (``c2``, ``stencil``, ...) keep the values of
+        this optimizer's groups. Everything is checked before anything is loaded.
+        """
+        state_dict = dict(state_dict)
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        groups = []
+        for saved, current in zip(saved_groups, self.param_groups):
+            group = {**{k: val for k, val in current.items() if k != "params"}, **saved}
+            v.check_all(self._CHECKS, group)
+            groups.append(group)
+        state_dict["param_groups"] = groups
+        state_dict["state"] = {pid: self._translate_state(s) for pid, s in state_dict.get("state", {}).items()}
+        super().load_state_dict(state_dict)
+
+    def _translate_state(self, state: Mapping[str, Any]) -> Dict[str, Any]:
+        # Copies: torch's loader keeps tensors that need no cast, so a state_dict taken from a live
+        # optimizer would otherwise be shared with it and each would corrupt the other's state.
+        out = {self._LADAM_STATE_KEYS.get(k, k): val.clone() if torch.is_tensor(val) else copy.deepcopy(val)
+               for k, val in state.items()}
+        if "step" in out and not torch.is_tensor(out["step"]):
+            out["step"] = torch.tensor(float(out["step"]), dtype=torch.float32)
+        return out
+
+    # -- subclass hooks --------------------------------------------------------------------------
+    def _op(self, group: Dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def _init_state(self, state: Dict[str, Any], p: torch.Tensor, group: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _run(self, fn: Callable, group: Dict[str, Any], params, grads, states) -> None:
+        raise NotImplementedError

@@ -1,0 +1,130 @@
+"""LAdam / LAdamW: Adam with a Laplacian-smoothed second moment (ladam 0.4.1's LAdamW)."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from ..reference.laplacian import STENCILS
+from . import _validation as v
+from ._base import LaplacianOptimizer
+
+MODES = ("variance_lap", "update_lap", "weight_lap", "wave_variance")
+_MODE_OPS = {
+    "variance_lap": "ladam_step",
+    "update_lap": "ladam_update_lap_step",
+    "weight_lap": "ladam_weight_lap_step",
+    "wave_variance": "ladam_wave_step",
+}
+
+
+class LAdam(LaplacianOptimizer):
+    r"""LAdam (Laplacian AdamW): AdamW whose second-moment estimate is smoothed by a discrete
+    Laplacian, coupling the learning rates of neighbouring weights.
+
+    Same arguments, defaults and results as ``ladam.LAdamW`` 0.4.1, plus ``backend``. Mode
+    ``variance_lap`` (default), per parameter with step count :math:`t`:
+
+    .. math::
+        p &\leftarrow p\,(1 - lr \cdot wd) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \hat m &= m / (1-\beta_1^t), \qquad \hat v = v / (1-\beta_2^t) \\
+        \tilde v &= \max(\hat v + c_2 \nabla^2 \hat v,\ \epsilon) \quad\text{(where the parameter uses the Laplacian)} \\
+        p &\leftarrow p - lr\, \hat m / (\sqrt{\tilde v} + \epsilon)
+
+    :math:`\nabla^2` is the circular 9-point ``[[1,4,1],[4,-20,4],[1,4,1]]/6`` or 5-point stencil
+    on the parameter viewed as ``(shape[0], -1)``, or ``[1,-2,1]`` on 1-D parameters of 4 or more
+    elements; tensors with fewer than 3 rows or columns get none (see
+    :func:`fastopt.reference.stencil_layout`). Whether a parameter uses the Laplacian is decided at
+    its first step (``c2 > 0`` and ``numel >= min_spatial_size``) and then frozen.
+
+    Other modes: ``update_lap`` smooths Adam's update, ``weight_lap`` diffuses the weights after a
+    plain Adam step, ``wave_variance`` replaces the EMA of :math:`g^2` by a damped leapfrog wave
+    equation (see :func:`fastopt.reference.ladam_wave_step_reference`).
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float): learning rate. Default: 1e-3.
+        betas (Tuple[float, float]): EMA coefficients of m and v. Default: (0.9, 0.999).
+        eps (float): added to the denominator, and the floor of the smoothed variance. Default: 1e-8.
+        weight_decay (float): decoupled (AdamW) weight decay. Default: 0.
+        c2 (float): Laplacian coupling strength; 0 gives AdamW. Default: 1e-4.
+        mode (str): one of ``'variance_lap'``, ``'update_lap'``, ``'weight_lap'``,
+            ``'wave_variance'``. Default: ``'variance_lap'``.
+        stencil (str): ``'9point'`` (isotropic) or ``'5point'``. Default: ``'9point'``.
+        min_spatial_size (int): parameters with fewer elements get no Laplacian. Default: 16.
+        wave_dt, wave_kappa, wave_E0, wave_damping: the wave equation's time step, source
+            coupling, background gradient level (0 or ``'auto'``: the mean of the first g^2) and
+            friction in [0, 1]; used by ``mode='wave_variance'`` only. Defaults: 0.1, 0.1, 0.0, 0.5.
+        backend (str): ``'auto'`` (default), ``'triton'``, ``'cuda'``, ``'cpu'`` or ``'torch'``;
+            see :mod:`fastopt.backends`.
+
+    State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``, ``exp_avg_sq``,
+    ``use_lap``; with ``wave_variance`` also ``prev_exp_avg_sq`` and ``wave_e0_sq``. A state_dict
+    saved by ladam (keys ``m``, ``v``, ``v_prev``) loads too.
+
+    Example::
+
+        >>> opt = fastopt.LAdam(model.parameters(), lr=1e-3, c2=1e-4)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+    """
+
+    _NAME = "LAdam"
+    _CHECKS = {
+        "lr": v.at_least(0.0), "betas": v.betas, "eps": v.at_least(0.0),
+        "weight_decay": v.at_least(0.0), "c2": v.at_least(0.0), "mode": v.one_of(MODES),
+        "stencil": v.one_of(STENCILS), "min_spatial_size": v.int_at_least(0),
+        "wave_dt": v.finite, "wave_kappa": v.finite, "wave_E0": v.e0_or_auto,
+        "wave_damping": v.in_interval(0.0, 1.0, high_inclusive=True),
+    }
+    _LADAM_STATE_KEYS = {"m": "exp_avg", "v": "exp_avg_sq", "v_prev": "prev_exp_avg_sq",
+                         "wave_E0_auto": "wave_e0_sq"}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, c2=1e-4,
+                 mode="variance_lap", stencil="9point", min_spatial_size=16, wave_dt=0.1,
+                 wave_kappa=0.1, wave_E0=0.0, wave_damping=0.5, *, backend="auto"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, c2=c2, mode=mode,
+                        stencil=stencil, min_spatial_size=min_spatial_size, wave_dt=wave_dt,
+                        wave_kappa=wave_kappa, wave_E0=wave_E0, wave_damping=wave_damping)
+        super().__init__(params, defaults, backend)
+
+    def _op(self, group):
+        return _MODE_OPS[group["mode"]]
+
+    def _init_state(self, state: Dict[str, Any], p: torch.Tensor, group) -> None:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = self._zeros(p)
+        if group["mode"] == "wave_variance":
+            if "prev_exp_avg_sq" not in state:
+                state["prev_exp_avg_sq"] = self._zeros(p)
+            if "wave_e0_sq" not in state:
+                state["wave_e0_sq"] = torch.zeros((), dtype=p.dtype, device=p.device)
+
+    def _translate_state(self, state):
+        out = super()._translate_state(state)
+        e0 = out.get("wave_e0_sq")
+        if e0 is not None and not torch.is_tensor(e0):  # ladam keeps it as a Python float
+            out["wave_e0_sq"] = torch.tensor(float(e0), dtype=torch.float64)  # cast to p's dtype on load
+        return out
+
+    def _run(self, fn, group, params, grads, states):
+        beta1, beta2 = group["betas"]
+        lists = [[s[k] for s in states] for k in ("exp_avg", "exp_avg_sq")]
+        steps = [s["step"] for s in states]
+        use_laps = [s["use_lap"] for s in states]
+        common = dict(lr=group["lr"], beta1=beta1, eps=group["eps"], weight_decay=group["weight_decay"],
+                      c2=group["c2"], stencil=group["stencil"])
+        if group["mode"] == "wave_variance":
+            e0 = group["wave_E0"]
+            fn(params, grads, *lists, [s["prev_exp_avg_sq"] for s in states],
+               [s["wave_e0_sq"] for s in states], steps, use_laps, wave_dt=group["wave_dt"],
+               wave_kappa=group["wave_kappa"], wave_E0=0.0 if e0 == "auto" else e0,
+               wave_damping=group["wave_damping"], **common)
+        else:
+            fn(params, grads, *lists, steps, use_laps, beta2=beta2, **common)
+
+
+LAdamW = LAdam

@@ -1,0 +1,8 @@
+"""fastopt.kernels: hand-written Triton kernels, one op per module, each launcher beside its kernel.
+
+Installed as the package ``fastopt.kernels`` (setup.py ``package_dir``). Importing it needs
+triton; fastopt.backends imports it lazily and reports the ImportError as the reason the
+``triton`` backend is unavailable. Kernels know nothing of optimizers: launchers take lists of
+tensors and scalars with the signature of ``fastopt.reference.<op>_reference``.
+"""
+import triton  # noqa: F401  (the backend is unavailable without it; backends reports why)
