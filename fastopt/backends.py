@@ -12,6 +12,8 @@ cpu       CPU tensors                                                 ``fastopt.
 torch     anything                                                    ``fastopt.reference``
 ========  ==========================================================  ======================
 
+Each module also maps op -> supported dtypes in a ``DTYPES`` dict.
+
 ``backend="auto"`` tries, for CUDA tensors, triton then cuda then torch, and for CPU tensors cpu
 then torch, taking the first that implements the op for the tensors' dtype. The environment
 variable ``FASTOPT_BACKEND`` replaces "auto" with a named backend. A backend asked for by name
@@ -32,7 +34,7 @@ from typing import Callable, Dict, FrozenSet, Optional, Tuple, Union
 import torch
 
 __all__ = ["BACKENDS", "CHOICES", "OPS", "BackendUnavailableError", "available", "why_not",
-           "resolve", "select", "validate_backend_name", "ENV_VAR"]
+           "resolve", "select", "validate_backend_name", "keeps_steps_on_device", "ENV_VAR"]
 
 ENV_VAR = "FASTOPT_BACKEND"
 
@@ -45,32 +47,29 @@ OPS = (
     "lrmsprop_step",
 )
 
-_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
-
 @dataclass(frozen=True)
 class _Spec:
     module: str
     suffix: str                       # functions are named f"{op}_{suffix}"
     devices: FrozenSet[str]           # device types it runs on (cpu for triton: see _device_reason)
-    dtypes: FrozenSet[torch.dtype]
+    device_steps: bool                # keeps per-tensor step counts on the parameters' device
     needs: str                        # what an ImportError of ``module`` means, and how to fix it
 
 
+# Each module also declares DTYPES: {op: frozenset of the dtypes its implementation takes}.
+# Fused GPU backends read step counts in-kernel, so the optimizer keeps them on the device (as
+# torch.optim.Adam(fused=True) does); the others read them on the host.
 _SPECS: Dict[str, _Spec] = {
-    "triton": _Spec("fastopt.kernels", "triton", frozenset({"cuda", "cpu"}),
-                    frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    "triton": _Spec("fastopt.kernels", "triton", frozenset({"cuda", "cpu"}), True,
                     'the triton package: pip install "fastopt[triton]"'),
-    "cuda": _Spec("fastopt.extension", "cuda", frozenset({"cuda"}),
-                  frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+    "cuda": _Spec("fastopt.extension", "cuda", frozenset({"cuda"}), True,
                   "the C++/CUDA extension fastopt._C built with CUDA: reinstall with "
                   "pip install --no-build-isolation . where torch has CUDA and nvcc is on PATH"),
-    "cpu": _Spec("fastopt.extension", "cpu", frozenset({"cpu"}),
-                 frozenset({torch.bfloat16, torch.float32, torch.float64}),
+    "cpu": _Spec("fastopt.extension", "cpu", frozenset({"cpu"}), False,
                  "the C++ extension fastopt._C: reinstall with pip install --no-build-isolation . "
                  "(needs a C++ compiler), or install ninja so that it builds on first use"),
-    "torch": _Spec("fastopt.reference", "reference", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
-                   _FLOATS, "torch"),
+    "torch": _Spec("fastopt.reference", "reference", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), False,
+                   "torch"),
 }
 
 BACKENDS: Tuple[str, ...] = tuple(_SPECS)
@@ -129,15 +128,27 @@ def why_not(backend: str, op: Optional[str] = None, device: Union[str, torch.dev
         reason = _device_reason(backend, torch.device(device).type)
         if reason:
             return reason
-    if dtype is not None and dtype not in spec.dtypes:
-        names = ", ".join(sorted(str(d).replace("torch.", "") for d in spec.dtypes))
-        return f"backend={backend!r} supports dtypes {names}; got {str(dtype).replace('torch.', '')}"
     module, reason = _load(backend)
     if module is None:
         return reason
-    if op is not None and not callable(getattr(module, f"{op}_{spec.suffix}", None)):
+    if op is None:
+        return None
+    if not callable(getattr(module, f"{op}_{spec.suffix}", None)):
         return f"backend={backend!r} has no implementation of {op!r} yet; use backend='torch'"
+    dtypes = getattr(module, "DTYPES", {}).get(op, frozenset())
+    if dtype is not None and dtype not in dtypes:
+        names = ", ".join(sorted(_dtype_name(d) for d in dtypes))
+        return f"backend={backend!r} runs {op!r} on {names}; got {_dtype_name(dtype)}"
     return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def keeps_steps_on_device(backend: str) -> bool:
+    """Whether the optimizer should keep step counts on the parameters' device for ``backend``."""
+    return _SPECS[backend].device_steps
 
 
 def available(backend: str, op: Optional[str] = None, device=None, dtype=None) -> bool:
@@ -172,6 +183,10 @@ def resolve(op: str, device: Union[str, torch.device], dtype: torch.dtype, backe
 
 def select(op: str, device: Union[str, torch.device], dtype: torch.dtype, backend: str = "auto") -> Callable:
     """The function that runs ``op`` on tensors of ``device`` and ``dtype`` (see :func:`resolve`)."""
-    name = resolve(op, device, dtype, backend)
-    module, _ = _load(name)
-    return getattr(module, f"{op}_{_SPECS[name].suffix}")
+    return implementation(op, resolve(op, device, dtype, backend))
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function of a resolved backend (no checks: use :func:`select` or :func:`resolve` first)."""
+    module, _ = _load(backend)
+    return getattr(module, f"{op}_{_SPECS[backend].suffix}")

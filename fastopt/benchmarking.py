@@ -197,9 +197,12 @@ def environment(device: torch.device) -> Dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "-"
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or "-"
+        git = partial(subprocess.run, capture_output=True, text=True, cwd=here, timeout=5)
+        commit = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip() or "-"
+        if commit != "-" and git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip():
+            commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         commit = "-"
     from . import __version__

@@ -99,9 +99,9 @@ class LaplacianOptimizer(Optimizer):
                 self._check_param_and_grad(p)
             op = self._op(group)
             for (device, dtype), bucket in _bucket_by_device_and_dtype(params).items():
-                work.append((backends.select(op, device, dtype, self._backend), group, bucket))
-        for fn, group, bucket in work:
-            self._step_bucket(fn, group, bucket)
+                work.append((op, backends.resolve(op, device, dtype, self._backend), group, bucket))
+        for op, backend, group, bucket in work:
+            self._step_bucket(op, backend, group, bucket)
         return loss
 
     def _check_param_and_grad(self, p: torch.Tensor) -> None:
@@ -116,13 +116,14 @@ class LaplacianOptimizer(Optimizer):
                              f"{tuple(g.shape)} {g.dtype} on {g.device}, parameter {tuple(p.shape)} "
                              f"{p.dtype} on {p.device}")
 
-    def _step_bucket(self, fn: Callable, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
+    def _step_bucket(self, op: str, backend: str, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         new = [p for p in params if len(self.state[p]) == 0]
-        states = [self._state_of(p, group) for p in params]
+        step_device = params[0].device if backends.keeps_steps_on_device(backend) else torch.device("cpu")
+        states = [self._state_of(p, group, step_device) for p in params]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         try:
-            self._run(fn, group, params, [p.grad for p in params], states)
+            self._run(backends.implementation(op, backend), group, params, [p.grad for p in params], states)
         except BaseException:
             # Put the bookkeeping back; the implementations validate before they write.
             torch._foreach_sub_(steps, 1)
@@ -130,11 +131,14 @@ class LaplacianOptimizer(Optimizer):
                 del self.state[p]
             raise
 
-    def _state_of(self, p: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
+    def _state_of(self, p: torch.Tensor, group: Dict[str, Any], step_device: torch.device) -> Dict[str, Any]:
         state = self.state[p]
         if "step" not in state:
-            # A CPU float32 scalar, as torch.optim.Adam keeps it when neither fused nor capturable.
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # A float32 scalar, on the CPU as torch.optim.Adam keeps it unless fused or capturable,
+            # on the parameter's device for backends that read it in their kernels.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+        elif state["step"].device != step_device:  # another backend wrote it (a checkpoint, a switch)
+            state["step"] = state["step"].to(step_device)
         if "use_lap" not in state:
             # Decided at the parameter's first step and then frozen (ladam's rule).
             state["use_lap"] = bool(group["c2"] > 0 and p.numel() >= group["min_spatial_size"])
