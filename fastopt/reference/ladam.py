@@ -49,6 +49,18 @@ def _sqrt_plus(tensors, eps):
     return denom
 
 
+def _adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, update_params):
+    """What the three EMA modes share: weight decay, moments, bias correction in the math dtype,
+    then ``update_params(p, m_hat, v_hat)`` (the mode's own part), then the write-back."""
+    if not params:
+        return
+    p, g, m, v = upcast(params), upcast(grads), upcast(exp_avgs), upcast(exp_avg_sqs)
+    decay_weights(p, lr, weight_decay)
+    _adam_moments(g, m, v, beta1, beta2)
+    update_params(p, _bias_corrected(m, steps, beta1), _bias_corrected(v, steps, beta2))
+    write_back((params, p), (exp_avgs, m), (exp_avg_sqs, v))
+
+
 def ladam_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                          exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], use_laps: Sequence[bool],
                          *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -61,48 +73,36 @@ def ladam_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], exp_
         \\tilde v &= \\max(\\hat v + c_2 \\nabla^2 \\hat v, \\epsilon) \\text{ if use\\_lap else } \\hat v \\\\
         p &\\leftarrow p - lr\\, \\hat m / (\\sqrt{\\tilde v} + \\epsilon)
     """
-    if not params:
-        return
-    p, g, m, v = upcast(params), upcast(grads), upcast(exp_avgs), upcast(exp_avg_sqs)
-    decay_weights(p, lr, weight_decay)
-    _adam_moments(g, m, v, beta1, beta2)
-    m_hat, v_hat = _bias_corrected(m, steps, beta1), _bias_corrected(v, steps, beta2)
-    v_smooth = [smooth(x, c2, stencil, eps) if lap else x for x, lap in zip(v_hat, use_laps)]
-    torch._foreach_addcdiv_(p, m_hat, _sqrt_plus(v_smooth, eps), value=-lr)
-    write_back((params, p), (exp_avgs, m), (exp_avg_sqs, v))
+    def update_params(p, m_hat, v_hat):
+        v_smooth = [smooth(x, c2, stencil, eps) if lap else x for x, lap in zip(v_hat, use_laps)]
+        torch._foreach_addcdiv_(p, m_hat, _sqrt_plus(v_smooth, eps), value=-lr)
+
+    _adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, update_params)
 
 
 def ladam_update_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
                                     *, lr, beta1, beta2, eps, weight_decay, c2, stencil) -> None:
     """Mode ``update_lap``: Adam's update ``u = m_hat / (sqrt(v_hat) + eps)`` is smoothed,
     ``u += c2 * lap(u)`` where use_lap, then ``p -= lr * u``."""
-    if not params:
-        return
-    p, g, m, v = upcast(params), upcast(grads), upcast(exp_avgs), upcast(exp_avg_sqs)
-    decay_weights(p, lr, weight_decay)
-    _adam_moments(g, m, v, beta1, beta2)
-    m_hat, v_hat = _bias_corrected(m, steps, beta1), _bias_corrected(v, steps, beta2)
-    update = torch._foreach_div(m_hat, _sqrt_plus(v_hat, eps))
-    update = [u + c2 * laplacian(u, stencil) if lap else u for u, lap in zip(update, use_laps)]
-    torch._foreach_add_(p, update, alpha=-lr)
-    write_back((params, p), (exp_avgs, m), (exp_avg_sqs, v))
+    def update_params(p, m_hat, v_hat):
+        update = torch._foreach_div(m_hat, _sqrt_plus(v_hat, eps))
+        update = [u + c2 * laplacian(u, stencil) if lap else u for u, lap in zip(update, use_laps)]
+        torch._foreach_add_(p, update, alpha=-lr)
+
+    _adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, update_params)
 
 
 def ladam_weight_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
                                     *, lr, beta1, beta2, eps, weight_decay, c2, stencil) -> None:
     """Mode ``weight_lap``: a plain Adam step, then weight-space diffusion ``p += c2 * lap(p)``
     where use_lap."""
-    if not params:
-        return
-    p, g, m, v = upcast(params), upcast(grads), upcast(exp_avgs), upcast(exp_avg_sqs)
-    decay_weights(p, lr, weight_decay)
-    _adam_moments(g, m, v, beta1, beta2)
-    m_hat, v_hat = _bias_corrected(m, steps, beta1), _bias_corrected(v, steps, beta2)
-    torch._foreach_addcdiv_(p, m_hat, _sqrt_plus(v_hat, eps), value=-lr)
-    for x, lap in zip(p, use_laps):
-        if lap:
-            x.add_(laplacian(x, stencil), alpha=c2)
-    write_back((params, p), (exp_avgs, m), (exp_avg_sqs, v))
+    def update_params(p, m_hat, v_hat):
+        torch._foreach_addcdiv_(p, m_hat, _sqrt_plus(v_hat, eps), value=-lr)
+        for x, lap in zip(p, use_laps):
+            if lap:
+                x.add_(laplacian(x, stencil), alpha=c2)
+
+    _adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, update_params)
 
 
 def ladam_wave_step_reference(params, grads, exp_avgs, exp_avg_sqs, prev_exp_avg_sqs, wave_e0_sqs,
