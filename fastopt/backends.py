@@ -100,6 +100,8 @@ def _load(backend: str):
 
 def _device_reason(backend: str, device_type: str) -> Optional[str]:
     spec = _SPECS[backend]
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available here (torch.cuda.is_available() is False)"
     if backend == "triton" and device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return ("backend='triton' runs on CUDA tensors; CPU tensors need Triton's interpreter "

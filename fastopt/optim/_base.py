@@ -24,6 +24,11 @@ def _bucket_by_device_and_dtype(params: List[torch.Tensor]) -> Dict[Tuple[torch.
     return buckets
 
 
+def _host_hyperparameters(group: Dict[str, Any]) -> Dict[str, Any]:
+    """The group's hyperparameters with one-element tensors (a tensor lr) read as Python floats."""
+    return {k: float(val) if torch.is_tensor(val) else val for k, val in group.items() if k != "params"}
+
+
 class LaplacianOptimizer(Optimizer):
     """Base class of the LAdam family. Subclasses set:
 
@@ -101,7 +106,7 @@ class LaplacianOptimizer(Optimizer):
             for (device, dtype), bucket in _bucket_by_device_and_dtype(params).items():
                 work.append((op, backends.resolve(op, device, dtype, self._backend), group, bucket))
         for op, backend, group, bucket in work:
-            self._step_bucket(op, backend, group, bucket)
+            self._step_bucket(op, backend, _host_hyperparameters(group), bucket)
         return loss
 
     def _check_param_and_grad(self, p: torch.Tensor) -> None:

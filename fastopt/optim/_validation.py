@@ -5,11 +5,20 @@ import math
 import numbers
 from typing import Any, Callable, Dict, Sequence
 
+import torch
+
 Check = Callable[[str, Any], None]
 
 
 def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if torch.is_tensor(value):
+        # A one-element real tensor (e.g. a tensor lr that a scheduler updates in place) is read
+        # on the host at every step.
+        if value.numel() != 1 or value.is_complex() or not value.is_floating_point():
+            raise TypeError(f"{name} as a tensor must hold one real floating-point value, got "
+                            f"shape {tuple(value.shape)} {value.dtype}")
+        value = float(value)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
     value = float(value)
     if math.isnan(value):

@@ -1,0 +1,132 @@
+"""Property-based tests (hypothesis): random shapes, memory layouts and hyperparameters give the
+reference's result; the reference gives ladam's (in fp64, so that any difference is a bug, not
+round-off)."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastopt
+from fastopt import backends
+from fastopt.testing import TOLERANCES, assert_all_close, clone_params, grad_stream, set_grads
+
+ladam = pytest.importorskip("ladam")
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def parameters(draw, max_side=9, min_dims=1):
+    """1 to 4 random tensors of min_dims to 4 dimensions with sides 0..max_side, contiguous,
+    transposed, strided or channels_last. (ladam raises on 0-dim parameters that qualify for a
+    Laplacian, so comparisons with it draw 1 dimension or more; see test_zero_dim_parameters.)"""
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        shape = tuple(draw(st.lists(st.integers(0, max_side), min_size=min_dims, max_size=4)))
+        layout = draw(st.sampled_from(["contiguous", "transposed", "strided", "channels_last"]))
+        if layout == "transposed" and len(shape) >= 2:
+            t = torch.randn(*reversed(shape), dtype=torch.float64).permute(*reversed(range(len(shape))))
+        elif layout == "strided" and len(shape) >= 1:
+            t = torch.randn((2 * shape[0],) + shape[1:], dtype=torch.float64)[::2]
+        elif layout == "channels_last" and len(shape) == 4:
+            t = torch.randn(shape, dtype=torch.float64).to(memory_format=torch.channels_last)
+        else:
+            t = torch.randn(shape, dtype=torch.float64)
+        out.append(t.requires_grad_())
+    return out
+
+
+LADAM_HYPER = dict(
+    lr=st.floats(1e-4, 1e-1), betas=st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
+    eps=st.floats(1e-10, 1e-3), weight_decay=st.sampled_from([0.0, 0.01, 0.2]), c2=st.floats(0.0, 0.1),
+    stencil=st.sampled_from(["9point", "5point"]), min_spatial_size=st.integers(0, 40),
+    mode=st.sampled_from(["variance_lap", "update_lap", "weight_lap", "wave_variance"]),
+)
+
+
+@SETTINGS
+@given(params=parameters(), hyper=st.fixed_dictionaries(LADAM_HYPER), seed=st.integers(0, 2 ** 16))
+def test_reference_equals_ladam_in_float64(params, hyper, seed):
+    theirs = clone_params(params)
+    opt = fastopt.LAdam(params, backend="torch", **hyper)
+    ref = ladam.LAdamW(theirs, **hyper)
+    for grads in grad_stream(params, 4, seed=seed, none_every=3):
+        set_grads(params, grads), set_grads(theirs, grads)
+        opt.step(), ref.step()
+    assert_all_close(params, theirs, rtol=1e-9, atol=1e-12, what=f"{hyper}")
+
+
+SIBLING_HYPER = {
+    "LAdaGrad": dict(lr=st.floats(1e-4, 1e-1), lr_decay=st.floats(0.0, 0.1), eps=st.floats(1e-10, 1e-3),
+                     weight_decay=st.sampled_from([0.0, 0.1]), c2=st.floats(0.0, 0.1),
+                     stencil=st.sampled_from(["9point", "5point"]), min_spatial_size=st.integers(0, 40)),
+    "LRMSProp": dict(lr=st.floats(1e-4, 1e-1), alpha=st.floats(0.5, 0.999), eps=st.floats(1e-10, 1e-3),
+                     weight_decay=st.sampled_from([0.0, 0.1]), momentum=st.sampled_from([0.0, 0.5, 0.9]),
+                     c2=st.floats(0.0, 0.1), stencil=st.sampled_from(["9point", "5point"]),
+                     min_spatial_size=st.integers(0, 40)),
+}
+
+
+@pytest.mark.parametrize("cls", ["LAdaGrad", "LRMSProp"])
+def test_sibling_references_equal_ladam_in_float64(cls):
+    @SETTINGS
+    @given(params=parameters(), hyper=st.fixed_dictionaries(SIBLING_HYPER[cls]), seed=st.integers(0, 2 ** 16))
+    def check(params, hyper, seed):
+        theirs = clone_params(params)
+        opt = getattr(fastopt, cls)(params, backend="torch", **hyper)
+        ref = getattr(ladam, cls)(theirs, **hyper)
+        for grads in grad_stream(params, 4, seed=seed, none_every=3):
+            set_grads(params, grads), set_grads(theirs, grads)
+            opt.step(), ref.step()
+        assert_all_close(params, theirs, rtol=1e-9, atol=1e-12, what=f"{cls} {hyper}")
+    check()
+
+
+def _other_backends():
+    for name in backends.BACKENDS:
+        if name == "torch":
+            continue
+        reason = backends.why_not(name, device="cpu")
+        yield pytest.param(name, marks=[pytest.mark.skip(reason=reason)] if reason else [], id=name)
+
+
+@pytest.mark.parametrize("backend", list(_other_backends()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_every_backend_equals_the_reference(backend, dtype):
+    """Random shapes, layouts and hyperparameters on each backend that runs on this machine's CPU,
+    against backend 'torch'; op/dtype pairs the backend does not claim are left to auto."""
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(params=parameters(max_side=6, min_dims=0), hyper=st.fixed_dictionaries(LADAM_HYPER), seed=st.integers(0, 2 ** 16))
+    def check(params, hyper, seed):
+        op = {"variance_lap": "ladam_step", "update_lap": "ladam_update_lap_step",
+              "weight_lap": "ladam_weight_lap_step", "wave_variance": "ladam_wave_step"}[hyper["mode"]]
+        if backends.why_not(backend, op, "cpu", dtype):
+            return
+        if hyper["mode"] == "wave_variance":
+            hyper = {**hyper, "wave_E0": 3.0}  # keeps v off its eps floor, where fp32 is chaotic
+        ours = [p.detach().to(dtype).requires_grad_() for p in params]
+        ref_params = clone_params(ours)
+        opt = fastopt.LAdam(ours, backend=backend, **hyper)
+        ref = fastopt.LAdam(ref_params, backend="torch", **hyper)
+        for grads in grad_stream(ours, 3, seed=seed, none_every=3):
+            set_grads(ours, grads), set_grads(ref_params, grads)
+            opt.step(), ref.step()
+        assert_all_close(ours, ref_params, **TOLERANCES[dtype], what=f"{backend} {dtype} {hyper}")
+    if not any(backends.available(backend, op, "cpu", dtype) for op in backends.OPS):
+        pytest.skip(f"backend={backend!r} claims no op for {dtype}")
+    check()
+
+
+@pytest.mark.parametrize("cls", ["LAdam", "LAdaGrad", "LRMSProp"])
+def test_zero_dim_parameters_get_no_laplacian(cls):
+    """Where ladam raises (a 0-dim parameter with min_spatial_size <= 1), fastopt steps it without
+    a Laplacian: exactly ladam's step with c2 = 0."""
+    ours = [torch.tensor(0.7, dtype=torch.float64, requires_grad=True)]
+    theirs = clone_params(ours)
+    opt = getattr(fastopt, cls)(ours, c2=0.05, min_spatial_size=0)
+    ref = getattr(ladam, cls)(theirs, c2=0.0, min_spatial_size=0)
+    for grads in grad_stream(ours, 5, none_every=0):
+        set_grads(ours, grads), set_grads(theirs, grads)
+        opt.step(), ref.step()
+    assert opt.state[ours[0]]["use_lap"] is True
+    assert_all_close(ours, theirs, rtol=0, atol=0, what="0-dim parameter")
