@@ -1,9 +1,9 @@
 """What users of fused optimizers trip over: AMP, non-finite gradients, empty and mixed-dtype
-parameters, tensor learning rates, checkpoints moved between backends, DDP."""
+parameters, tensor learning rates, checkpoints moved between backends (DDP and FSDP2:
+tests/test_distributed.py)."""
 import copy
 import io
 import itertools
-import os
 
 import pytest
 import torch
@@ -171,44 +171,3 @@ def test_checkpoint_moves_between_backends_and_devices(save_backend, save_device
     _run(resumed, moved, [[None if g is None else g.to(load_device) for g in gs] for gs in stream[5:]])
     assert_all_close([p.cpu() for p in moved], [p.cpu() for p in params], **TOLERANCES[torch.float32],
                      what=f"{save_backend}/{save_device} -> {load_backend}/{load_device}")
-
-
-# -- DDP -------------------------------------------------------------------------------------------------
-def _ddp_worker(rank, world, init_file, out_dir, x, y):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = _small_cnn()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = fastopt.LAdam(ddp.parameters(), lr=1e-2, c2=1e-2)
-    shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-    for _ in range(5):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(ddp(x[shard]), y[shard]).backward()
-        opt.step()
-    torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def _small_cnn():
-    return torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.Tanh(),
-                               torch.nn.Conv2d(8, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
-
-
-def test_ddp_equals_single_process(tmp_path):
-    """Two gloo ranks on half batches each = one process on the whole batch (DDP averages grads)."""
-    import torch.multiprocessing as mp
-    torch.manual_seed(1)
-    x, y = torch.randn(16, 2, 6, 6), torch.randn(16, 3)
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), x, y), nprocs=2, join=True)
-    torch.manual_seed(0)
-    model = _small_cnn()
-    opt = fastopt.LAdam(model.parameters(), lr=1e-2, c2=1e-2)
-    for _ in range(5):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    single = [p.detach() for p in model.parameters()]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert_all_close(ranks[0], ranks[1], rtol=0, atol=0, what="rank 0 vs rank 1")
-    assert_all_close(ranks[0], single, **TOLERANCES[torch.float32], what="DDP vs single process")

@@ -14,7 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import backends
-from . import _validation as v
+from . import _sharded, _validation as v
 
 
 def _bucket_by_device_and_dtype(params: List[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
@@ -116,6 +116,8 @@ class LaplacianOptimizer(Optimizer):
         if not p.is_floating_point():
             raise TypeError(f"{self._NAME} optimizes real floating-point parameters; got a parameter of "
                             f"dtype {p.dtype} (view complex parameters with torch.view_as_real)")
+        if _sharded.is_dtensor(p):
+            _sharded.row_group(p)  # raises for placements the halo exchange does not handle
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
             raise ValueError(f"{self._NAME}: a gradient does not match its parameter: grad "
                              f"{tuple(g.shape)} {g.dtype} on {g.device}, parameter {tuple(p.shape)} "
@@ -128,7 +130,15 @@ class LaplacianOptimizer(Optimizer):
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         try:
-            self._run(backends.implementation(op, backend), group, params, [p.grad for p in params], states)
+            fn, grads = backends.implementation(op, backend), [p.grad for p in params]
+            if any(_sharded.is_dtensor(p) for p in params):
+                # FSDP2: run on the local shards, halo-extended where the Laplacian crosses shards.
+                views = _sharded.shard_views(params, grads, states)
+                self._run(fn, group, *views[:3])
+                _sharded.finish(*views[3:])
+                self._after_sharded_step(group, params, grads, states)
+            else:
+                self._run(fn, group, params, grads, states)
         except BaseException:
             # Put the bookkeeping back; the implementations validate before they write.
             torch._foreach_sub_(steps, 1)
@@ -194,3 +204,6 @@ class LaplacianOptimizer(Optimizer):
 
     def _run(self, fn: Callable, group: Dict[str, Any], params, grads, states) -> None:
         raise NotImplementedError
+
+    def _after_sharded_step(self, group: Dict[str, Any], params, grads, states) -> None:
+        """Fix-ups of statistics that span a whole row-sharded tensor (none by default)."""

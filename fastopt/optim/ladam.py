@@ -7,6 +7,7 @@ import torch
 
 from ..reference.laplacian import STENCILS
 from . import _validation as v
+from . import _sharded
 from ._base import LaplacianOptimizer
 
 MODES = ("variance_lap", "update_lap", "weight_lap", "wave_variance")
@@ -125,6 +126,20 @@ class LAdam(LaplacianOptimizer):
                wave_damping=group["wave_damping"], **common)
         else:
             fn(params, grads, *lists, steps, use_laps, beta2=beta2, **common)
+
+
+    def _after_sharded_step(self, group, params, grads, states):
+        # wave_variance's background level is the mean of g^2 over the whole tensor, which the
+        # step computed over its shard only.
+        if group["mode"] != "wave_variance" or group["wave_E0"] not in (0, 0.0, "auto"):
+            return
+        for p, g, s in zip(params, grads, states):
+            rows = _sharded.row_group(p)
+            if rows is None or float(s["step"]) != 1:
+                continue
+            total = _sharded.local(g).double().square().sum()
+            torch.distributed.all_reduce(total, group=rows)
+            s["wave_e0_sq"].copy_(total / p.numel())
 
 
 LAdamW = LAdam
