@@ -323,3 +323,28 @@ def test_parameters_that_never_get_a_gradient_have_no_state():
     params[0].grad = torch.ones_like(params[0])
     opt.step()
     assert opt.state[params[0]]["step"].item() == 1 and len(opt.state[params[1]]) == 0
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,kw", [
+    ("LAdaGrad", torch.optim.Adagrad, dict(lr=1e-2, lr_decay=0.01)),
+    ("LRMSProp", torch.optim.RMSprop, dict(lr=1e-3, alpha=0.9, momentum=0.5)),
+])
+def test_siblings_with_c2_zero_are_torch_adagrad_and_rmsprop_and_swap_checkpoints(ours_cls, torch_cls, kw):
+    params = make_params()
+    torch_params = clone_params(params)
+    ours = getattr(fastopt, ours_cls)(params, c2=0.0, **kw)
+    theirs = torch_cls(torch_params, **kw)
+    grads = list(grad_stream(params, 12, none_every=0))
+    _run(ours, params, grads[:6])
+    _run(theirs, torch_params, grads[:6])
+    assert_all_close(params, torch_params, what=f"{ours_cls}(c2=0) vs {torch_cls.__name__}", **FP32)
+    ours_from_torch_params, torch_from_ours_params = clone_params(torch_params), clone_params(params)
+    ours_from_torch = getattr(fastopt, ours_cls)(ours_from_torch_params, c2=0.0, **kw)
+    ours_from_torch.load_state_dict(theirs.state_dict())
+    torch_from_ours = torch_cls(torch_from_ours_params, **kw)
+    torch_from_ours.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for opt, ps in ((ours, params), (theirs, torch_params), (ours_from_torch, ours_from_torch_params),
+                    (torch_from_ours, torch_from_ours_params)):
+        _run(opt, ps, grads[6:])
+    assert_all_close(ours_from_torch_params, torch_params, what="resumed from torch", **FP32)
+    assert_all_close(torch_from_ours_params, params, what="torch resumed from fastopt", **FP32)
