@@ -1,7 +1,7 @@
 """Overhead of fastopt.noise.NoiseAdaptiveOptimizer per training step of a small CNN, as a
 fraction of the step time of the bare optimizer, all measured in this one process.
 
-    python bench/bench_noise.py                      # CPU: SGD(momentum) and Adam, a few minutes
+    python bench/bench_noise.py                      # CPU: SGD(momentum), Adam, LAdam; a few minutes
     python bench/bench_noise.py --optimizers sgd ladam --pairs 100 --device cuda
 
 A step is 4 micro-batches of 16 CIFAR-sized images (forward, backward) and one optimizer step, or
@@ -15,7 +15,8 @@ one backward of the whole batch of 64. Modes:
   place of the backward) and the wrapper's step, against ``batch bare``;
 * ``per-sample 1/10 (derived)``: per-sample gradients on one step in ten: the row above / 10;
 * ``wrapper work``: what the wrapper adds, timed alone on gradients already in place (4
-  ``record_micro_batch`` and ``step``, the optimizer's own step subtracted), over ``accum bare``.
+  ``record_micro_batch`` and ``step`` around an optimizer whose step does nothing), over
+  ``accum bare``.
 
 End-to-end modes are timed as back-to-back pairs (bare, wrapped; the order alternating); each
 overhead is the median (p20-p80) over pairs of ``t_wrapped / t_bare - 1``, so that load drifting
@@ -136,23 +137,30 @@ def bench_optimizer(name: str, device: torch.device, pairs: int, meta) -> List[N
     rows.append(NoiseBenchRow(name, "per-sample 1/10 (derived)", "batch bare", n_params, nan, nan, nan,
                               ps.overhead_p50 / 10, ps.overhead_p20 / 10, ps.overhead_p80 / 10, 0, meta))
 
-    # What the wrapper adds, timed alone on gradients already in place (4 records and the
-    # wrapper's step, minus the optimizer's own step): precise where the end-to-end difference
-    # is lost in the noise of a loaded machine.
+    # What the wrapper adds, timed alone on gradients already in place: 4 records and the
+    # wrapper's step around an optimizer whose step does nothing. Precise where the end-to-end
+    # difference is lost in the noise of a loaded machine.
     F.cross_entropy(model(x), y).backward()
+    idle = NoiseAdaptiveOptimizer(_NoStep(model.parameters()))
 
     def wrapper_work() -> None:
         for _ in range(MICRO):
-            wrapped.record_micro_batch(1.0)
-        wrapped.step()
+            idle.record_micro_batch(1.0)
+        idle.step()
 
     work = benchmarking.measure(wrapper_work, device, min_time_s=1.0)
-    inner = benchmarking.measure(wrapped.optimizer.step, device, min_time_s=1.0)
     step_ms = statistics.median(accumulation["a"])
-    extra = [w - inner[0] for w in work[:3]]
     rows.append(NoiseBenchRow(name, "wrapper work", "accum bare", n_params, work[0], work[1], work[2],
-                              extra[0] / step_ms, extra[1] / step_ms, extra[2] / step_ms, work[3], meta))
+                              work[0] / step_ms, work[1] / step_ms, work[2] / step_ms, work[3], meta))
     return rows
+
+
+class _NoStep(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {"lr": 1e-3})
+
+    def step(self, closure=None):
+        return None
 
 
 def _quantile(values: List[float], q: float) -> float:
@@ -174,8 +182,8 @@ def format_table(rows: List[NoiseBenchRow]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], choices=sorted(OPTIMIZERS))
-    parser.add_argument("--pairs", type=int, default=40, help="back-to-back (bare, wrapped) step pairs per mode")
+    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adam", "ladam"], choices=sorted(OPTIMIZERS))
+    parser.add_argument("--pairs", type=int, default=100, help="back-to-back (bare, wrapped) step pairs per mode")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (CPU default 1: a loaded machine stalls multi-threaded ops)")
     parser.add_argument("--out", default=None, help="CSV to append to (default bench/results/noise_<device>.csv)")
