@@ -14,9 +14,9 @@ one backward of the whole batch of 64. Modes:
 * ``per-sample wrapped``: ``per_sample_backward`` (torch.func vmap(grad) over the 64 samples, in
   place of the backward) and the wrapper's step, against ``batch bare``;
 * ``per-sample 1/10 (derived)``: per-sample gradients on one step in ten: the row above / 10;
-* ``wrapper work``: what the wrapper adds, timed alone on gradients already in place (4
-  ``record_micro_batch`` and ``step`` around an optimizer whose step does nothing), over
-  ``accum bare``.
+* ``wrapper work``: the wrapper's own calls inside ``accum wrapped`` (4 ``record_micro_batch``
+  and its ``step``, timed inline) minus the bare step of the same pair, over ``accum bare``:
+  the overhead without the noise of two whole-step timings (host time, exact on CPU).
 
 End-to-end modes are timed as back-to-back pairs (bare, wrapped; the order alternating); each
 overhead is the median (p20-p80) over pairs of ``t_wrapped / t_bare - 1``, so that load drifting
@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +75,15 @@ class NoiseBenchRow:
     meta: Dict[str, str] = field(default_factory=dict)
 
 
-def paired(fn_a: Callable[[], None], fn_b: Callable[[], None], pairs: int, device) -> Dict[str, List[float]]:
+def paired(fn_a: Callable[[], None], fn_b: Callable[[], None], pairs: int, device,
+           inline: Optional[Dict[str, float]] = None) -> Dict[str, List[float]]:
     """Time ``fn_a`` and ``fn_b`` back to back ``pairs`` times (alternating which goes first);
-    per pair, ``t_b / t_a - 1``. Load that drifts on a shared machine hits both halves of a pair."""
+    per pair, ``t_b / t_a - 1``. Load that drifts on a shared machine hits both halves of a pair.
+    With ``inline`` (which the functions fill with their "bare"/"wrapped" step and record times),
+    also ``(wrapped - bare) / t_a`` per pair: what the wrapper's own calls cost."""
     for fn in (fn_a, fn_b, fn_a, fn_b):  # warm-up
         fn()
-    out: Dict[str, List[float]] = {"a": [], "b": [], "overhead": []}
+    out: Dict[str, List[float]] = {"a": [], "b": [], "overhead": [], "inline": []}
     for i in range(pairs):
         t = {}
         for key in (("a", "b") if i % 2 == 0 else ("b", "a")):
@@ -89,6 +92,8 @@ def paired(fn_a: Callable[[], None], fn_b: Callable[[], None], pairs: int, devic
         out["a"].append(t["a"])
         out["b"].append(t["b"])
         out["overhead"].append(t["b"] / t["a"] - 1)
+        if inline is not None:
+            out["inline"].append((inline["wrapped"] - inline["bare"]) / t["a"])
     return out
 
 
@@ -102,14 +107,22 @@ def bench_optimizer(name: str, device: torch.device, pairs: int, meta) -> List[N
     chunks = list(zip(x.chunk(MICRO), y.chunk(MICRO)))
     n_params = sum(p.numel() for p in model.parameters())
 
+    inline: Dict[str, float] = {}
+
     def accum(record: bool) -> None:
-        opt = wrapped if record else bare
+        # perf_counter around the wrapper's calls and the step: "wrapper work" compares their sum
+        # with the bare step of the same pair (host time; on CUDA the record ops are async).
+        opt, spent = (wrapped if record else bare), 0.0
         for xb, yb in chunks:
             loss = F.cross_entropy(model(xb), yb) / MICRO
             loss.backward()
             if record:
+                t0 = time.perf_counter()
                 wrapped.record_micro_batch(loss)
+                spent += time.perf_counter() - t0
+        t0 = time.perf_counter()
         opt.step()
+        inline["wrapped" if record else "bare"] = (spent + time.perf_counter() - t0) * 1e3
         opt.zero_grad()
 
     def batch_bare() -> None:
@@ -124,43 +137,22 @@ def bench_optimizer(name: str, device: torch.device, pairs: int, meta) -> List[N
 
     def row(mode, baseline, times, overheads):
         q = partial(_quantile, overheads) if overheads else (lambda _: float("nan"))
-        return NoiseBenchRow(name, mode, baseline, n_params, statistics.median(times), _quantile(times, 0.2),
-                             _quantile(times, 0.8), q(0.5), q(0.2), q(0.8), len(times), meta)
+        t = partial(_quantile, times) if times else (lambda _: float("nan"))
+        return NoiseBenchRow(name, mode, baseline, n_params, t(0.5), t(0.2), t(0.8), q(0.5), q(0.2), q(0.8),
+                             len(times), meta)
 
-    accumulation = paired(partial(accum, False), partial(accum, True), pairs, device)
+    accumulation = paired(partial(accum, False), partial(accum, True), pairs, device, inline)
     per_sample_vs_batch = paired(batch_bare, per_sample, pairs, device)
     rows = [row("accum bare", "-", accumulation["a"], None),
             row("accum wrapped", "accum bare", accumulation["b"], accumulation["overhead"]),
+            row("wrapper work", "accum bare", [], accumulation["inline"]),
             row("batch bare", "-", per_sample_vs_batch["a"], None),
             row("per-sample wrapped", "batch bare", per_sample_vs_batch["b"], per_sample_vs_batch["overhead"])]
-    nan, ps = float("nan"), rows[-1]
-    rows.append(NoiseBenchRow(name, "per-sample 1/10 (derived)", "batch bare", n_params, nan, nan, nan,
-                              ps.overhead_p50 / 10, ps.overhead_p20 / 10, ps.overhead_p80 / 10, 0, meta))
-
-    # What the wrapper adds, timed alone on gradients already in place: 4 records and the
-    # wrapper's step around an optimizer whose step does nothing. Precise where the end-to-end
-    # difference is lost in the noise of a loaded machine.
-    F.cross_entropy(model(x), y).backward()
-    idle = NoiseAdaptiveOptimizer(_NoStep(model.parameters()))
-
-    def wrapper_work() -> None:
-        for _ in range(MICRO):
-            idle.record_micro_batch(1.0)
-        idle.step()
-
-    work = benchmarking.measure(wrapper_work, device, min_time_s=1.0)
-    step_ms = statistics.median(accumulation["a"])
-    rows.append(NoiseBenchRow(name, "wrapper work", "accum bare", n_params, work[0], work[1], work[2],
-                              work[0] / step_ms, work[1] / step_ms, work[2] / step_ms, work[3], meta))
+    ps = rows[-1]
+    rows.append(NoiseBenchRow(name, "per-sample 1/10 (derived)", "batch bare", n_params, float("nan"), float("nan"),
+                              float("nan"), ps.overhead_p50 / 10, ps.overhead_p20 / 10, ps.overhead_p80 / 10, 0,
+                              meta))
     return rows
-
-
-class _NoStep(torch.optim.Optimizer):
-    def __init__(self, params):
-        super().__init__(params, {"lr": 1e-3})
-
-    def step(self, closure=None):
-        return None
 
 
 def _quantile(values: List[float], q: float) -> float:
