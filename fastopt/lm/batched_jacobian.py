@@ -1,0 +1,158 @@
+"""Residuals and per-problem Jacobians of a batch of independent problems, with torch.func.
+
+``residual_fn(x, *args, **kwargs)`` maps parameters ``x`` (B, P) to residuals (B, N), row ``b``
+depending only on ``x[b]`` (and on row ``b`` of the per-problem data). Under that independence the
+B Jacobians (N x P each) come from P forward-mode or N reverse-mode products for the whole batch,
+not B * P:
+
+* forward (``jacfwd``): perturb every problem's parameter ``j`` together, ``v -> r(x + v)`` with a
+  shared ``v`` in R^P; its Jacobian at 0 is (B, N, P) and ``dr_b / dx_b``. P jvps, vmapped.
+* reverse (``jacrev``): differentiate ``x -> sum_b r(x)_b`` in R^N; row ``i`` of its Jacobian holds
+  ``dr_bi / dx_b`` for every b. N vjps, vmapped.
+
+"auto" takes forward mode when P <= N (the usual tall problem) and reverse mode otherwise. A
+``residual_fn`` that mixes problems (e.g. normalises over the batch) breaks the independence and
+gets a wrong Jacobian: pass ``jac=callable`` for such functions.
+
+:class:`ProblemData` holds the extra arguments of ``residual_fn`` and slices the per-problem ones
+(tensors whose leading dimension is B) when the solver drops finished problems from the batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.func import jacfwd, jacrev
+
+__all__ = ["JAC_MODES", "ProblemData", "Evaluator", "resolve_jac_mode"]
+
+JAC_MODES = ("auto", "jacfwd", "jacrev")
+
+
+def _is_per_problem(value: Any, batch: int) -> bool:
+    return torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch
+
+
+class ProblemData:
+    """Extra arguments of ``residual_fn`` for the problems of the current batch.
+
+    Tensors whose leading dimension equals the batch size B are per-problem (row b belongs to
+    problem b) and are sliced with the parameters; everything else is shared and passed as is.
+    ``sqrt_weights`` ((B, N) per problem, (N,) shared, or None) scales the residuals.
+    """
+
+    def __init__(self, args: Sequence[Any], kwargs: Dict[str, Any], sqrt_weights: Optional[Tensor], batch: int):
+        self.args, self.kwargs, self.sqrt_weights, self.batch = tuple(args), dict(kwargs), sqrt_weights, batch
+
+    def _map(self, fn: Callable[[Tensor], Tensor], batch: int) -> "ProblemData":
+        def pick(v):
+            return fn(v) if _is_per_problem(v, self.batch) else v
+        weights = self.sqrt_weights
+        if weights is not None and weights.dim() == 2:
+            weights = fn(weights)
+        return ProblemData([pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}, weights, batch)
+
+    def take(self, index: Tensor) -> "ProblemData":
+        """The data of the problems ``index`` (a 1-D index tensor into the current batch)."""
+        return self._map(lambda v: v.index_select(0, index.to(v.device)), int(index.numel()))
+
+    def rows(self, start: int, stop: int) -> "ProblemData":
+        """The data of problems ``start:stop`` (views)."""
+        return self._map(lambda v: v[start:stop], stop - start)
+
+
+class Evaluator:
+    """Weighted residuals ``f = sqrt(w) * residual_fn(x, ...)`` (B, N) and their Jacobian (B, N, P).
+
+    ``jac`` is "jacfwd", "jacrev" (see :func:`resolve_jac_mode`) or a callable
+    ``jac(x, *args, **kwargs)`` returning the (B, N, P) Jacobian of the unweighted residuals.
+
+    ``single`` marks one problem given as x0 of shape (P,): ``residual_fn`` then takes (P,) and
+    returns (N,), as in scipy, and the solver's (1, P) batch is unwrapped around the call.
+
+    :meth:`terms` applies ``reduce(f, J)`` (the solver's cost and normal equations) to the
+    evaluation. With ``compile`` the evaluation runs through ``torch.compile`` in chunks of
+    ``chunk`` problems (the last one padded by repeating a problem), ``reduce`` included when
+    ``fuse_reduce`` so that the (B, N, P) Jacobian need not be written out and read back. Fixed-size
+    chunks give torch.compile one static shape to compile for (its dynamic shapes do not get
+    through torch.func's transforms in torch 2.13), while the solver still drops finished
+    problems from the batch.
+    """
+
+    def __init__(self, residual_fn: Callable, jac: Any, single: bool, reduce: Optional[Callable] = None,
+                 compile: bool = False, fuse_reduce: bool = False, chunk: int = 0):
+        self.residual_fn, self.jac, self.single, self.reduce = residual_fn, jac, single, reduce
+        self.fuse_reduce = compile and fuse_reduce
+        self.chunk = chunk
+        self._compiled = None
+        if compile:
+            self._compiled = torch.compile(self._fused_terms if self.fuse_reduce else self._residuals_and_jacobian,
+                                           dynamic=False)
+
+    def raw(self, x: Tensor, data: ProblemData) -> Tensor:
+        """``residual_fn`` at x (B, P) as a (B, N) tensor, unweighted."""
+        if self.single:
+            return self.residual_fn(x[0], *data.args, **data.kwargs).unsqueeze(0)
+        return self.residual_fn(x, *data.args, **data.kwargs)
+
+    def residuals(self, x: Tensor, data: ProblemData) -> Tensor:
+        f = self.raw(x, data)
+        return f if data.sqrt_weights is None else f * data.sqrt_weights
+
+    def residuals_and_jacobian(self, x: Tensor, data: ProblemData) -> Tuple[Tensor, Tensor]:
+        """(f, J) at x: (B, N) weighted residuals and their (B, N, P) Jacobian, never compiled
+        (it serves the one evaluation at the solution)."""
+        return self._residuals_and_jacobian(x, data.sqrt_weights, data.args, data.kwargs)
+
+    def terms(self, x: Tensor, data: ProblemData) -> Tuple[Tensor, ...]:
+        """``reduce(f, J)`` at x."""
+        if self._compiled is None:
+            return self.reduce(*self._residuals_and_jacobian(x, data.sqrt_weights, data.args, data.kwargs))
+        batch, chunk = x.shape[0], self.chunk
+        parts = []
+        for start in range(0, batch, chunk):
+            stop = min(start + chunk, batch)
+            if stop - start == chunk:
+                xs, ds = x[start:stop], data.rows(start, stop)
+            else:   # pad the last chunk with copies of its first problem, dropped below
+                index = torch.arange(start, start + chunk, device=x.device).clamp_max(stop - 1)
+                xs, ds = x.index_select(0, index), data.take(index)
+            out = self._compiled(xs, ds.sqrt_weights, ds.args, ds.kwargs)
+            if not self.fuse_reduce:
+                out = self.reduce(*out)
+            parts.append([o[:stop - start] for o in out])
+        if len(parts) == 1:
+            return tuple(parts[0])
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def _fused_terms(self, x: Tensor, sqrt_weights: Optional[Tensor], args: Tuple, kwargs: Dict):
+        return self.reduce(*self._residuals_and_jacobian(x, sqrt_weights, args, kwargs))
+
+    def _residuals_and_jacobian(self, x: Tensor, sqrt_weights: Optional[Tensor], args: Tuple, kwargs: Dict):
+        data = ProblemData(args, kwargs, sqrt_weights, x.shape[0])
+        if callable(self.jac):
+            f = self.residuals(x, data)
+            jx = x[0] if self.single else x
+            j = self.jac(jx, *args, **kwargs)
+            j = j.unsqueeze(0) if self.single else j
+            return f, (j if sqrt_weights is None else j * sqrt_weights.unsqueeze(-1))
+        if self.jac == "jacfwd":
+            def shifted(v):
+                f = self.residuals(x + v, data)
+                return f, f
+            j, f = jacfwd(shifted, has_aux=True)(torch.zeros_like(x[0]))
+            return f, j
+
+        def summed(xx):
+            f = self.residuals(xx, data)
+            return f.sum(0), f
+        j, f = jacrev(summed, has_aux=True)(x)
+        return f, j.permute(1, 0, 2)
+
+
+def resolve_jac_mode(jac: Any, n_params: int, n_residuals: int) -> Any:
+    """The Jacobian mode "auto" stands for: forward mode (P jvps) unless P > N (N vjps are fewer)."""
+    if jac == "auto":
+        return "jacfwd" if n_params <= n_residuals else "jacrev"
+    return jac
