@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fastopt.lm import TERMINATION_MESSAGES, least_squares
-from lsq_problems import MGH, gaussian_peak, gaussian_peaks
+from fastopt.lm.workloads import gaussian_peak, gaussian_peaks
+from lsq_problems import MGH
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 F64 = torch.float64
@@ -115,6 +116,23 @@ def test_per_problem_data_is_sliced_when_finished_problems_are_dropped():
     assert min(n for n, *_ in seen) < 12          # problems were dropped
     b = least_squares(residuals, x0, args=(y, t), kwargs={"offset": offset}, compact=False)
     assert torch.equal(a.x, b.x) and torch.equal(a.nfev, b.nfev)
+
+
+def test_a_shared_grid_as_long_as_the_batch_stays_shared():
+    """1-D data is shared even when N == B (the common curve-fit call with as many problems as
+    points); per-problem scalars come as (B, 1)."""
+    t, y = _exp_decay_batch(30)                                   # 30 problems, 30 points
+    scale = torch.linspace(1, 2, 30, dtype=F64).unsqueeze(-1)     # per problem, (B, 1)
+
+    def residuals(p, y_rows, t_shared, s):
+        assert t_shared.shape == (30,) and s.shape == (p.shape[0], 1)
+        return (p[:, :1] * torch.exp(-p[:, 1:2] * t_shared) + p[:, 2:] - y_rows) * s
+
+    x0 = torch.tensor([1.0, 1.0, 0.0], dtype=F64).repeat(30, 1)
+    res = least_squares(residuals, x0, args=(y, t, scale))
+    ref = least_squares(lambda p, yb: _exp_residuals(t)(p, yb), x0, args=(y,))
+    np.testing.assert_allclose(res.x.numpy(), ref.x.numpy(), rtol=1e-6, atol=1e-8)
+    assert bool(res.success.all())
 
 
 def test_weights_are_scipy_with_sqrt_weighted_residuals():
@@ -312,13 +330,31 @@ def test_float32_runs_in_float32_and_keeps_the_inputs():
 
 
 def test_compiled_evaluation_gives_the_eager_result():
+    """compile=True: chunks of 8 problems for a batch of 6 (padded), shrinking as problems finish,
+    and the compiled Jacobian at the solution."""
     t, y = _exp_decay_batch(6)
     x0 = torch.tensor([1.0, 1.0, 0.0], dtype=F64).repeat(6, 1)
+    x0[::2] = torch.tensor([3.0, 0.2, 0.5], dtype=F64)            # uneven finishing times
     fn = _exp_residuals(t)
-    eager = least_squares(fn, x0, args=(y,))
-    compiled = least_squares(fn, x0, args=(y,), compile=True)
+    eager = least_squares(fn, x0, args=(y,), return_jac=True)
+    compiled = least_squares(fn, x0, args=(y,), compile=True, return_jac=True)
+    assert eager.nfev.min() < eager.nfev.max()
     np.testing.assert_allclose(compiled.x.numpy(), eager.x.numpy(), rtol=1e-10, atol=1e-12)
-    assert torch.equal(compiled.status, eager.status)
+    np.testing.assert_allclose(compiled.jac.numpy(), eager.jac.numpy(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.nfev, eager.nfev)
+
+
+def test_evaluation_in_chunks_gives_the_same_result(monkeypatch):
+    import fastopt.lm.nonlinear_lsq as nonlinear_lsq
+
+    t, y = _exp_decay_batch(10)
+    x0 = torch.tensor([1.0, 1.0, 0.0], dtype=F64).repeat(10, 1)
+    whole = least_squares(_exp_residuals(t), x0, args=(y,), return_jac=True)
+    monkeypatch.setattr(nonlinear_lsq, "_EAGER_CHUNK", 4)
+    chunked = least_squares(_exp_residuals(t), x0, args=(y,), return_jac=True)
+    torch.testing.assert_close(chunked.x, whole.x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(chunked.jac, whole.jac, rtol=1e-12, atol=1e-14)
+    assert torch.equal(chunked.nfev, whole.nfev)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastopt.lm import OptimizeWarning, curve_fit
-from lsq_problems import gaussian_peak, gaussian_peaks
+from fastopt.lm.workloads import gaussian_peak, gaussian_peaks
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 F64 = torch.float64
@@ -240,3 +240,12 @@ def test_user_jacobian(sigma_kind):
     np.testing.assert_allclose(popt.numpy(), sp, rtol=1e-7)
     _check_pcov(pcov, sc, sp, x, y, sigma=s.numpy())
     torch.testing.assert_close(pcov, pcov_auto, rtol=1e-9, atol=1e-15)
+
+
+def test_shared_xdata_as_long_as_the_batch():
+    t, y, p0, _ = gaussian_peaks(64, m=64)                       # B == M: xdata (M,) is still shared
+    popt, pcov = curve_fit(lambda x, p: gaussian_peak(x, p), t, y, p0)
+    assert popt.shape == (64, 4) and bool(torch.isfinite(pcov).all())
+    ref = [scipy_optimize.curve_fit(lambda x, a, mu, s, c: a * np.exp(-0.5 * ((x - mu) / s) ** 2) + c,
+                                    t.numpy(), y[b].numpy(), p0=p0[b].numpy())[0] for b in range(0, 64, 8)]
+    np.testing.assert_allclose(popt[::8].numpy(), np.stack(ref), rtol=1e-5, atol=1e-6)

@@ -15,7 +15,8 @@ not B * P:
 gets a wrong Jacobian: pass ``jac=callable`` for such functions.
 
 :class:`ProblemData` holds the extra arguments of ``residual_fn`` and slices the per-problem ones
-(tensors whose leading dimension is B) when the solver drops finished problems from the batch.
+(tensors of two or more dimensions whose leading dimension is B) when the solver drops finished
+problems from the batch.
 """
 from __future__ import annotations
 
@@ -25,20 +26,24 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, jacrev
 
-__all__ = ["JAC_MODES", "ProblemData", "Evaluator", "resolve_jac_mode"]
+__all__ = ["JAC_MODES", "ProblemData", "Evaluator", "resolve_jac_mode", "is_per_problem"]
 
 JAC_MODES = ("auto", "jacfwd", "jacrev")
 
 
-def _is_per_problem(value: Any, batch: int) -> bool:
-    return torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch
+def is_per_problem(value: Any, batch: int) -> bool:
+    """The rule for extra data: tensors of two or more dimensions whose leading dimension is the
+    batch size are per-problem; 1-D tensors (a shared grid of N points, even when N == B) and
+    everything else are shared."""
+    return torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == batch
 
 
 class ProblemData:
     """Extra arguments of ``residual_fn`` for the problems of the current batch.
 
-    Tensors whose leading dimension equals the batch size B are per-problem (row b belongs to
-    problem b) and are sliced with the parameters; everything else is shared and passed as is.
+    Tensors of two or more dimensions whose leading dimension equals the batch size B are
+    per-problem (row b belongs to problem b) and are sliced with the parameters; everything else is
+    shared and passed as is (:func:`is_per_problem`).
     ``sqrt_weights`` ((B, N) per problem, (N,) shared, or None) scales the residuals.
     """
 
@@ -47,7 +52,7 @@ class ProblemData:
 
     def _map(self, fn: Callable[[Tensor], Tensor], batch: int) -> "ProblemData":
         def pick(v):
-            return fn(v) if _is_per_problem(v, self.batch) else v
+            return fn(v) if is_per_problem(v, self.batch) else v
         weights = self.sqrt_weights
         if weights is not None and weights.dim() == 2:
             weights = fn(weights)
@@ -72,23 +77,24 @@ class Evaluator:
     returns (N,), as in scipy, and the solver's (1, P) batch is unwrapped around the call.
 
     :meth:`terms` applies ``reduce(f, J)`` (the solver's cost and normal equations) to the
-    evaluation. With ``compile`` the evaluation runs through ``torch.compile`` in chunks of
-    ``chunk`` problems (the last one padded by repeating a problem), ``reduce`` included when
-    ``fuse_reduce`` so that the (B, N, P) Jacobian need not be written out and read back. Fixed-size
-    chunks give torch.compile one static shape to compile for (its dynamic shapes do not get
-    through torch.func's transforms in torch 2.13), while the solver still drops finished
-    problems from the batch.
+    evaluation. Both it and :meth:`residuals_and_jacobian` run ``chunk`` problems at a time, which
+    bounds the memory of the Jacobian's temporaries. With ``compile`` the evaluations run through
+    ``torch.compile`` on chunks of exactly ``chunk`` problems (the last one padded by repeating a
+    problem), ``reduce`` included when ``fuse_reduce`` so that the (B, N, P) Jacobian need not be
+    written out and read back. Fixed-size chunks give torch.compile one static shape to compile
+    for (its dynamic shapes do not get through torch.func's transforms in torch 2.13), while the
+    solver still drops finished problems from the batch.
     """
 
     def __init__(self, residual_fn: Callable, jac: Any, single: bool, reduce: Optional[Callable] = None,
-                 compile: bool = False, fuse_reduce: bool = False, chunk: int = 0):
+                 compile: bool = False, fuse_reduce: bool = False, chunk: int = 1 << 16):
         self.residual_fn, self.jac, self.single, self.reduce = residual_fn, jac, single, reduce
-        self.fuse_reduce = compile and fuse_reduce
-        self.chunk = chunk
-        self._compiled = None
+        self.compile, self.fuse_reduce, self.chunk = compile, compile and fuse_reduce, chunk
+        self._evaluate_terms, self._evaluate_jacobian = self._terms, self._residuals_and_jacobian
         if compile:
-            self._compiled = torch.compile(self._fused_terms if self.fuse_reduce else self._residuals_and_jacobian,
-                                           dynamic=False)
+            self._evaluate_terms = torch.compile(self._terms if self.fuse_reduce else self._residuals_and_jacobian,
+                                                 dynamic=False)
+            self._evaluate_jacobian = torch.compile(self._residuals_and_jacobian, dynamic=False)
 
     def raw(self, x: Tensor, data: ProblemData) -> Tensor:
         """``residual_fn`` at x (B, P) as a (B, N) tensor, unweighted."""
@@ -101,32 +107,37 @@ class Evaluator:
         return f if data.sqrt_weights is None else f * data.sqrt_weights
 
     def residuals_and_jacobian(self, x: Tensor, data: ProblemData) -> Tuple[Tensor, Tensor]:
-        """(f, J) at x: (B, N) weighted residuals and their (B, N, P) Jacobian, never compiled
-        (it serves the one evaluation at the solution)."""
-        return self._residuals_and_jacobian(x, data.sqrt_weights, data.args, data.kwargs)
+        """(f, J) at x: (B, N) weighted residuals and their (B, N, P) Jacobian."""
+        return self._chunked(self._evaluate_jacobian, x, data)
 
     def terms(self, x: Tensor, data: ProblemData) -> Tuple[Tensor, ...]:
         """``reduce(f, J)`` at x."""
-        if self._compiled is None:
-            return self.reduce(*self._residuals_and_jacobian(x, data.sqrt_weights, data.args, data.kwargs))
+        if self.compile and not self.fuse_reduce:
+            return self.reduce(*self._chunked(self._evaluate_terms, x, data))
+        return self._chunked(self._evaluate_terms, x, data)
+
+    def _chunked(self, fn: Callable, x: Tensor, data: ProblemData) -> Tuple[Tensor, ...]:
+        """``fn(x, sqrt_weights, args, kwargs)``, ``chunk`` problems at a time; compiled code gets
+        exactly ``chunk`` problems per call, the last call padded with copies of its first problem,
+        whose results are dropped."""
         batch, chunk = x.shape[0], self.chunk
         parts = []
         for start in range(0, batch, chunk):
             stop = min(start + chunk, batch)
-            if stop - start == chunk:
+            if stop - start == batch and not (self.compile and batch < chunk):
+                xs, ds = x, data
+            elif stop - start == chunk or not self.compile:
                 xs, ds = x[start:stop], data.rows(start, stop)
-            else:   # pad the last chunk with copies of its first problem, dropped below
+            else:
                 index = torch.arange(start, start + chunk, device=x.device).clamp_max(stop - 1)
                 xs, ds = x.index_select(0, index), data.take(index)
-            out = self._compiled(xs, ds.sqrt_weights, ds.args, ds.kwargs)
-            if not self.fuse_reduce:
-                out = self.reduce(*out)
+            out = fn(xs, ds.sqrt_weights, ds.args, ds.kwargs)
             parts.append([o[:stop - start] for o in out])
         if len(parts) == 1:
             return tuple(parts[0])
         return tuple(torch.cat(p) for p in zip(*parts))
 
-    def _fused_terms(self, x: Tensor, sqrt_weights: Optional[Tensor], args: Tuple, kwargs: Dict):
+    def _terms(self, x: Tensor, sqrt_weights: Optional[Tensor], args: Tuple, kwargs: Dict):
         return self.reduce(*self._residuals_and_jacobian(x, sqrt_weights, args, kwargs))
 
     def _residuals_and_jacobian(self, x: Tensor, sqrt_weights: Optional[Tensor], args: Tuple, kwargs: Dict):

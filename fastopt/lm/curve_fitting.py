@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .batched_jacobian import is_per_problem
 from .nonlinear_lsq import least_squares
 
 __all__ = ["curve_fit", "OptimizeWarning", "covariance_from_jacobian"]
@@ -78,9 +79,10 @@ def curve_fit(f: Callable[[Any, Tensor], Tensor], xdata: Any, ydata: Any, p0: An
         f: model ``f(xdata, p)``: p (B, P) -> (B, M) predictions, plain torch code (differentiated
             with torch.func; row b may depend only on p[b] and on problem b's data). For a single
             problem (ydata of shape (M,)) p is (P,) and f returns (M,).
-        xdata: independent variable, passed to f unchanged: shared by all problems, unless it is
-            a tensor whose leading dimension is B (then xdata[b] belongs to problem b and is
-            sliced with it). Floating tensors and array-likes are converted to the fit's dtype.
+        xdata: independent variable, passed to f unchanged: shared by all problems (e.g. (M,)),
+            unless it is a tensor of two or more dimensions whose leading dimension is B (e.g.
+            (B, M): then xdata[b] belongs to problem b and is sliced with it). Floating tensors and
+            array-likes are converted to the fit's dtype.
         ydata: (B, M) data of B problems, or (M,) for one.
         p0: initial parameters, (B, P), or (P,) shared by all problems. Its dtype (float32 or
             float64; float64 for array-likes) is the dtype of the fit.
@@ -148,7 +150,7 @@ def curve_fit(f: Callable[[Any, Tensor], Tensor], xdata: Any, ydata: Any, p0: An
             raise ValueError("xdata must not contain NaN or inf (or pass check_finite=False)")
 
     transform, kind = _transform(sigma, y, single, batch, m, dtype, device)
-    per_problem_x = (not single) and torch.is_tensor(xdata) and xdata.dim() >= 1 and xdata.shape[0] == batch
+    per_problem_x = (not single) and is_per_problem(xdata, batch)
     shared_x = None if per_problem_x else xdata
 
     def residuals(p, yb, tb, *rest):
