@@ -104,7 +104,7 @@ def run(args) -> List[Dict]:
     meta = benchmarking.environment(device)
     import scipy
     meta.update(scipy=scipy.__version__, threads=str(torch.get_num_threads()),
-                python=platform.python_version())
+                python=platform.python_version(), load_avg="%.1f" % os.getloadavg()[0])
     rows: List[Dict] = []
 
     def row(batch, dtype, provider, seconds, **extra):
@@ -167,7 +167,7 @@ def write(rows: List[Dict], device: str) -> None:
     path = os.path.join(RESULTS, f"lsq_{device}.csv")
     fields = ["workload", "batch", "dtype", "provider", "seconds", "us_per_problem", "speedup_vs_scipy",
               "cost_equal_or_better", "cost_worse_1e3", "nfev_mean", "nfev_max", "not_converged", "failures",
-              "device", "torch", "triton", "scipy", "fastopt", "commit", "threads", "python"]
+              "device", "torch", "triton", "scipy", "fastopt", "commit", "threads", "python", "load_avg"]
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -178,7 +178,9 @@ def write(rows: List[Dict], device: str) -> None:
     meta = rows[0]
     lines = [f"# bench_lsq: {meta['device']}", "",
              f"torch {meta['torch']}, scipy {meta['scipy']}, triton {meta['triton']}, fastopt {meta['fastopt']}, "
-             f"commit {meta['commit']}, torch threads {meta['threads']}, python {meta['python']}", "",
+             f"commit {meta['commit']}, torch threads {meta['threads']}, python {meta['python']}, "
+             f"1-minute load average at the start {meta['load_avg']} (the machine is shared: scipy and fastopt "
+             "run in the same process, one after the other, so ratios are comparable within a run)", "",
              "| batch | dtype | provider | seconds | us/problem | x vs scipy loop | cost <= scipy | worse >1e-3 | "
              "nfev mean/max | not converged |",
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
@@ -187,7 +189,8 @@ def write(rows: List[Dict], device: str) -> None:
         return "-" if v is None or v == "" else format(v, spec)
     for r in rows:
         frac = r.get("cost_equal_or_better")
-        lines.append(f"| {r['batch']} | {r['dtype']} | {r['provider']} | {r['seconds']:.3f} | {r['us_per_problem']:.1f} | "
+        per_problem = "-" if "one-time" in r["provider"] else f"{r['us_per_problem']:.1f}"
+        lines.append(f"| {r['batch']} | {r['dtype']} | {r['provider']} | {r['seconds']:.3f} | {per_problem} | "
                      f"{fmt(r.get('speedup_vs_scipy'), '.1f')} | {fmt(None if frac is None else 100 * frac, '.2f')}"
                      f"{'%' if frac is not None else ''} | {fmt(r.get('cost_worse_1e3'), 'd')} | "
                      f"{fmt(r.get('nfev_mean'), '.1f')}/{fmt(r.get('nfev_max'), 'd')} | "

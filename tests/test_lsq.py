@@ -350,7 +350,7 @@ def test_evaluation_in_chunks_gives_the_same_result(monkeypatch):
     t, y = _exp_decay_batch(10)
     x0 = torch.tensor([1.0, 1.0, 0.0], dtype=F64).repeat(10, 1)
     whole = least_squares(_exp_residuals(t), x0, args=(y,), return_jac=True)
-    monkeypatch.setattr(nonlinear_lsq, "_EAGER_CHUNK", 4)
+    monkeypatch.setattr(nonlinear_lsq, "_EAGER_CHUNK", (4, 4))
     chunked = least_squares(_exp_residuals(t), x0, args=(y,), return_jac=True)
     torch.testing.assert_close(chunked.x, whole.x, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(chunked.jac, whole.jac, rtol=1e-12, atol=1e-14)

@@ -159,6 +159,30 @@ def test_rank_deficient_jacobian_gives_scipy_pseudo_inverse():
     assert pcov[3].abs().max().item() == 0.0
 
 
+def test_batch_mixing_full_rank_and_rank_deficient_jacobians():
+    """One model, per-problem xdata (B, 2, M) that switches a parameter off for problem 1: its
+    covariance comes from the SVD path, the others' from the triangular inverse; all as scipy."""
+    x, _, _, _ = _data()
+    z = torch.tensor([1.0, 0.0, 0.5], dtype=F64)
+    xdata = torch.stack([x.expand(3, -1), z[:, None] * torch.ones_like(x)], 1)
+    ys = torch.stack([_data(seed)[1] for seed in range(3)])
+
+    def f(xd, p):
+        grid, zz = xd[:, 0], xd[:, 1]
+        return p[:, :1] * torch.exp(-p[:, 1:2] * grid) + p[:, 2:3] + p[:, 3:4] * zz * grid
+
+    popt, pcov = curve_fit(f, xdata, ys, [1.0, 1.0, 0.0, 0.1], **TIGHT)
+    for b in range(3):
+        zb = float(z[b])
+        sp, sc = scipy_optimize.curve_fit(
+            lambda x_, a, k, c, d: decay_np(x_, a, k, c) + d * zb * x_, x.numpy(), ys[b].numpy(),
+            p0=[1.0, 1.0, 0.0, 0.1], method="trf", **TIGHT,
+            jac=lambda x_, a, k, c, d: np.concatenate([decay_jac_np(x_, a, k, c), zb * x_[:, None]], -1))
+        np.testing.assert_allclose(popt[b].numpy(), sp, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(pcov[b].numpy(), sc, rtol=1e-5, atol=1e-12)
+    assert pcov[1, 3].abs().max().item() == 0.0 and pcov[0, 3, 3].item() > 0
+
+
 def test_undefined_covariance_is_inf_with_a_warning_as_scipy():
     x, y, _, _ = _data(5, m=3)
     f2 = lambda x_, p: p[0] * x_ + p[1] * x_ ** 2 + p[2]              # 3 points, 3 parameters: exact fit

@@ -44,16 +44,36 @@ class OptimizeWarning(UserWarning):
 
 
 def covariance_from_jacobian(jac: Tensor) -> Tensor:
-    """``pinv(J^T J)`` per problem from the SVD of J (B, M, P), singular values below
-    ``eps * max(M, P) * s_max`` discarded (scipy.optimize.curve_fit's "trf" branch).
+    """``pinv(J^T J)`` per problem, J (B, M, P): scipy.optimize.curve_fit's Moore-Penrose inverse
+    from the SVD of J, singular values below ``eps * max(M, P) * s_max`` discarded.
 
-    J = QR first when M > P: R has J's singular values and right singular vectors, and the SVD
-    of the small (P, P) R is much cheaper than that of J.
+    With J = QR (M >= P) that is ``R^-1 R^-T`` wherever no singular value falls below the
+    threshold. Problems whose R is well away from it (Frobenius condition estimate, an upper
+    bound of the 2-norm one, below ``1e-3 / (eps * max(M, P))``) take the triangular inverse; the
+    rest (nearly rank-deficient, singular, non-finite) take the SVD of R, which has J's singular
+    values and right singular vectors. Why: batched LAPACK SVDs of small matrices cost about 12 us
+    each on this project's CPU, the triangular solve about 1 us.
     """
     m, p = jac.shape[-2:]
-    r = torch.linalg.qr(jac, mode="r")[1] if m > p else jac
-    _, s, vt = torch.linalg.svd(r, full_matrices=False)
-    threshold = torch.finfo(jac.dtype).eps * max(m, p) * s[..., :1]
+    if m < p:
+        return _pinv_from_svd(jac, max(m, p))
+    r = torch.linalg.qr(jac, mode="r")[1]
+    eye = torch.eye(p, dtype=jac.dtype, device=jac.device).expand_as(r)
+    r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
+    cond = torch.linalg.matrix_norm(r) * torch.linalg.matrix_norm(r_inv)
+    safe = torch.isfinite(cond) & (cond * torch.finfo(jac.dtype).eps * max(m, p) < 1e-3)
+    pcov = r_inv @ r_inv.transpose(-2, -1)
+    if not bool(safe.all()):
+        rest = (~safe).nonzero().flatten()
+        pcov = pcov.index_copy(0, rest, _pinv_from_svd(r.index_select(0, rest), max(m, p)))
+    return pcov
+
+
+def _pinv_from_svd(a: Tensor, size: int) -> Tensor:
+    """``pinv(A^T A)`` from the SVD of A (..., K, P), singular values below ``eps * size * s_max``
+    discarded (scipy's threshold, with size = max(M, P) of the Jacobian)."""
+    _, s, vt = torch.linalg.svd(a, full_matrices=False)
+    threshold = torch.finfo(a.dtype).eps * size * s[..., :1]
     keep = s > threshold
     inv_sq = torch.where(keep, 1 / torch.where(keep, s, torch.ones_like(s)) ** 2, torch.zeros_like(s))
     return (vt.transpose(-2, -1) * inv_sq.unsqueeze(-2)) @ vt

@@ -9,8 +9,8 @@ Each problem ``b`` minimises ``F(x_b) = 0.5 * sum_i rho(w_bi * f_bi(x_b)**2)`` o
 2. Step from the damped normal equations ``(A + lam * D) s = -g`` (Marquardt's scaling, as
    MINPACK: ``D = diag`` of the largest squared column norms of the weighted Jacobian seen so
    far, which makes the step invariant to a rescaling of the parameters), solved by batched
-   Cholesky. Where a factorisation fails the problem takes
-   no step this iteration and its damping grows, as after a rejected step.
+   Cholesky (``torch.linalg.cholesky_ex``). Where a factorisation fails the problem takes no
+   step this iteration and its damping grows, as after a rejected step.
 3. Bounds by projection with an active set (as scipy's "dogbox"): a parameter sitting on a bound
    whose gradient points out of the box is frozen for the step, the others move, and the trial
    point is clipped to the box, so every iterate satisfies the bounds exactly.
@@ -63,13 +63,15 @@ _INITIAL_DAMPING = 1e-3      # Marquardt's lambda_0 relative to diag(J^T J)
 _ACCEPT_RATIO = 1e-4         # MINPACK lmder's acceptance threshold
 _COMPACT_BELOW = 0.5         # drop finished problems once at most this fraction still runs
 # Problems per call of compiled code (CPU, GPU), or the batch size rounded up to a power of two if
-# smaller. CPU: 10,000 Gaussian fits (64 residuals, fp64) took 0.42 s warm in chunks of 4096 and
-# 0.55 s in chunks of 1024 (fewer calls, less padding per drop); GPU: large enough to fill the
-# device (not measured here).
+# smaller. On this project's 2-core CPU 10,000 Gaussian fits (64 residuals, fp64) took 0.42 s warm
+# in chunks of 4096 and 0.55 s in chunks of 1024 (fewer calls); GPU: large enough to fill the
+# device (not measured: no GPU here).
 _COMPILE_CHUNK = (4096, 1 << 16)
-# Problems per eager evaluation: bounds the memory of torch.func's temporaries (about a dozen
-# (P, chunk, N) tensors) for batches of millions; below it, chunking changed nothing measurable.
-_EAGER_CHUNK = 1 << 16
+# Problems per eager evaluation (CPU, GPU): bounds the memory of torch.func's temporaries (about
+# a dozen (P, chunk, N) tensors). On this project's CPU 30,000 Gaussian fits (64 residuals, fp64)
+# took 13.9 s in chunks of 65536 and 3.7-4.5 s in chunks of 1024 to 4096 (temporaries that stay in
+# cache, no fresh pages per op); GPU: large enough to fill the device (not measured).
+_EAGER_CHUNK = (4096, 1 << 16)
 
 
 @dataclass
@@ -274,9 +276,10 @@ def least_squares(residual_fn: Callable[..., Tensor], x0: Tensor, *, args: Seque
             that stragglers do not keep the whole batch busy.
         compile: evaluate residuals, Jacobian and normal equations through ``torch.compile``, in
             fixed-size chunks of problems: seconds of compilation on the first call for a
-            residual_fn, dtype and data shape (cached for later calls with the same function
-            object), then several times fewer passes over memory per iteration. Needs what
-            torch.compile needs (a C++ compiler on CPU).
+            residual_fn, dtype and data shape (reused by later calls through torch.compile's
+            cache, which guards on the function's code and closure, dtypes and shapes), then
+            several times fewer passes over memory per iteration. Needs what torch.compile needs
+            (a C++ compiler on CPU).
         backend: implementation of the batched J^T J / J^T f op ("auto", "triton", "cuda", "cpu",
             "torch"; see fastopt.backends).
 
@@ -334,17 +337,17 @@ def least_squares(residual_fn: Callable[..., Tensor], x0: Tensor, *, args: Seque
     if compile:
         chunk = min(_COMPILE_CHUNK[device.type == "cuda"], 1 << max(batch - 1, 0).bit_length())
     else:
-        chunk = _EAGER_CHUNK
+        chunk = _EAGER_CHUNK[device.type == "cuda"]
     evaluator = _evaluator(residual_fn, resolve_jac_mode(jac, n_params, n_res), single, model, bool(compile),
                            backend_name, chunk)
     solver = _Solver(evaluator, data, lb, ub, bounded, ftol_, xtol_, gtol_, int(max_nfev), int(check_every),
                      bool(compact))
-    out = solver.run(x)
-
-    fun = evaluator.raw(out["x"], data).to(dtype)
-    jac_out = None
-    if return_jac:
-        jac_out = model.scaled(*evaluator.residuals_and_jacobian(out["x"], data))[1]
+    with torch.no_grad():     # forward-mode and torch.func transforms work inside it; no graphs kept
+        out = solver.run(x)
+        fun = evaluator.raw(out["x"], data).to(dtype)
+        jac_out = None
+        if return_jac:
+            jac_out = model.scaled(*evaluator.residuals_and_jacobian(out["x"], data))[1]
     active = torch.zeros_like(out["x"], dtype=torch.int8)
     active = torch.where(out["x"] <= lb, -1, torch.where(out["x"] >= ub, 1, active)).to(torch.int8)
     fields = dict(x=out["x"], cost=out["cost"], fun=fun, jac=jac_out, grad=out["g"], optimality=out["optimality"],
@@ -387,8 +390,7 @@ class _Solver:
         dtype, device = x.dtype, x.device
         eps = torch.finfo(dtype).eps
         lam_min, lam_max = eps * eps, 1 / (eps * eps)
-        with torch.no_grad():
-            cost, jtj, g, colsq = self._evaluate(x, self.data)
+        cost, jtj, g, colsq = self._evaluate(x, self.data)
         finite = torch.isfinite(cost) & torch.isfinite(jtj).flatten(1).all(-1) & torch.isfinite(g).all(-1)
         frozen, gnorm = free_gradient_norm(x, g, self.lb, self.ub, self.bounded)
         status = torch.full((batch,), _RUNNING, dtype=torch.int64, device=device)
@@ -415,8 +417,7 @@ class _Solver:
                     keep = running.nonzero().flatten()
                     st = {k: v.index_select(0, keep) for k, v in st.items()}
                     data = data.take(keep)
-            with torch.no_grad():
-                st = self._iterate(st, data, lam_min, lam_max)
+            st = self._iterate(st, data, lam_min, lam_max)
             iteration += 1
         self._store(out, st)
         return out
