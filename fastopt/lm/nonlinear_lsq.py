@@ -277,9 +277,10 @@ def least_squares(residual_fn: Callable[..., Tensor], x0: Tensor, *, args: Seque
         compile: evaluate residuals, Jacobian and normal equations through ``torch.compile``, in
             fixed-size chunks of problems: seconds of compilation on the first call for a
             residual_fn, dtype and data shape (reused by later calls through torch.compile's
-            cache, which guards on the function's code and closure, dtypes and shapes), then
-            several times fewer passes over memory per iteration. Needs what torch.compile needs
-            (a C++ compiler on CPU).
+            cache, which guards on the function's code and closure, dtypes and shapes; past
+            torch._dynamo.config.recompile_limit variants it evaluates eagerly), then several
+            times fewer passes over memory per iteration. Needs what torch.compile needs (a C++
+            compiler on CPU).
         backend: implementation of the batched J^T J / J^T f op ("auto", "triton", "cuda", "cpu",
             "torch"; see fastopt.backends).
 
