@@ -45,6 +45,7 @@ OPS = (
     "ladam_wave_step",         # LAdam mode wave_variance
     "ladagrad_step",
     "lrmsprop_step",
+    "batched_gram",            # J^T J and J^T r of many small least-squares problems (fastopt.lm.least_squares)
 )
 
 @dataclass(frozen=True)

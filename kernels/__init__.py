@@ -6,3 +6,9 @@ triton; fastopt.backends imports it lazily and reports the ImportError as the re
 tensors and scalars with the signature of ``fastopt.reference.<op>_reference``.
 """
 import triton  # noqa: F401  (the backend is unavailable without it; backends reports why)
+
+# batched_gram (fastopt.lm.least_squares): appended last, merging into whatever DTYPES the kernels
+# above declare.
+from .batched_gram import BATCHED_GRAM_DTYPES, batched_gram_triton  # noqa: E402
+
+DTYPES = {**globals().get("DTYPES", {}), "batched_gram": BATCHED_GRAM_DTYPES}
