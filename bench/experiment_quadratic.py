@@ -72,7 +72,7 @@ def run(method, params, seed, batch, x, y, theta_star):
                            estimation_freq=params["freq"], estimator=est)
     batches = torch.Generator().manual_seed(200 + seed)
     first_hit = None
-    l0 = float(half_mse(model(x), y))
+    l0 = float(half_mse(model(x), y).detach())
     for step in range(STEPS):
         if batch is None:
             xb, yb = x, y

@@ -119,7 +119,10 @@ class CurvatureEstimator:
         tol (float or None): stop the power iteration early once every Rayleigh quotient changes
             by at most ``tol`` relative. Default: None (always ``n_iterations``).
         hvp (str): ``'auto'``, ``'reverse_over_reverse'``, ``'reverse_over_reverse_loop'``,
-            ``'forward_over_reverse'`` or ``'finite_difference'``. Default: ``'auto'``.
+            ``'forward_over_reverse'`` or ``'finite_difference'``. Default: ``'auto'`` (the first
+            that works of reverse-over-reverse, its loop, forward-over-reverse, finite
+            differences). For hundreds of probes per pass ``'forward_over_reverse'`` measured
+            faster (1.4-2.5x on small models, CPU); for a handful, reverse-over-reverse.
         groups: per-group figures in :meth:`measure` / :meth:`estimate_per_group`: ``'layers'``
             (one group per module owning parameters, keyed by module name, ``''`` for the root),
             ``'parameters'`` (one per parameter name), a mapping name -> parameters, or an
