@@ -238,6 +238,14 @@ def _with(graph, batched):
     return graph
 
 
+def append_text(path: str, text: str) -> None:
+    """Print ``text`` and append it to the file at ``path`` (directories made as needed)."""
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(text)
+
+
 def format_table(rows) -> str:
     head = ("workload", "section", "variant", "ms p50", "p20-p80", "ratio", "speedup vs loop")
     lines = [(r["workload"], r["section"], r["variant"], f"{r['ms_p50']:.2f}", f"{r['ms_p20']:.2f}-{r['ms_p80']:.2f}",
@@ -264,14 +272,10 @@ def main(argv=None) -> int:
         rows += bench(name, device, args.rounds)
     env = {k: rows[0][k] for k in ("device", "threads", "torch", "fastopt", "commit")}
     header = " | ".join(f"{k} {v}" for k, v in env.items())
-    table = format_table(rows)
     descriptions = "\n".join(sorted({f"- {r['workload']}: {r['description']}, {r['n_params']} parameters"
                                      for r in rows}))
-    print(header)
-    print(descriptions)
-    print(table)
     out = args.out or os.path.join(RESULTS, f"curvature_{device.type}.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    append_text(os.path.splitext(out)[0] + ".md", f"\n## {header}\n\n{descriptions}\n\n```\n{format_table(rows)}\n```\n")
     fields = list(dict.fromkeys(k for r in rows for k in r))
     new = not os.path.exists(out)
     with open(out, "a", newline="") as f:
@@ -279,8 +283,6 @@ def main(argv=None) -> int:
         if new:
             writer.writeheader()
         writer.writerows(rows)
-    with open(os.path.splitext(out)[0] + ".md", "a") as f:
-        f.write(f"\n## {header}\n\n{descriptions}\n\n```\n{table}\n```\n")
     print(f"\nappended to {out}")
     return 0
 

@@ -27,8 +27,11 @@ import time
 import torch
 import torch.nn as nn
 
-from fastopt import benchmarking
-from fastopt.schedulers import CurvatureEstimator, HomotopyLR
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_curvature import append_text  # noqa: E402
+
+from fastopt import benchmarking  # noqa: E402
+from fastopt.schedulers import CurvatureEstimator, HomotopyLR  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DIM, N, CONDITION, STEPS, SEEDS = 50, 200, 100.0, 500, (0, 1, 2)
@@ -157,10 +160,7 @@ def main(argv=None) -> int:
     header = " | ".join(f"{k} {v}" for k, v in env.items())
     text = (f"\n## Experiment 1 (quadratic, condition number {CONDITION:g}, dim {DIM}, {STEPS} steps) -- {header}\n\n"
             + "\n".join(verdicts) + "\n" + "\n".join(lines) + f"\n\n(run time {time.time() - t0:.0f} s)\n")
-    print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(text)
+    append_text(args.out, text)
     return 0
 
 

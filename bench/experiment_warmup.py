@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_curvature import SmallCNN, SmallTransformerLM, lm_loss  # noqa: E402
+from bench_curvature import SmallCNN, SmallTransformerLM, append_text, lm_loss  # noqa: E402
 
 from fastopt import benchmarking  # noqa: E402
 from fastopt.schedulers import CurvatureEstimator  # noqa: E402
@@ -86,11 +86,7 @@ def main(argv=None) -> int:
         text.append("| step | loss | ||g||^2 | |tr H| | kappa |")
         text.append("| --- | --- | --- | --- | --- |")
         text += [f"| {s} | {loss:.4g} | {g2:.4g} | {h:.4g} | {k:.4g} |" for s, loss, g2, h, k in rows]
-    out = "\n".join(text) + "\n"
-    print(out)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(out)
+    append_text(args.out, "\n".join(text) + "\n")
     return 0
 
 

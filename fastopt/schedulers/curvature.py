@@ -76,8 +76,9 @@ class CurvatureMeasurement(GroupMeasurement):
 
 
 def _rademacher(like: Sequence[Tensor], k: int, generator: torch.Generator) -> List[Tensor]:
-    return [torch.empty((k,) + tuple(p.shape), dtype=p.dtype, device=p.device).bernoulli_(0.5, generator=generator)
-            .mul_(2).sub_(1) for p in like]
+    # Drawn on the generator's device (the first parameter's), then moved: parameters may span devices.
+    return [torch.empty((k,) + tuple(p.shape), dtype=p.dtype, device=generator.device)
+            .bernoulli_(0.5, generator=generator).mul_(2).sub_(1).to(p.device) for p in like]
 
 
 def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -466,8 +467,8 @@ class CurvatureEstimator:
         for j, (_, idx) in enumerate(supports):
             mask[idx, j] = 1.0
         masks = [mask[i].to(device=p.device, dtype=p.dtype).view((b,) + (1,) * p.dim()) for i, p in enumerate(self.params)]
-        vecs = [torch.randn((b,) + tuple(p.shape), dtype=p.dtype, device=p.device, generator=generator) * m
-                for p, m in zip(self.params, masks)]
+        vecs = [torch.randn((b,) + tuple(p.shape), dtype=p.dtype, device=generator.device, generator=generator)
+                .to(p.device) * m for p, m in zip(self.params, masks)]
         vecs = self._normalized(vecs)
         engine, previous, rayleigh = None, None, torch.zeros(b, dtype=torch.float64)
         n_products = 0
