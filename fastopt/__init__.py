@@ -2,12 +2,13 @@
 
 ``fastopt.LAdam`` (alias ``LAdamW``), ``LAdaGrad`` and ``LRMSProp`` behave like the ``ladam``
 package's optimizers and run on the fastest backend available (see :mod:`fastopt.backends`);
-:mod:`fastopt.reference` holds the eager implementations every backend is tested against.
+:mod:`fastopt.reference` holds the eager implementations every backend is tested against;
+:mod:`fastopt.schedulers` the curvature-adaptive learning rates (HomotopyLR and its family).
 """
-from . import backends, reference
+from . import backends, reference, schedulers
 from .optim import ChiAnnealScheduler, LAdaGrad, LAdam, LAdamW, LRMSProp, suggest_c2
 
 __version__ = "0.1.0"
 
 __all__ = ["LAdam", "LAdamW", "LAdaGrad", "LRMSProp", "ChiAnnealScheduler", "suggest_c2",
-           "backends", "reference", "__version__"]
+           "backends", "reference", "schedulers", "__version__"]
