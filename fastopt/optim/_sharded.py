@@ -18,6 +18,7 @@ kind, transient).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,14 +26,13 @@ import torch.distributed as dist
 
 from ..reference.laplacian import stencil_layout
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch without DTensor
-    DTensor = None
 
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # A DTensor exists only once torch.distributed.tensor is imported; importing it here would
+    # add seconds to `import fastopt` for everyone.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
