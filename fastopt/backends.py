@@ -45,6 +45,7 @@ OPS = (
     "ladam_wave_step",         # LAdam mode wave_variance
     "ladagrad_step",
     "lrmsprop_step",
+    "jacobian_products",       # Levenberg-Marquardt: lower(scale * A^T A) accumulated, A = [J | r] or J^T
 )
 
 @dataclass(frozen=True)

@@ -6,3 +6,8 @@ triton; fastopt.backends imports it lazily and reports the ImportError as the re
 tensors and scalars with the signature of ``fastopt.reference.<op>_reference``.
 """
 import triton  # noqa: F401  (the backend is unavailable without it; backends reports why)
+
+# Levenberg-Marquardt's Jacobian products (issue #5); DTYPES keeps any entries defined above.
+from .jacobian_products import JACOBIAN_PRODUCTS_DTYPES, jacobian_products_triton  # noqa: E402
+
+DTYPES = {**globals().get("DTYPES", {}), "jacobian_products": JACOBIAN_PRODUCTS_DTYPES}
