@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import backends
 from ._engine import (FALLBACKS, JACOBIAN_MODES, REUSE_MODES, SOLVE_METHODS, DampedSolver, FlatParameters,
-                      NormalEquations, ResidualJacobian, SolveFailed, logger, make_selection, normal_equations)
+                      NormalEquations, ResidualJacobian, Workspace, logger, make_selection, normal_equations)
 from ._tree import batch_size_of
 from .damping import DampingStrategy, StandardDampingStrategy
 from .loss import as_residual_loss
@@ -133,6 +133,7 @@ class _LevenbergMarquardtBase(TrainingModule):
         self._num_params = self._flat.numel
         self._splits = list(self._flat.splits)
         self._jacobian_fn = ResidualJacobian(model, self.loss_fn, self._flat, use_vmap, jacobian)
+        self._workspace = Workspace()
         self._batch_size: Optional[int] = None
         self._num_residuals: Optional[int] = None
 
@@ -219,7 +220,7 @@ class _LevenbergMarquardtBase(TrainingModule):
         equations = normal_equations(self._jacobian_fn, inputs, targets, batch_size=batch_size, rows=rows,
                                      num_residuals=num_residuals, overdetermined=overdetermined,
                                      max_batch_size=self.max_batch_size if sliced else None,
-                                     selection=selection, backend=self.backend)
+                                     selection=selection, backend=self.backend, workspace=self._workspace)
         loss = self.loss_fn(outputs, targets)
         solver = DampedSolver(equations, self.solve_method, self.fallback)
         strategy = self.damping_strategy

@@ -32,17 +32,17 @@ from ._precision import math_dtype
 __all__ = ["jacobian_products_reference", "check_jacobian_products_args", "symmetrize_lower",
            "gram_column_blocks"]
 
-# Measured on this project's 2-core AMD EPYC (MKL sgemm), a = 8000 x 4353 fp32: computing the
-# lower triangle in 4 column panels took 0.5-0.78x the time of one a.T @ a (62.5% of its flops);
-# 8 panels (56% of the flops) were slower again, each gemm being too thin to run at full speed.
-_PANELS = 4
-_MIN_PANEL = 256   # below this width a panel's gemm is too thin to pay for the extra launches
+# Column panels of the lower triangle. Measured on this project's 2-core AMD EPYC (MKL sgemm, one
+# thread, a = 2000 x 4354 fp32, out with 64-byte aligned rows): panels of 2177 / 1089 / 545 / 273
+# columns took 0.51 / 0.41 / 0.40 / 0.38x the time of a.T @ a (flops 75 / 62 / 56 / 53%, plus
+# better-shaped gemms); 137 columns was slower again (0.42x). With out's rows at a 4354-element
+# stride instead the same panels ran ~1.45x slower: callers that own the output (fastopt.lm) pad it.
+_PANEL = 512
 
 
 def gram_column_blocks(m: int):
     """The column panels ``[(start, end), ...]`` the reference splits an m-wide Gram into."""
-    width = max(_MIN_PANEL, -(-m // _PANELS))
-    return [(s, min(s + width, m)) for s in range(0, m, width)]
+    return [(s, min(s + _PANEL, m)) for s in range(0, m, _PANEL)]
 
 
 def check_jacobian_products_args(a: Tensor, out: Tensor, shift: Optional[Tensor], scale: float) -> None:
@@ -95,8 +95,8 @@ def jacobian_products_reference(a: Tensor, out: Tensor, *, scale: float, shift: 
         shift: optional (M,) vector added to the diagonal after the product (the damping).
 
     Returns ``out``. The lower triangle is computed panel by panel: panel [s, e) of columns gives
-    rows s..e of the output up to column e, ``a[:, s:e]^T @ a[:, :e]``, one gemm per panel, about
-    5/8 of the flops of the full product with 4 panels.
+    rows s..e of the output up to column e, ``a[:, s:e]^T @ a[:, :e]``, one gemm per panel of 512
+    columns: (1 + 512/M)/2 of the flops of the full product.
     """
     check_jacobian_products_args(a, out, shift, scale)
     x = a if a.dtype == out.dtype else a.to(out.dtype)
