@@ -165,3 +165,25 @@ def test_backend_accumulates_and_rejects_bad_arguments(backend):
     assert_close(out.tril(), (0.5 * a.double().t() @ a.double()).tril(), rtol=1e-5, atol=1e-5, what="accumulated")
     with pytest.raises(ValueError, match=r"out must be a \(20, 20\)"):
         fn(a, torch.zeros(19, 19, device=DEVICE), scale=1.0)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lm_steps_on_a_backend_match_the_torch_backend(backend, dtype):
+    """End to end: fastopt.LM with the products on ``backend`` takes the torch backend's steps
+    (over- and underdetermined: 40 and 12 residuals, 25 parameters)."""
+    if not backends.available(backend, OP, DEVICE, dtype):
+        pytest.skip(backends.why_not(backend, OP, DEVICE, dtype))
+    for n in (40, 12):
+        x = torch.linspace(-1, 1, n, dtype=dtype, device=DEVICE).unsqueeze(1)
+        y = torch.sin(3 * x)
+        finals = []
+        for name in ("torch", backend):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(DEVICE, dtype)
+            lm = fastopt.LM(model, backend=name)
+            steps = [lm.step(x, y) for _ in range(3)]
+            finals.append(([(s.attempts, s.accepted) for s in steps], lm.flat_params.clone()))
+        assert finals[0][0] == finals[1][0]
+        tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
+        assert_close(finals[1][1], finals[0][1], what=f"{backend} vs torch, {n} samples", **tol)

@@ -445,5 +445,10 @@ def _solve_with(matrix: Tensor, rhs: Tensor, method: str, workspace: Workspace) 
             raise SolveFailed("torch.linalg.solve: The solver failed because the input matrix is singular.")
         return torch.linalg.lu_solve(lu, pivots, rhs)
     if method == "lstsq":
-        return torch.linalg.lstsq(matrix, rhs).solution
+        # The minimum-norm solution by SVD. LAPACK's default gelsy returned 0 for a damped
+        # matrix with one zero row and column (checked with torch 2.13), and CUDA's only driver,
+        # gels, assumes full rank: gelsd on the CPU, the pseudo-inverse elsewhere.
+        if matrix.device.type == "cpu":
+            return torch.linalg.lstsq(matrix, rhs, driver="gelsd").solution
+        return torch.linalg.pinv(matrix) @ rhs
     raise ValueError(f"Invalid solve_method: {method!r}. Choose from: {SOLVE_METHODS}")
