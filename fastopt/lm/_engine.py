@@ -25,12 +25,13 @@ from torch.func import functional_call, jacfwd, jacrev, vmap
 
 from .. import backends
 from ..reference.lm import symmetrize_lower
+from ._layerwise import LayerwiseJacobian, unsupported_reason
 from ._tree import tree_slice, tree_unsqueeze
 
 logger = logging.getLogger("fastopt.lm")
 
 SOLVE_METHODS = ("qr", "cholesky", "solve")
-JACOBIAN_MODES = ("auto", "jacrev", "jacfwd")
+JACOBIAN_MODES = ("auto", "layerwise", "jacrev", "jacfwd")
 REUSE_MODES = ("auto", "never", "eigh")
 FALLBACKS = (None, "qr", "solve", "lstsq")
 LINALG_DTYPES = (torch.float32, torch.float64)
@@ -69,6 +70,7 @@ class FlatParameters:
         for (_, p), start, n in zip(named, self.offsets, self.splits):
             p.data = self.flat[start:start + n].view_as(p)
         self.backup = self.flat.clone()
+        self.tensors_by_id = [p for _, p in named]
 
     @torch.no_grad()
     def save(self) -> None:
@@ -156,6 +158,8 @@ class ResidualJacobian:
                  mode: str = "auto"):
         self.model, self.loss_fn, self.params = model, loss_fn, params
         self.use_vmap, self.mode = use_vmap, mode
+        self._layerwise: Optional[LayerwiseJacobian] = None
+        self.last_layerwise_outputs: Optional[Tensor] = None
 
     def forward(self, inputs: Any) -> Any:
         """The model's outputs at the current parameters."""
@@ -195,11 +199,36 @@ class ResidualJacobian:
 
         return scaled_residuals, sizes
 
-    def __call__(self, inputs: Any, targets: Any, selection: Optional[Selection], residuals_per_sample: int) -> Tensor:
+    def layerwise_reason(self, inputs: Any, selection: Optional[Selection]) -> Optional[str]:
+        """Why the layer-by-layer Jacobian (fastopt.lm._layerwise) cannot serve this call; None if it can."""
+        if selection is not None:
+            return "a parameter selection is active"
+        if not self.use_vmap:
+            return "use_vmap=False asks for one jacrev of the whole batch"
+        if not isinstance(inputs, Tensor):
+            return "the inputs are not one tensor"
+        return unsupported_reason(self.model)
+
+    def __call__(self, inputs: Any, targets: Any, selection: Optional[Selection], residuals_per_sample: int,
+                 out: Optional[Tensor] = None) -> Tensor:
+        """``[J | r]`` of the batch: written into ``out`` (rows x (P + 1)) when the layer-by-layer
+        path runs, else a new tensor from torch.func."""
+        columns = (selection.size if selection is not None else self.params.numel) + 1
+        self.last_layerwise_outputs = None
+        if self.mode in ("auto", "layerwise") and out is not None:
+            reason = self.layerwise_reason(inputs, selection)
+            if reason is None:
+                if self._layerwise is None:
+                    offsets = {id(p): start for p, start in zip(self.params.tensors_by_id, self.params.offsets)}
+                    self._layerwise = LayerwiseJacobian(self.model, offsets)
+                result = self._layerwise(inputs, targets, self.loss_fn, out)
+                self.last_layerwise_outputs = self._layerwise.last_outputs
+                return result
+            if self.mode == "layerwise":
+                raise ValueError(f"jacobian='layerwise' cannot differentiate this model: {reason}; use jacobian='auto'")
         theta = self.params.flat if selection is None else self.params.flat[selection.indices]
         augmented = torch.cat([theta, theta.new_ones(1)])
         fn, _ = self._residual_fn(selection)
-        columns = augmented.numel()
         forward_mode = self.mode == "jacfwd" or (self.mode == "auto" and residuals_per_sample > columns)
         jac = jacfwd if forward_mode else jacrev
         if self.use_vmap:
@@ -276,6 +305,7 @@ class NormalEquations:
     jacobian: Optional[Tensor]
     backend: str
     workspace: Workspace
+    outputs: Any = None  # the model's outputs on the whole batch, when building the system gave them
 
 
 def normal_equations(jacobian_fn: ResidualJacobian, inputs: Any, targets: Any, *, batch_size: int, rows: int,
@@ -301,29 +331,40 @@ def normal_equations(jacobian_fn: ResidualJacobian, inputs: Any, targets: Any, *
     products = backends.implementation(op, backend_name)
     scale = 1.0 / batch_size
 
-    def jacobian_of(start, end):
+    def jacobian_of(start, end, out):
         if start == 0 and end == rows:
-            return jacobian_fn(inputs, targets, selection, per_sample)
-        return jacobian_fn(tree_slice(inputs, start, end), tree_slice(targets, start, end), selection, per_sample)
+            return jacobian_fn(inputs, targets, selection, per_sample, out)
+        return jacobian_fn(tree_slice(inputs, start, end), tree_slice(targets, start, end), selection, per_sample, out)
+
+    def whole_batch_outputs():
+        # One piece through the layer-by-layer path: its forward was the model's on the batch.
+        layerwise = jacobian_fn.last_layerwise_outputs
+        return layerwise if len(pieces) == 1 and pieces[0] == (0, rows) else None
 
     if overdetermined:
         gram = workspace.matrix("gram", columns + 1, columns + 1, params.dtype, params.device).zero_()
         for start, end in pieces:
-            products(jacobian_of(start, end), gram, scale=scale)
+            out = workspace.get("chunk", ((end - start) * per_sample, columns + 1), params.dtype, params.device)
+            products(jacobian_of(start, end, out), gram, scale=scale)
         matrix, rhs = gram[:columns, :columns], gram[columns, :columns]
-        return NormalEquations(True, matrix, rhs, matrix.diagonal().clone(), None, backend_name, workspace)
-    parts = [jacobian_of(start, end) for start, end in pieces]
-    if len(parts) == 1:
-        augmented = parts[0]
-    else:
-        total = sum(part.shape[0] for part in parts)
-        augmented = torch.cat(parts, out=workspace.get("jacobian", (total, columns + 1), params.dtype, params.device))
-    del parts
-    filled = augmented.shape[0]
+        return NormalEquations(True, matrix, rhs, matrix.diagonal().clone(), None, backend_name, workspace,
+                               whole_batch_outputs())
+    augmented = workspace.get("jacobian", (rows * per_sample, columns + 1), params.dtype, params.device)
+    filled = 0
+    for start, end in pieces:
+        out = augmented[filled:filled + (end - start) * per_sample]
+        part = jacobian_of(start, end, out)
+        if part.shape[0] != out.shape[0]:
+            raise ValueError(f"samples {start}..{end} gave {part.shape[0]} residuals, expected {out.shape[0]} "
+                             f"({per_sample} per sample, as in the first batch)")
+        if part is not out:
+            out.copy_(part)
+        filled += part.shape[0]
     jacobian, residuals = augmented[:, :columns], augmented[:, columns]
     gram = workspace.matrix("gram", filled, filled, params.dtype, params.device).zero_()
     products(jacobian.t(), gram, scale=scale)
-    return NormalEquations(False, gram, residuals * scale, gram.diagonal().clone(), jacobian, backend_name, workspace)
+    return NormalEquations(False, gram, residuals * scale, gram.diagonal().clone(), jacobian, backend_name, workspace,
+                           whole_batch_outputs())
 
 
 # -- solving for one damping value after another ----------------------------------------------------

@@ -204,6 +204,8 @@ class _LevenbergMarquardtBase(TrainingModule):
     @torch.no_grad()
     def _run_step(self, inputs: Any, targets: Any, outputs: Any, *, batch_size: int, num_residuals: int,
                   apply_last_attempt: bool) -> _StepOutcome:
+        """One step from the current parameters; ``outputs`` (the model's on ``inputs``) may be None,
+        then they come from building the system when it gives them, else from a forward pass."""
         self._jacobian_fn.loss_fn = self.loss_fn
         self._jacobian_fn.use_vmap = self.use_vmap
         selection = None
@@ -221,6 +223,8 @@ class _LevenbergMarquardtBase(TrainingModule):
                                      num_residuals=num_residuals, overdetermined=overdetermined,
                                      max_batch_size=self.max_batch_size if sliced else None,
                                      selection=selection, backend=self.backend, workspace=self._workspace)
+        if outputs is None:
+            outputs = equations.outputs if equations.outputs is not None else self.forward(inputs)
         loss = self.loss_fn(outputs, targets)
         solver = DampedSolver(equations, self.solve_method, self.fallback)
         strategy = self.damping_strategy
@@ -289,8 +293,9 @@ class LevenbergMarquardtModule(_LevenbergMarquardtBase):
     @torch.no_grad()
     def training_step(self, inputs: Any, targets: Any) -> Tuple[Any, Tensor, bool, dict]:
         """One step: (outputs, loss, stop_training, logs) with logs {'damping', 'attempts'}."""
-        outputs = self.forward(inputs)
+        outputs = None
         if self._batch_size is None:
+            outputs = self.forward(inputs)
             residuals = self.loss_fn.residuals(outputs, targets)
             self._batch_size = residuals.shape[0]
             self._num_residuals = residuals.numel()
