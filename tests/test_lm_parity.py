@@ -49,12 +49,14 @@ def binary(n, seed=3):
     return x, (x[:, :1] * x[:, 1:] > 0).double()
 
 
-def run_both(make_model, batches, steps, make_kwargs, seed=0):
-    """Train a tlm module and a fastopt module from the same start; return their step records."""
+def run_both(make_model, batches, steps, make_kwargs, seed=0, ours=None):
+    """Train a tlm module and a fastopt module (with the extra keywords ``ours``) from the same
+    start; return their step records."""
     records = []
     for package in (tlm, flm):
         torch.manual_seed(seed)
-        module = package.training.LevenbergMarquardtModule(make_model(), **make_kwargs(package))
+        extra = ours or {} if package is flm else {}
+        module = package.training.LevenbergMarquardtModule(make_model(), **make_kwargs(package), **extra)
         rec = []
         for i in range(steps):
             x, y = batches[i % len(batches)]
@@ -99,6 +101,47 @@ def test_every_solver_and_damping_mode(solve_method, damping_mode, data):
     records = run_both(lambda: mlp([1, 8, 1]), [batch], 6,
                        kwargs(solve_method=solve_method, damping=dict(damping_mode=damping_mode)))
     assert_same_steps(records, f"{solve_method}/{damping_mode}/{data}")
+
+
+@pytest.mark.parametrize("solve_method", ["qr", "cholesky", "solve"])
+@pytest.mark.parametrize("data", ["over", "under"])
+def test_torch_func_jacobian(solve_method, data):
+    # The MLPs above take the layer-by-layer Jacobian; jacrev forces torch.func's vmap(jacrev).
+    batch = OVER if data == "over" else UNDER
+    records = run_both(lambda: mlp([1, 8, 1]), [batch], 5, kwargs(solve_method=solve_method),
+                       ours=dict(jacobian="jacrev"))
+    assert_same_steps(records, f"jacrev/{solve_method}/{data}")
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Tanh(), torch.nn.MaxPool2d(2),
+                               torch.nn.Conv2d(2, 3, 2, stride=1, bias=False), torch.nn.Tanh(), torch.nn.Flatten(),
+                               torch.nn.Linear(12, 3)).double()
+
+
+@pytest.mark.parametrize("jacobian", ["auto", "jacrev"])
+def test_convolutional_classifier(jacobian):
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(40, 1, 6, 6, generator=gen, dtype=torch.float64)
+    y = (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 0).long()
+    records = run_both(small_cnn, [(x, y)], 4, kwargs(loss="CrossEntropyLoss", solve_method="cholesky"),
+                       ours=dict(jacobian=jacobian))
+    assert_same_steps(records, f"cnn/{jacobian}")
+
+
+def test_linear_layers_on_sequences():
+    # Linear on (B, T, features): per-sample gradients summed over T.
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(30, 2, 3, generator=gen, dtype=torch.float64)
+    y = x.sum((1, 2))[:, None].sin()
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Flatten(),
+                                   torch.nn.Linear(8, 1)).double()
+    records = run_both(model, [(x, y)], 4, kwargs(solve_method="qr"))
+    assert_same_steps(records, "sequence")
 
 
 @pytest.mark.parametrize("max_batch_size", [7, 13, 40])
