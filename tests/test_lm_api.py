@@ -280,6 +280,7 @@ def test_a_fallback_that_fails_too_counts_as_a_rejected_attempt(fallback):
     before = params_of(model)
     r = fastopt.LM(model, damping=damping, fallback=fallback, attempts_per_step=2).step(*sinc_data())
     assert not r.accepted and r.attempts == 2 and r.damping > 1e-3
+    assert r.solver_failures == 2 or fallback == "qr"  # QR does not fail: its update is not finite
     assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
 
 

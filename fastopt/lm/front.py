@@ -18,6 +18,7 @@ these differences in behaviour:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from ._tree import batch_size_of
 from .damping import DampingStrategy, StandardDampingStrategy
+from .loss import CrossEntropyLoss, LossWrapper, MSELoss
 from .training import _LevenbergMarquardtBase
 
 __all__ = ["LM", "StepResult"]
@@ -38,7 +40,8 @@ class StepResult:
     loss: the loss after the step (the accepted loss, or the loss at the unchanged parameters);
     damping: lambda after the step; attempts: damping values tried; accepted: whether the
     parameters moved; stop_training: lambda reached its maximum (with conditional stopping);
-    outputs: the model's outputs at the parameters the step started from.
+    outputs: the model's outputs at the parameters the step started from; solver_failures:
+    attempts whose damped system could not be solved (each raised lambda, as a rejection does).
     """
     loss: Tensor
     damping: float
@@ -46,13 +49,32 @@ class StepResult:
     accepted: bool
     stop_training: bool
     outputs: Any
+    solver_failures: int = 0
 
     def logs(self) -> Dict[str, Any]:
         return {"damping": self.damping, "attempts": self.attempts, "accepted": self.accepted}
 
 
+def _residual_count(loss_fn: Any, targets: Any) -> Optional[int]:
+    """How many residuals the built-in losses give for ``targets`` (None: ask the loss): as many
+    as targets for the elementwise ones (their residuals check the shapes) and for cross-entropy
+    with class indices."""
+    if not isinstance(targets, Tensor) or targets.dim() == 0:
+        return None
+    if type(loss_fn) is MSELoss or (isinstance(loss_fn, LossWrapper) and loss_fn.elementwise
+                                    and type(loss_fn).residuals is LossWrapper.residuals):
+        return targets.numel()
+    if type(loss_fn) is CrossEntropyLoss and not targets.is_floating_point():
+        return targets.numel()
+    return None
+
+
 class LM(_LevenbergMarquardtBase):
     """Levenberg-Marquardt training of ``model`` on ``loss_fn``, one :meth:`step` per batch.
+
+    A damped system that cannot be solved counts as a rejected attempt (lambda grows), is logged
+    at DEBUG level on the ``fastopt.lm`` logger and counted in ``StepResult.solver_failures``;
+    ``fallback='lstsq'`` solves it by least squares instead.
 
     Each step solves ``(J^T J / B + lambda D) x = J^T r / B`` (``J J^T`` form when there are fewer
     residuals than parameters), tries ``theta - learning_rate x`` and accepts it if the loss falls,
@@ -85,28 +107,30 @@ class LM(_LevenbergMarquardtBase):
                          reuse_factorization=reuse_factorization, fallback=fallback, min_attempts=1)
         self.steps = 0
 
+    _failure_log_level = logging.DEBUG
+
     @torch.no_grad()
     def step(self, inputs: Any, targets: Any) -> StepResult:
         """One Levenberg-Marquardt step on the batch ``(inputs, targets)``."""
-        outputs = self.forward(inputs)
-        residuals = self.loss_fn.residuals(outputs, targets)
-        if residuals.dim() == 0:
-            raise ValueError("loss_fn.residuals must return one residual or more per sample (first dimension = "
-                             "batch); got a 0-dim tensor")
         rows = batch_size_of(inputs)
-        if residuals.shape[0] != rows:
-            raise ValueError(f"inputs hold {rows} samples but the residuals {residuals.shape[0]} (residuals of shape "
-                             f"{tuple(residuals.shape)}): outputs and targets must share the batch dimension")
-        if not bool(torch.isfinite(residuals).all()):
-            bad = int((~torch.isfinite(residuals)).sum())
-            raise ValueError(f"{bad} of {residuals.numel()} residuals are not finite at the current parameters; "
-                             "check the inputs and targets (the parameters were not changed)")
+        count = _residual_count(self.loss_fn, targets)
+        outputs = None
+        if count is None:  # a custom loss: its residuals tell how many there are
+            outputs = self.forward(inputs)
+            residuals = self.loss_fn.residuals(outputs, targets)
+            if residuals.dim() == 0:
+                raise ValueError("loss_fn.residuals must return one residual or more per sample (first dimension = "
+                                 "batch); got a 0-dim tensor")
+            if residuals.shape[0] != rows:
+                raise ValueError(f"inputs hold {rows} samples but the residuals {residuals.shape[0]} (residuals of "
+                                 f"shape {tuple(residuals.shape)}): outputs and targets must share the batch dimension")
+            count = residuals.numel()
         self._flat.save()  # restore() must return to this step's start, whatever happened before
-        outcome = self._run_step(inputs, targets, outputs, batch_size=residuals.shape[0],
-                                 num_residuals=residuals.numel(), apply_last_attempt=False)
+        outcome = self._run_step(inputs, targets, outputs, batch_size=rows, num_residuals=count,
+                                 apply_last_attempt=False, require_finite=True)
         self.steps += 1
         return StepResult(outcome.loss, float(self.damping_strategy.get_current_damping()), outcome.attempts,
-                          outcome.accepted, outcome.stop_training, outcome.outputs)
+                          outcome.accepted, outcome.stop_training, outcome.outputs, outcome.solver_failures)
 
     def training_step(self, inputs: Any, targets: Any) -> Tuple[Any, Tensor, bool, dict]:
         """:meth:`step` in torch-levenberg-marquardt's form, for :func:`fastopt.lm.fit` and Lightning."""

@@ -26,6 +26,7 @@ different shapes instead of broadcasting them, and a batch larger than the first
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -69,6 +70,7 @@ class _StepOutcome:
     attempts: int
     accepted: bool
     equations: NormalEquations
+    solver_failures: int
 
 
 def _check_choice(name: str, value: Any, choices) -> None:
@@ -84,6 +86,9 @@ def _uses_standard_apply(strategy: Any) -> bool:
 
 class _LevenbergMarquardtBase(TrainingModule):
     """Construction, validation and the step loop that both fronts share."""
+
+    # A solve that fails (not positive definite, singular) is logged, as tlm logs it, and counted.
+    _failure_log_level = logging.WARNING
 
     def __init__(self, model: torch.nn.Module, loss_fn: Any = None, damping_strategy: Optional[DampingStrategy] = None,
                  learning_rate: float = 1.0, attempts_per_step: int = 10, solve_method: str = "qr",
@@ -203,7 +208,7 @@ class _LevenbergMarquardtBase(TrainingModule):
 
     @torch.no_grad()
     def _run_step(self, inputs: Any, targets: Any, outputs: Any, *, batch_size: int, num_residuals: int,
-                  apply_last_attempt: bool) -> _StepOutcome:
+                  apply_last_attempt: bool, require_finite: bool = False) -> _StepOutcome:
         """One step from the current parameters; ``outputs`` (the model's on ``inputs``) may be None,
         then they come from building the system when it gives them, else from a forward pass."""
         self._jacobian_fn.loss_fn = self.loss_fn
@@ -226,12 +231,18 @@ class _LevenbergMarquardtBase(TrainingModule):
         if outputs is None:
             outputs = equations.outputs if equations.outputs is not None else self.forward(inputs)
         loss = self.loss_fn(outputs, targets)
+        if require_finite and not bool(torch.isfinite(loss)):
+            residuals = self.loss_fn.residuals(outputs, targets)
+            bad = int((~torch.isfinite(residuals)).sum())
+            raise ValueError(f"{bad} of {residuals.numel()} residuals are not finite at the current parameters; "
+                             "check the inputs and targets (the parameters were not changed)")
         solver = DampedSolver(equations, self.solve_method, self.fallback)
         strategy = self.damping_strategy
 
         stop_training = False
         accepted = False
         attempt = 0
+        failures = 0
         strategy.initialize_step(loss)
         while True:
             if attempt >= self.attempts_per_step and not apply_last_attempt:
@@ -243,7 +254,8 @@ class _LevenbergMarquardtBase(TrainingModule):
                     params_updated = True
                     self._flat.flat.add_(-self.learning_rate * updates)
             except RuntimeError as err:  # SolveFailed, LinAlgError: a rejected attempt, as in tlm
-                logger.warning(f"An exception occurred: {err}")
+                failures += 1
+                logger.log(self._failure_log_level, f"An exception occurred: {err}")
             if attempt < self.attempts_per_step:
                 attempt += 1
                 if params_updated:
@@ -262,7 +274,7 @@ class _LevenbergMarquardtBase(TrainingModule):
                     break
             else:
                 break
-        return _StepOutcome(outputs, loss, stop_training, attempt, accepted, equations)
+        return _StepOutcome(outputs, loss, stop_training, attempt, accepted, equations, failures)
 
 
 class LevenbergMarquardtModule(_LevenbergMarquardtBase):
