@@ -39,23 +39,9 @@ import torch
 import fastopt
 import fastopt.lm as flm
 from fastopt import backends, benchmarking
+from fastopt.lm.testing import sinc_data, tanh_mlp
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def mlp(widths, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(torch.nn.Tanh())
-    return torch.nn.Sequential(*layers)
-
-
-def sinc_data(n, device, dtype):
-    x = torch.linspace(-1, 1, n, device=device, dtype=dtype).unsqueeze(1)
-    return x, torch.sinc(10 * x)
 
 
 PROBLEMS = {
@@ -95,10 +81,10 @@ def _sync(device):
 
 def bench_problem(name: str, device: torch.device, dtype: torch.dtype, steps: int, backend: str) -> List[dict]:
     problem = PROBLEMS[name]
-    x, y = sinc_data(problem["samples"], device, dtype)
+    x, y = sinc_data(problem["samples"], dtype=dtype, device=device)
     runs = {}
     for pname, ctor in providers(problem, backend).items():
-        step, params = ctor(mlp(problem["widths"]).to(device, dtype))
+        step, params = ctor(tanh_mlp(problem["widths"]).to(device, dtype))
         runs[pname] = dict(step=step, params=params, wall=[], cpu=[], attempts=[])
     for _ in range(steps + 1):  # the first round warms up (allocations, lazy imports) and is not timed
         for run in runs.values():
@@ -110,7 +96,7 @@ def bench_problem(name: str, device: torch.device, dtype: torch.dtype, steps: in
             run["cpu"].append(time.process_time() - c0)
             run["attempts"].append(attempts)
     ref = runs["tlm.LevenbergMarquardtModule"]
-    n_params = sum(p.numel() for p in mlp(problem["widths"]).parameters())
+    n_params = sum(p.numel() for p in tanh_mlp(problem["widths"]).parameters())
     rows = []
     for pname, run in runs.items():
         wall, cpu = run["wall"][1:], run["cpu"][1:]

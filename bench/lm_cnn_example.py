@@ -17,6 +17,7 @@ import time
 import torch
 
 import fastopt
+from fastopt.lm.testing import shuffled_batches, train_adam_for
 
 # Segments a-g of a seven-segment display: (row0, col0, row1, col1) on a 9 x 5 grid.
 _SEGMENTS = {"a": (0, 0, 0, 4), "b": (0, 4, 4, 4), "c": (4, 4, 8, 4), "d": (8, 0, 8, 4), "e": (4, 0, 8, 0),
@@ -70,16 +71,12 @@ def main(argv=None) -> int:
     xt, yt = digits(args.test, seed=1)
     ce = torch.nn.CrossEntropyLoss()
 
-    def loader(seed):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch_size,
-                                           shuffle=True, generator=torch.Generator().manual_seed(seed))
-
     model = cnn()
     print(f"{sum(p.numel() for p in model.parameters())} parameters, {args.train} training images")
     lm = fastopt.LM(model, ce, learning_rate=args.lm_lr)
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        record = fastopt.lm.fit(lm, loader(epoch), epochs=1, progress=False)[0]
+        record = fastopt.lm.fit(lm, shuffled_batches(x, y, args.batch_size, epoch), epochs=1, progress=False)[0]
         print(f"LM   epoch {epoch + 1:2d}  loss {record['loss']:.4f}  damping {record['damping']:.1e}  "
               f"train acc {accuracy(model, x, y):.3f}  test acc {accuracy(model, xt, yt):.3f}")
         if record["stopped"]:
@@ -88,14 +85,7 @@ def main(argv=None) -> int:
     lm_time = time.perf_counter() - start
 
     adam_model = cnn()
-    adam = torch.optim.Adam(adam_model.parameters(), lr=args.adam_lr)
-    start, epoch = time.perf_counter(), 0
-    while time.perf_counter() - start < lm_time:
-        for xb, yb in loader(epoch):
-            adam.zero_grad()
-            ce(adam_model(xb), yb).backward()
-            adam.step()
-        epoch += 1
+    _, epoch = train_adam_for(adam_model, ce, x, y, args.batch_size, lm_time, args.adam_lr)
     print(f"\nLevenberg-Marquardt ({lm_time:.1f} s): test accuracy {accuracy(model, xt, yt):.3f}")
     print(f"Adam, {epoch} epochs in the same time: test accuracy {accuracy(adam_model, xt, yt):.3f}")
     return 0

@@ -17,11 +17,7 @@ import time
 import torch
 
 import fastopt
-
-
-def model_61(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
+from fastopt.lm.testing import shuffled_batches, sinc_data, tanh_mlp, train_adam_for
 
 
 def main(argv=None) -> int:
@@ -34,19 +30,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    x = torch.linspace(-1, 1, args.samples, dtype=dtype).unsqueeze(1)
-    y = torch.sinc(10 * x)
+    x, y = sinc_data(args.samples, dtype=dtype)
     mse = torch.nn.MSELoss()
 
-    def loader(seed):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch_size,
-                                           shuffle=True, generator=torch.Generator().manual_seed(seed))
-
-    model = model_61().to(dtype)
+    model = tanh_mlp((1, 20, 1), dtype=dtype)
     lm = fastopt.LM(model, mse, solve_method="solve")
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        record = fastopt.lm.fit(lm, loader(epoch), epochs=1, progress=False)[0]
+        record = fastopt.lm.fit(lm, shuffled_batches(x, y, args.batch_size, epoch), epochs=1, progress=False)[0]
         with torch.no_grad():
             full = mse(model(x), y).item()
         if epoch % 5 == 0 or full < args.target or record["stopped"]:
@@ -57,16 +48,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         lm_loss = mse(model(x), y).item()
 
-    adam_model = model_61().to(dtype)
-    adam = torch.optim.Adam(adam_model.parameters(), lr=args.adam_lr)
-    start, adam_steps, epoch = time.perf_counter(), 0, 0
-    while time.perf_counter() - start < lm_time:
-        for xb, yb in loader(epoch):
-            adam.zero_grad()
-            mse(adam_model(xb), yb).backward()
-            adam.step()
-            adam_steps += 1
-        epoch += 1
+    adam_model = tanh_mlp((1, 20, 1), dtype=dtype)
+    adam_steps, _ = train_adam_for(adam_model, mse, x, y, args.batch_size, lm_time, args.adam_lr)
     with torch.no_grad():
         adam_loss = mse(adam_model(x), y).item()
 

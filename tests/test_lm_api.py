@@ -6,22 +6,17 @@ import torch
 
 import fastopt
 import fastopt.lm as flm
+from fastopt.lm import testing as lm_testing
+from fastopt.lm.testing import tanh_mlp
 from fastopt.testing import assert_close
 
 
 def mlp(sizes=(1, 8, 1), seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.Tanh())
-    return torch.nn.Sequential(*layers).to(dtype)
+    return tanh_mlp(sizes, seed, dtype)
 
 
 def sinc_data(n=64, dtype=torch.float64):
-    x = torch.linspace(-1, 1, n, dtype=dtype).unsqueeze(1)
-    return x, torch.sinc(3 * x)
+    return lm_testing.sinc_data(n, frequency=3.0, dtype=dtype)
 
 
 def params_of(model):
@@ -177,19 +172,20 @@ def test_bad_models():
         fastopt.LM(lambda x: x)
 
 
+class FixedSelection(flm.ParamSelectionStrategy):
+    def __init__(self, idx):
+        self.idx = idx
+
+    def select_parameters(self):
+        return self.idx
+
+
 def test_selection_errors():
-    class Bad(flm.ParamSelectionStrategy):
-        def __init__(self, idx):
-            self.idx = idx
-
-        def select_parameters(self):
-            return self.idx
-
     x, y = sinc_data()
     for idx, match in [(torch.tensor([0, 99]), r"must lie in \[0, 25\)"), (torch.tensor([1, 1]), "distinct"),
                        (torch.tensor([], dtype=torch.long), "selected no parameters"), ([0, 1], "1-D integer tensor")]:
         with pytest.raises(ValueError, match=match):
-            fastopt.LM(mlp(), param_selection=Bad(idx)).step(x, y)
+            fastopt.LM(mlp(), param_selection=FixedSelection(idx)).step(x, y)
     with pytest.raises(ValueError, match="Invalid mode: 'sequential'"):
         flm.LayerSelectionStrategy(mlp().parameters(), mode="sequential")
     with pytest.raises(ValueError, match="cannot exceed"):
@@ -197,18 +193,11 @@ def test_selection_errors():
 
 
 def test_unsorted_selection_equals_sorted_selection():
-    class Fixed(flm.ParamSelectionStrategy):
-        def __init__(self, idx):
-            self.idx = idx
-
-        def select_parameters(self):
-            return self.idx
-
     x, y = sinc_data()
     idx = torch.tensor([3, 17, 0, 24, 9, 12, 8])
     results = []
     for order in (idx, idx.sort().values):
-        lm = fastopt.LM(mlp(), param_selection=Fixed(order), solve_method="qr")
+        lm = fastopt.LM(mlp(), param_selection=FixedSelection(order), solve_method="qr")
         for _ in range(3):
             lm.step(x, y)
         results.append(lm.flat_params.clone())

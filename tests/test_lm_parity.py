@@ -11,21 +11,15 @@ import torch
 
 tlm = pytest.importorskip("torch_levenberg_marquardt")
 import fastopt.lm as flm  # noqa: E402
+from fastopt.lm.testing import tanh_mlp  # noqa: E402
 from fastopt.testing import assert_close  # noqa: E402
 
 RTOL, ATOL = 1e-7, 1e-9  # fp64 after a few LM steps: J^T J's conditioning amplifies round-off
 
 
 def mlp(sizes, seed=0, out_act=None):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.Tanh())
-    if out_act is not None:
-        layers.append(out_act)
-    return torch.nn.Sequential(*layers).double()
+    model = tanh_mlp(sizes, seed, torch.float64)
+    return model if out_act is None else torch.nn.Sequential(*model, out_act)
 
 
 def regression(n, seed=1, dims=(1, 1)):
