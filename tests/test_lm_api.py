@@ -360,3 +360,47 @@ def test_lightning_helper():
     trainer.fit(module, loader)
     assert torch.nn.functional.mse_loss(lm.model(x), y).item() < 0.5 * start
     assert lm.steps == 9
+
+
+def test_layerwise_jacobian_applies_only_where_it_is_exact():
+    from fastopt.lm._layerwise import unsupported_reason
+
+    nn = torch.nn
+    assert unsupported_reason(mlp()) is None
+    assert unsupported_reason(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2, 1))) is None
+    shared = nn.Linear(2, 2)
+    cases = {
+        "not an nn.Sequential": _singular_problem()[0],
+        "BatchNorm1d has parameters or buffers": nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2)),
+        "may act across samples": nn.Sequential(nn.Flatten(0), nn.Linear(2, 1)),
+        "dropout in training mode": nn.Sequential(nn.Linear(1, 2), nn.Dropout(0.5)),
+        "appears twice": nn.Sequential(shared, nn.Tanh(), shared),
+        "groups=1": nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)),
+    }
+    for expected, model in cases.items():
+        assert expected in unsupported_reason(model), expected
+    assert unsupported_reason(nn.Sequential(nn.Linear(1, 2), nn.Dropout(0.5)).eval()) is None
+    with pytest.raises(ValueError, match="jacobian='layerwise' cannot differentiate this model: .*BatchNorm1d"):
+        fastopt.LM(cases["BatchNorm1d has parameters or buffers"].double().eval(), jacobian="layerwise").step(
+            *sinc_data())
+
+
+def test_auto_falls_back_to_torch_func_with_the_same_result():
+    # A custom module: torch.func's vmap(jacrev); its steps equal the layer-by-layer ones of the
+    # same network written as an nn.Sequential.
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = mlp()
+
+        def forward(self, x):
+            return self.seq(x)
+
+    x, y = sinc_data()
+    finals = []
+    for model in (Custom(), mlp()):
+        lm = fastopt.LM(model)
+        results = [lm.step(x, y) for _ in range(3)]
+        finals.append(([r.attempts for r in results], lm.flat_params.clone()))
+    assert finals[0][0] == finals[1][0]
+    assert_close(finals[0][1], finals[1][1], rtol=1e-10, atol=1e-12, what="torch.func vs layer by layer")

@@ -56,12 +56,15 @@ def _leaf_reason(m: nn.Module) -> Optional[str]:
     if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
         return f"{kind.__name__} has parameters or buffers"
     if kind in (nn.Flatten, nn.Unflatten):
+        # A negative dimension may reach the batch dimension: only positive ones are sample-wise.
         dim = m.start_dim if kind is nn.Flatten else m.dim
-        return None if dim not in (0, -0) else f"{kind.__name__} over the batch dimension"
+        return None if dim >= 1 else f"{kind.__name__} with dimension {dim} may act across samples"
     if kind in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout):
         return None if (not m.training or m.p == 0) else "dropout in training mode (random per sample)"
     if kind in (nn.Softmax, nn.LogSoftmax):
-        return None if m.dim not in (None, 0) else f"{kind.__name__} over the batch dimension"
+        # dim=-1 is the feature dimension of any input with one (a batch of vectors or more).
+        return None if m.dim is not None and (m.dim >= 1 or m.dim == -1) else \
+            f"{kind.__name__}(dim={m.dim}) may act across samples"
     if kind in _SAMPLEWISE:
         return None
     return f"{kind.__name__} is not a layer fastopt differentiates layer by layer"

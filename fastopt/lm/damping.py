@@ -134,22 +134,22 @@ class StandardDampingStrategy(DampingStrategy):
         return self.stop_attempts(loss) and self.conditional_stopping
 
     def damping_diagonal(self, diagonal: Tensor) -> Tensor:
-        """What ``apply`` adds to the diagonal, given ``diagonal = diag(JJ)``: ``lambda * d`` with
-        d = 1, max|diag| or diag (standard, adaptive, fletcher); ``apply`` adds nothing elsewhere."""
+        """What ``apply`` adds to the diagonal, given ``diagonal = diag(JJ)`` (``apply`` adds
+        nothing elsewhere): ``lambda * d`` with d = 1, max|diag| or diag (standard, adaptive,
+        fletcher), as a tensor that broadcasts against ``diagonal`` (0-dim for the first two)."""
         if self.damping_mode == "standard":
-            d = torch.ones_like(diagonal)
-        elif self.damping_mode == "adaptive":
-            d = torch.abs(diagonal).max().expand_as(diagonal)
-        elif self.damping_mode == "fletcher":
-            d = diagonal
-        else:
-            raise ValueError(f"Invalid damping_mode: {self.damping_mode!r}. Choose from: {DAMPING_MODES}")
-        return self.damping_factor * d
+            return self.damping_factor.to(diagonal.device)
+        if self.damping_mode == "adaptive":
+            return self.damping_factor * torch.abs(diagonal).max()
+        if self.damping_mode == "fletcher":
+            return self.damping_factor * diagonal
+        raise ValueError(f"Invalid damping_mode: {self.damping_mode!r}. Choose from: {DAMPING_MODES}")
 
     def apply(self, JJ: Tensor) -> Tensor:
         """``JJ + lambda D`` (a new matrix), D by ``damping_mode``."""
         damped = JJ.clone()
-        damped.diagonal().add_(self.damping_diagonal(torch.diagonal(JJ)))
+        diagonal = damped.diagonal()
+        diagonal.copy_(diagonal + self.damping_diagonal(diagonal))
         return damped
 
     # -- checkpoints -----------------------------------------------------------------------------

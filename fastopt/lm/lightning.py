@@ -32,8 +32,10 @@ class LightningLM(pl.LightningModule):
         if not callable(getattr(training_module, "training_step", None)):
             raise TypeError(f"training_module must have training_step(inputs, targets); got "
                             f"{type(training_module).__name__}")
+        # The model is not registered as a submodule: Lightning would move it to its device, which
+        # replaces the parameters' storage and unbinds them from the module's flat vector. Build
+        # the LM on the model where it will train, as with torch-levenberg-marquardt.
         self.training_module = training_module
-        self.model = training_module.model  # registered, so Lightning moves and saves it
         self.metrics = dict(metrics or {})
         self.automatic_optimization = False
 

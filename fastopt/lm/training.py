@@ -173,6 +173,11 @@ class _LevenbergMarquardtBase(TrainingModule):
         """The model's outputs at the current parameters."""
         return self._jacobian_fn.forward(inputs)
 
+    def release_buffers(self) -> None:
+        """Frees the buffers kept between steps (the Gauss-Newton matrix, its factor, Jacobian
+        chunks: about 3 P^2 numbers); the next step allocates them again."""
+        self._workspace.clear()
+
     @property
     def model(self) -> torch.nn.Module:
         return self._model

@@ -77,12 +77,15 @@ def _ieee_fp32_matmul(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    settings = torch.backends.cuda.matmul
+    # torch >= 2.9 has fp32_precision ("ieee" / "tf32"); older versions only allow_tf32.
+    name, value = (("fp32_precision", "ieee") if hasattr(settings, "fp32_precision") else ("allow_tf32", False))
+    previous = getattr(settings, name)
+    setattr(settings, name, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        setattr(settings, name, previous)
 
 
 def jacobian_products_reference(a: Tensor, out: Tensor, *, scale: float, shift: Optional[Tensor] = None) -> Tensor:
