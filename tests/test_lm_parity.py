@@ -92,7 +92,7 @@ UNDER = regression(12, seed=4)  # 12 residuals, 25 parameters
 @pytest.mark.parametrize("data", ["over", "under"])
 def test_every_solver_and_damping_mode(solve_method, damping_mode, data):
     batch = OVER if data == "over" else UNDER
-    records = run_both(lambda: mlp([1, 8, 1]), [batch], 6,
+    records = run_both(lambda: mlp([1, 8, 1]), [batch], 4,
                        kwargs(solve_method=solve_method, damping=dict(damping_mode=damping_mode)))
     assert_same_steps(records, f"{solve_method}/{damping_mode}/{data}")
 
@@ -142,7 +142,7 @@ def test_linear_layers_on_sequences():
 @pytest.mark.parametrize("data", ["over", "under"])
 def test_split_batches(max_batch_size, data):
     batch = OVER if data == "over" else UNDER
-    records = run_both(lambda: mlp([1, 8, 1]), [batch], 5,
+    records = run_both(lambda: mlp([1, 8, 1]), [batch], 4,
                        kwargs(solve_method="cholesky", max_batch_size=max_batch_size))
     assert_same_steps(records, f"max_batch_size={max_batch_size}/{data}")
 
@@ -164,7 +164,7 @@ def test_multi_output_regression_and_no_vmap():
     ("BCEWithLogitsLoss", lambda: mlp([2, 6, 1]), binary(50)),
 ])
 def test_every_loss(loss, make_model, data):
-    records = run_both(make_model, [data], 5, kwargs(loss=loss, solve_method="cholesky"))
+    records = run_both(make_model, [data], 4, kwargs(loss=loss, solve_method="cholesky"))
     assert_same_steps(records, loss)
 
 

@@ -32,17 +32,19 @@ from ._precision import math_dtype
 __all__ = ["jacobian_products_reference", "check_jacobian_products_args", "symmetrize_lower",
            "gram_column_blocks"]
 
-# Column panels of the lower triangle. Measured on this project's 2-core AMD EPYC (MKL sgemm, one
-# thread, a = 2000 x 4354 fp32, out with 64-byte aligned rows): panels of 2177 / 1089 / 545 / 273
-# columns took 0.51 / 0.41 / 0.40 / 0.38x the time of a.T @ a (flops 75 / 62 / 56 / 53%, plus
-# better-shaped gemms); 137 columns was slower again (0.42x). With out's rows at a 4354-element
-# stride instead the same panels ran ~1.45x slower: callers that own the output (fastopt.lm) pad it.
-_PANEL = 512
+# Column panels of the lower triangle: about M/8 columns wide (multiples of 64), 128 to 512.
+# Measured on this project's 2-core AMD EPYC (MKL sgemm, one thread, out with 64-byte aligned
+# rows): for a = 2000 x 4354, panels of 2177 / 1089 / 545 / 273 / 137 columns took 0.51 / 0.41 /
+# 0.40 / 0.38 / 0.42x the time of a.T @ a; for a = J^T of J 1000 x 4354 (the underdetermined
+# J J^T, M = 1000), 512 / 256 / 128 columns took 0.63 / 0.60 / 0.52x. With out's rows at an odd
+# stride the same panels ran ~1.45x slower: callers that own the output (fastopt.lm) pad it.
+_MIN_PANEL, _MAX_PANEL = 128, 512
 
 
 def gram_column_blocks(m: int):
     """The column panels ``[(start, end), ...]`` the reference splits an m-wide Gram into."""
-    return [(s, min(s + _PANEL, m)) for s in range(0, m, _PANEL)]
+    width = min(_MAX_PANEL, max(_MIN_PANEL, -(-m // 8 // 64) * 64))
+    return [(s, min(s + width, m)) for s in range(0, m, width)]
 
 
 def check_jacobian_products_args(a: Tensor, out: Tensor, shift: Optional[Tensor], scale: float) -> None:
@@ -98,8 +100,8 @@ def jacobian_products_reference(a: Tensor, out: Tensor, *, scale: float, shift: 
         shift: optional (M,) vector added to the diagonal after the product (the damping).
 
     Returns ``out``. The lower triangle is computed panel by panel: panel [s, e) of columns gives
-    rows s..e of the output up to column e, ``a[:, s:e]^T @ a[:, :e]``, one gemm per panel of 512
-    columns: (1 + 512/M)/2 of the flops of the full product.
+    rows s..e of the output up to column e, ``a[:, s:e]^T @ a[:, :e]``, one gemm per panel of w
+    columns (:func:`gram_column_blocks`): (1 + w/M)/2 of the flops of the full product.
     """
     check_jacobian_products_args(a, out, shift, scale)
     x = a if a.dtype == out.dtype else a.to(out.dtype)
