@@ -2,16 +2,20 @@
 
 * :class:`FlatParameters`: the trainable parameters as one flat vector (the model's parameters
   become views into it, as in torch-levenberg-marquardt), with a backup for rejected attempts.
-* :class:`ResidualJacobian`: ``[J | r]`` for a batch (slice), J = dr/dtheta over the selected
-  parameters, by torch.func: per-sample ``vmap`` of ``jacrev`` (or ``jacfwd`` when a sample has more
-  residuals than there are parameters). The residual column comes out of the same pass: the
-  residual function is ``s * r(theta)`` evaluated at ``s = 1``, whose derivative in ``s`` is r.
+* :class:`ResidualJacobian`: ``[J | r]`` for a batch slice, J = dr/dtheta over the selected
+  parameters. Layer stacks (``nn.Sequential`` of Linear/Conv2d and sample-wise modules) go
+  layer by layer (:mod:`fastopt.lm._layerwise`), straight into a kept buffer; anything else
+  through torch.func: per-sample ``vmap`` of ``jacrev`` (``jacfwd`` when a sample has more
+  residuals than there are parameters), where the residual column comes out of the same pass:
+  the function is ``s * r(theta)`` at ``s = 1``, whose derivative in ``s`` is r.
 * :func:`normal_equations`: ``J^T J / B`` and ``J^T r / B`` (overdetermined) or ``J J^T / B`` and
   ``r / B`` (underdetermined), through the ``jacobian_products`` op chosen by
-  :func:`fastopt.backends.select`, slice by slice, the lower triangle only.
+  :func:`fastopt.backends.select`, slice by slice (at most ``max_batch_size`` samples, and at
+  most :func:`chunk_samples` per Jacobian call), the lower triangle only.
 * :class:`DampedSolver`: the damped system for one damping value after another. The undamped
   matrix stays in place; an attempt rewrites only its diagonal (O(P)), since every factorization
   copies the matrix anyway. ``reuse="eigh"`` factors once per step instead (see its doc).
+* :class:`Workspace`: the big buffers, kept from step to step.
 """
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ class FlatParameters:
         for (_, p), start, n in zip(named, self.offsets, self.splits):
             p.data = self.flat[start:start + n].view_as(p)
         self.backup = self.flat.clone()
-        self.tensors_by_id = [p for _, p in named]
+        self.parameters = [p for _, p in named]
 
     @torch.no_grad()
     def save(self) -> None:
@@ -219,7 +223,7 @@ class ResidualJacobian:
             reason = self.layerwise_reason(inputs, selection)
             if reason is None:
                 if self._layerwise is None:
-                    offsets = {id(p): start for p, start in zip(self.params.tensors_by_id, self.params.offsets)}
+                    offsets = {id(p): start for p, start in zip(self.params.parameters, self.params.offsets)}
                     self._layerwise = LayerwiseJacobian(self.model, offsets)
                 result = self._layerwise(inputs, targets, self.loss_fn, out)
                 self.last_layerwise_outputs = self._layerwise.last_outputs
