@@ -46,6 +46,7 @@ OPS = (
     "ladagrad_step",
     "lrmsprop_step",
     "batched_gram",            # J^T J and J^T r of many small least-squares problems (fastopt.lm.least_squares)
+    "jacobian_products",       # Levenberg-Marquardt: lower(scale * A^T A) accumulated, A = [J | r] or J^T
 )
 
 @dataclass(frozen=True)

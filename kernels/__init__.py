@@ -12,3 +12,8 @@ import triton  # noqa: F401  (the backend is unavailable without it; backends re
 from .batched_gram import BATCHED_GRAM_DTYPES, batched_gram_triton  # noqa: E402
 
 DTYPES = {**globals().get("DTYPES", {}), "batched_gram": BATCHED_GRAM_DTYPES}
+
+# Levenberg-Marquardt's Jacobian products (issue #5); DTYPES keeps any entries defined above.
+from .jacobian_products import JACOBIAN_PRODUCTS_DTYPES, jacobian_products_triton  # noqa: E402
+
+DTYPES = {**globals().get("DTYPES", {}), "jacobian_products": JACOBIAN_PRODUCTS_DTYPES}

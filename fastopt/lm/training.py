@@ -1,0 +1,322 @@
+"""Levenberg-Marquardt training: the torch-levenberg-marquardt-compatible module.
+
+:class:`LevenbergMarquardtModule` takes torch-levenberg-marquardt 1.2.3's constructor arguments and
+``training_step(inputs, targets) -> (outputs, loss, stop_training, logs)`` and takes the same steps
+(tests/test_lm_parity.py checks this against the package itself), quirks included:
+
+* the batch size B (the 1/B normalisation and the slicing) and the residual count (the over- or
+  underdetermined choice) are fixed by the first batch;
+* when every attempt fails, the last computed update is applied anyway and the backup is not
+  refreshed, so the next rejected attempt restores the parameters from before that update;
+* a solver failure (Cholesky of a matrix that is not positive definite, a singular LU) is logged
+  and counts as a rejected attempt: lambda grows.
+
+Each step (P = selected parameters, N = residuals)::
+
+    [J | r] over slices of max_batch_size samples          (torch.func, fastopt.lm._engine)
+    N >= P:  A = J^T J / B,  g = J^T r / B                 (jacobian_products op, lower triangle)
+    N <  P:  A = J J^T / B,  g = r / B
+    repeat: solve (A + damping) x = g;  x <- J^T x if N < P;  theta -= lr x
+            accept if loss(theta) < loss, else restore theta and raise lambda
+
+What differs from the package, by design: arguments are validated when the module is built
+(``solve_method``, ``max_batch_size``, ...), elementwise losses refuse predictions and targets of
+different shapes instead of broadcasting them, and a batch larger than the first one with
+``max_batch_size`` raises (the package drops its extra rows from J but not from the loss).
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ._engine import (FALLBACKS, JACOBIAN_MODES, REUSE_MODES, SOLVE_METHODS, DampedSolver, FlatParameters,
+                      NormalEquations, ResidualJacobian, Workspace, logger, make_selection, normal_equations)
+from ._tree import batch_size_of
+from .damping import DampingStrategy, StandardDampingStrategy
+from .loss import as_residual_loss
+
+__all__ = ["TrainingModule", "LevenbergMarquardtModule"]
+
+
+class TrainingModule(ABC):
+    """What the fit loop and the Lightning helper drive: ``training_step``, ``model``, ``device``."""
+
+    @abstractmethod
+    def training_step(self, inputs: Any, targets: Any) -> Tuple[Any, Tensor, bool, dict]:
+        """One training step: (outputs, loss, stop_training, logs)."""
+
+    @property
+    @abstractmethod
+    def model(self) -> torch.nn.Module:
+        """The model being trained."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+
+
+@dataclass
+class _StepOutcome:
+    outputs: Any
+    loss: Tensor
+    stop_training: bool
+    attempts: int
+    accepted: bool
+    equations: NormalEquations
+    solver_failures: int
+
+
+def _check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}. Choose from: {tuple(choices)}")
+
+
+def _uses_standard_apply(strategy: Any) -> bool:
+    """Whether ``strategy.apply`` is :class:`StandardDampingStrategy`'s own (then the damping is a
+    diagonal, added in place); a subclass overriding ``apply`` gets the full matrix."""
+    return isinstance(strategy, StandardDampingStrategy) and type(strategy).apply is StandardDampingStrategy.apply
+
+
+class _LevenbergMarquardtBase(TrainingModule):
+    """Construction, validation and the step loop that both fronts share."""
+
+    # A solve that fails (not positive definite, singular) is logged, as tlm logs it, and counted.
+    _failure_log_level = logging.WARNING
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Any = None, damping_strategy: Optional[DampingStrategy] = None,
+                 learning_rate: float = 1.0, attempts_per_step: int = 10, solve_method: str = "qr",
+                 param_selection_strategy: Any = None, use_vmap: bool = True, max_batch_size: Optional[int] = None,
+                 *, backend: str = "auto", jacobian: str = "auto", reuse_factorization: str = "auto",
+                 fallback: Optional[str] = None, min_attempts: int = 0) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        _check_choice("solve_method", solve_method, SOLVE_METHODS)
+        _check_choice("jacobian", jacobian, JACOBIAN_MODES)
+        _check_choice("reuse_factorization", reuse_factorization, REUSE_MODES)
+        _check_choice("fallback", fallback, FALLBACKS)
+        backends.validate_backend_name(backend)
+        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+            raise ValueError(f"Invalid learning_rate: {learning_rate!r}. It must be a number > 0")
+        if isinstance(attempts_per_step, bool) or not isinstance(attempts_per_step, int) or attempts_per_step < min_attempts:
+            raise ValueError(f"Invalid attempts_per_step: {attempts_per_step!r}. It must be an integer >= {min_attempts}")
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"Invalid max_batch_size: {max_batch_size!r}. It must be None or an integer >= 1")
+        for name in ("reset", "get_current_damping", "initialize_step", "on_successful_update",
+                     "on_unsuccessful_update", "stop_attempts", "stop_training", "apply"):
+            if damping_strategy is not None and not callable(getattr(damping_strategy, name, None)):
+                raise TypeError(f"damping_strategy must implement DampingStrategy; {type(damping_strategy).__name__} "
+                                f"has no method {name}()")
+        if param_selection_strategy is not None and not callable(getattr(param_selection_strategy,
+                                                                         "select_parameters", None)):
+            raise TypeError("param_selection_strategy must have a select_parameters() method; got "
+                            f"{type(param_selection_strategy).__name__}")
+
+        self._model = model
+        self.loss_fn = as_residual_loss(loss_fn)
+        self.damping_strategy = damping_strategy if damping_strategy is not None else StandardDampingStrategy()
+        self.learning_rate = learning_rate
+        self.attempts_per_step = attempts_per_step
+        self.solve_method = solve_method
+        self.param_selection_strategy = param_selection_strategy
+        self.use_vmap = use_vmap
+        self.max_batch_size = max_batch_size
+        self.backend = backend
+        self.jacobian = jacobian
+        self.reuse_factorization = reuse_factorization
+        self.fallback = fallback
+
+        self._flat = FlatParameters(model)
+        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._num_params = self._flat.numel
+        self._splits = list(self._flat.splits)
+        self._jacobian_fn = ResidualJacobian(model, self.loss_fn, self._flat, use_vmap, jacobian)
+        self._workspace = Workspace()
+        self._batch_size: Optional[int] = None
+        self._num_residuals: Optional[int] = None
+
+    # -- torch-levenberg-marquardt's attributes and helpers ---------------------------------------
+    @property
+    def flat_params(self) -> Tensor:
+        """All trainable parameters as one vector; the model's parameters are views into it."""
+        return self._flat.flat
+
+    @property
+    def _flat_params_backup(self) -> Tensor:
+        return self._flat.backup
+
+    @torch.no_grad()
+    def backup_parameters(self) -> None:
+        """Copies the current parameters into the backup."""
+        self._flat.save()
+
+    @torch.no_grad()
+    def restore_parameters(self) -> None:
+        """Copies the backup into the parameters."""
+        self._flat.restore()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forgets the first batch's sizes and resets the damping strategy."""
+        self._batch_size = None
+        self._num_residuals = None
+        self.damping_strategy.reset()
+
+    def forward(self, inputs: Any) -> Any:
+        """The model's outputs at the current parameters."""
+        return self._jacobian_fn.forward(inputs)
+
+    def release_buffers(self) -> None:
+        """Frees the buffers kept between steps (the Gauss-Newton matrix, its factor, Jacobian
+        chunks: about 3 P^2 numbers); the next step allocates them again."""
+        self._workspace.clear()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._flat.device
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _solve_update(self, solver: DampedSolver, selection) -> Tensor:
+        """The parameter update for the strategy's current damping (raises on a failed solve)."""
+        strategy = self.damping_strategy
+        eq = solver.eq
+        if _uses_standard_apply(strategy):
+            if self._reuse_eigh():
+                x = solver.solve_spectral(float(strategy.get_current_damping()), strategy.damping_mode)
+            else:
+                x = solver.solve_diagonal(strategy.damping_diagonal(eq.diagonal))
+        else:
+            x = solver.solve_matrix(strategy.apply(solver.undamped_full()))
+        if not eq.overdetermined:
+            x = eq.jacobian.t().matmul(x)
+        x = x.reshape(-1)
+        if selection is not None:
+            full = torch.zeros(self._num_params, device=x.device, dtype=x.dtype)
+            full[selection.indices] = x
+            x = full
+        return x
+
+    def _reuse_eigh(self) -> bool:
+        # "auto": never, by measurement on this project's CPU (see DampedSolver); GPU unmeasured.
+        return self.reuse_factorization == "eigh"
+
+    @torch.no_grad()
+    def _run_step(self, inputs: Any, targets: Any, outputs: Any, *, batch_size: int, num_residuals: int,
+                  apply_last_attempt: bool, require_finite: bool = False) -> _StepOutcome:
+        """One step from the current parameters; ``outputs`` (the model's on ``inputs``) may be None,
+        then they come from building the system when it gives them, else from a forward pass."""
+        self._jacobian_fn.loss_fn = self.loss_fn
+        self._jacobian_fn.use_vmap = self.use_vmap
+        selection = None
+        num_params = self._num_params
+        if self.param_selection_strategy is not None:
+            selection = make_selection(self._flat, self.param_selection_strategy.select_parameters())
+            num_params = selection.size
+        overdetermined = num_residuals >= num_params
+        rows = batch_size_of(inputs)
+        sliced = self.max_batch_size is not None and self.max_batch_size < batch_size
+        if sliced and rows > batch_size:
+            raise ValueError(f"a batch of {rows} samples is larger than the first batch ({batch_size}), which fixes "
+                             "the slicing; call reset() before changing the batch size")
+        equations = normal_equations(self._jacobian_fn, inputs, targets, batch_size=batch_size, rows=rows,
+                                     num_residuals=num_residuals, overdetermined=overdetermined,
+                                     max_batch_size=self.max_batch_size if sliced else None,
+                                     selection=selection, backend=self.backend, workspace=self._workspace)
+        if outputs is None:
+            outputs = equations.outputs if equations.outputs is not None else self.forward(inputs)
+        loss = self.loss_fn(outputs, targets)
+        if require_finite and not bool(torch.isfinite(loss)):
+            residuals = self.loss_fn.residuals(outputs, targets)
+            bad = int((~torch.isfinite(residuals)).sum())
+            raise ValueError(f"{bad} of {residuals.numel()} residuals are not finite at the current parameters; "
+                             "check the inputs and targets (the parameters were not changed)")
+        solver = DampedSolver(equations, self.solve_method, self.fallback)
+        strategy = self.damping_strategy
+
+        stop_training = False
+        accepted = False
+        attempt = 0
+        failures = 0
+        strategy.initialize_step(loss)
+        while True:
+            if attempt >= self.attempts_per_step and not apply_last_attempt:
+                break  # nothing left to try: keep the parameters as they are
+            params_updated = False
+            try:
+                updates = self._solve_update(solver, selection)
+                if torch.all(torch.isfinite(updates)):
+                    params_updated = True
+                    self._flat.flat.add_(-self.learning_rate * updates)
+            except RuntimeError as err:  # SolveFailed, LinAlgError: a rejected attempt, as in tlm
+                failures += 1
+                logger.log(self._failure_log_level, f"An exception occurred: {err}")
+            if attempt < self.attempts_per_step:
+                attempt += 1
+                if params_updated:
+                    new_loss = self.loss_fn(self.forward(inputs), targets)
+                    if new_loss < loss:
+                        loss = new_loss
+                        accepted = True
+                        strategy.on_successful_update(loss)
+                        self.backup_parameters()
+                        break
+                    self.restore_parameters()
+                strategy.on_unsuccessful_update(loss)
+                stop_attempts = strategy.stop_attempts(loss)
+                stop_training = strategy.stop_training(loss)
+                if stop_training or stop_attempts:
+                    break
+            else:
+                break
+        return _StepOutcome(outputs, loss, stop_training, attempt, accepted, equations, failures)
+
+
+class LevenbergMarquardtModule(_LevenbergMarquardtBase):
+    """Levenberg-Marquardt training module, a drop-in for torch-levenberg-marquardt's.
+
+    Args (the package's, same defaults):
+        model: the ``torch.nn.Module`` to train (float32 or float64 parameters).
+        loss_fn: a :mod:`fastopt.lm.loss` loss (default ``MSELoss()``), or anything with
+            ``residuals`` and ``__call__``; the matching ``torch.nn`` losses are converted.
+        damping_strategy: default ``StandardDampingStrategy()``.
+        learning_rate: ``theta -= learning_rate * update``.
+        attempts_per_step: attempts (damping values) per step before the last update is taken.
+        solve_method: 'qr', 'cholesky' or 'solve'.
+        param_selection_strategy: a :mod:`fastopt.lm.selection` strategy, or None for all parameters.
+        use_vmap: per-sample Jacobians with ``torch.func.vmap`` (True) or one ``jacrev`` of the batch.
+        max_batch_size: build the system from slices of this many samples.
+
+    fastopt's own keywords:
+        backend: the backend of the ``jacobian_products`` op (:mod:`fastopt.backends`), default "auto".
+        jacobian: 'auto' (jacrev, or jacfwd when a sample has more residuals than there are
+            parameters), 'jacrev' or 'jacfwd'.
+        reuse_factorization: 'auto' (currently the same as 'never'), 'never' (factor per attempt,
+            as the package) or 'eigh' (one eigendecomposition per step, see ``DampedSolver``).
+        fallback: None (a failed solve raises lambda, as the package) or 'qr', 'solve', 'lstsq'
+            (solve the same damped system with that method instead).
+    """
+
+    @torch.no_grad()
+    def training_step(self, inputs: Any, targets: Any) -> Tuple[Any, Tensor, bool, dict]:
+        """One step: (outputs, loss, stop_training, logs) with logs {'damping', 'attempts'}."""
+        outputs = None
+        if self._batch_size is None:
+            outputs = self.forward(inputs)
+            residuals = self.loss_fn.residuals(outputs, targets)
+            self._batch_size = residuals.shape[0]
+            self._num_residuals = residuals.numel()
+        outcome = self._run_step(inputs, targets, outputs, batch_size=self._batch_size,
+                                 num_residuals=self._num_residuals, apply_last_attempt=True)
+        logs = {"damping": self.damping_strategy.get_current_damping(), "attempts": outcome.attempts}
+        return outcome.outputs, outcome.loss, outcome.stop_training, logs
