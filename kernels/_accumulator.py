@@ -1,0 +1,30 @@
+"""What LAdaGrad and LRMSProp share: the Laplacian-smoothed accumulator of squared gradients.
+
+Math: fastopt/reference/siblings.py. ``a <- keep a + gain g^2`` (LAdaGrad keep = gain = 1,
+LRMSProp keep = alpha, gain = 1 - alpha), then the denominator
+``sqrt(max(a + c2 lap(a), 0)) + eps`` where the tensor uses the Laplacian, else ``sqrt(a) + eps``.
+"""
+import triton
+import triton.language as tl
+
+from ._multi_tensor import offsets, smoothed
+
+
+@triton.jit
+def _accumulated(flat, mask, args):
+    """This step's accumulator at elements ``flat``, from the old one and g."""
+    acc_ptr, g_ptr, g_layout, g_strided, keep, gain = args
+    g_at = flat
+    if g_strided:
+        g_at = offsets(flat, g_layout)
+    g = tl.load(g_ptr + g_at, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(acc_ptr + flat, mask=mask, other=0.0).to(tl.float32) * keep + gain * g * g
+
+
+@triton.jit
+def smoothed_accumulator(geo, elem, acc_ptr, g, g_ptr, g_layout, keep, gain, eps, c2, STENCIL: tl.constexpr):
+    """(new accumulator, denominator) at this program's lanes; ``g`` is their gradient (fp32)."""
+    flat, valid = elem[2], elem[3]
+    acc = tl.load(acc_ptr + flat, mask=valid, other=0.0).to(tl.float32) * keep + gain * g * g
+    args = (acc_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, keep, gain)
+    return acc, tl.sqrt_rn(smoothed(_accumulated, args, acc, geo, elem, c2, 0.0, STENCIL)) + eps
