@@ -323,3 +323,25 @@ def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     for op in backends.OPS:
         for dtype in DTYPES:
             assert backends.resolve(op, "cuda", dtype) == "triton"
+
+
+def test_the_stash_holds_exactly_the_borders_the_cost_figures_count(monkeypatch):
+    """bench/stencil_cost.py reports the protocol's extra memory and traffic from
+    TileGrid.border_elements / halo_elements: the stash slots a launch really writes are those."""
+    stashes = []
+    make = mt.TensorTable.stash
+
+    def kept(self):
+        stash = make(self).fill_(float("nan"))
+        stashes.append(stash)
+        return stash
+
+    monkeypatch.setattr(mt.TensorTable, "stash", kept)
+    shapes = [(5, 7), (9, 11), (13, 3), (37,), (3, 2, 2, 2)]
+    params = [torch.randn(s, device=DEVICE) for s in shapes]
+    with mt.use_settings(**TINY_TILES) as settings:
+        state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        kernels.ladam_step_triton(params, [torch.randn_like(p) for p in params], *state,
+                                  [torch.ones((), device=DEVICE) for _ in params], [True] * len(params), **HYPER)
+        expected = sum(mt.tile_grid(s, True, settings).border_elements() for s in shapes)
+    assert int((~torch.isnan(stashes[-1])).sum()) == expected > 0
