@@ -27,4 +27,4 @@ def smoothed_accumulator(geo, elem, acc_ptr, g, g_ptr, g_layout, keep, gain, eps
     flat, valid = elem[2], elem[3]
     acc = tl.load(acc_ptr + flat, mask=valid, other=0.0).to(tl.float32) * keep + gain * g * g
     args = (acc_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, keep, gain)
-    return acc, tl.sqrt_rn(smoothed(_accumulated, args, acc, geo, elem, c2, 0.0, STENCIL)) + eps
+    return acc, tl.sqrt_rn(smoothed(_accumulated, args, acc, geo, elem, 1.0, c2, 0.0, STENCIL, False)) + eps

@@ -455,14 +455,17 @@ def launch(kernel, table: TensorTable, grads, args: tuple, **constexprs) -> None
     _check_mode(kernel, table.device)
     grad_ptrs, grad_layouts, index_64 = table.grads(grads)
     s = table.settings
+    # Triton launches on the current CUDA device: make it the tensors' one (as torch's fused optimizers do).
+    guard = torch.cuda.device(table.device) if table.device.type == "cuda" else contextlib.nullcontext()
     try:
-        kernel[(table.n_tiles,)](
-            table.tiles, table.meta, table.p_layouts, grad_ptrs, grad_layouts, table.counters,
-            table.tensor_counters, table.stash(), *args,
-            TILE=s.tile, BORDER_LANES=s.border_lanes, IDX=tl.int64 if index_64 else tl.int32, **constexprs,
-            num_warps=s.num_warps, enable_fp_fusion=False)
+        with guard:
+            kernel[(table.n_tiles,)](
+                table.tiles, table.meta, table.p_layouts, grad_ptrs, grad_layouts, table.counters,
+                table.tensor_counters, table.stash(), *args,
+                TILE=s.tile, BORDER_LANES=s.border_lanes, IDX=tl.int64 if index_64 else tl.int32, **constexprs,
+                num_warps=s.num_warps, enable_fp_fusion=False)
     except BaseException:
-        forget_table(table)
+        forget_table(table)  # a launch that failed part-way may leave counters off 0
         raise
 
 
@@ -621,18 +624,24 @@ def laplacian(field: tl.constexpr, args, center, elem, rows, cols, STENCIL: tl.c
 
 
 @triton.jit
-def smoothed(field: tl.constexpr, args, x, geo, elem, c2, floor, STENCIL: tl.constexpr):
-    """fastopt.reference.smooth where the tensor uses the Laplacian, else ``x``:
-    ``clamp(x + c2 lap(x), min=floor)`` (NaN-propagating as torch.clamp), with a Laplacian of 0 where
-    the tensor's layout has no stencil (the clamp stays, as in the reference). ``field``, ``args``:
-    see :func:`laplacian`."""
+def smoothed(field: tl.constexpr, args, x, geo, elem, scale, c2, floor, STENCIL: tl.constexpr,
+             SCALED: tl.constexpr):
+    """fastopt.reference.smooth of ``y = x / scale`` (``y = x`` without SCALED) where the tensor uses
+    the Laplacian, else ``y``: ``clamp(y + c2 lap(y), min=floor)`` (NaN-propagating as
+    torch.clamp), the Laplacian 0 where the tensor's layout has no stencil (the clamp stays, as in
+    the reference). ``lap(x / scale)`` is taken as ``lap(x) / scale``: one division instead of nine.
+    ``field``, ``args``: see :func:`laplacian`."""
     mode = tl.load(geo[1] + LAPLACIAN)
     out = x
+    if SCALED:
+        out = tl.div_rn(x, scale)
     if mode != LAP_OFF:
         lap = tl.zeros_like(x)
         if mode == LAP_STENCIL:
             lap = laplacian(field, args, x, elem, geo[2], geo[3], STENCIL)
-        out = tl.maximum(x + c2 * lap, floor, propagate_nan=tl.PropagateNan.ALL)
+            if SCALED:
+                lap = tl.div_rn(lap, scale)
+        out = tl.maximum(out + c2 * lap, floor, propagate_nan=tl.PropagateNan.ALL)
     return out
 
 
