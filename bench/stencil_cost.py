@@ -3,6 +3,7 @@ table the kernels run on (no GPU needed: these are byte counts, not timings).
 
     python bench/stencil_cost.py                     # LAdam variance_lap, fp32, the bench workloads
     python bench/stencil_cost.py --op ladam_weight_lap_step --dtype bfloat16
+    python bench/stencil_cost.py --out bench/results/triton_stencil_cost.md   # append the table there
 
 For each workload: programs (tiles) per launch and their lane use; the border protocol's extra
 memory (stash scratch for one launch, persistent counters, the table) and its extra traffic (stash
@@ -62,11 +63,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--stencil", default="9point", choices=["9point", "5point"])
     parser.add_argument("--workloads", nargs="+", default=WORKLOADS, choices=sorted(benchmarking.WORKLOADS))
+    parser.add_argument("--out", default=None, help="Markdown file to append the table to")
     args = parser.parse_args(argv)
     settings = mt.settings()
     dtype = getattr(torch, args.dtype)
-    print(f"{args.op}, {args.dtype}, {args.stencil}; tiles of {settings.tile} lanes, at most {settings.tile_width} "
-          f"wide, {settings.num_warps} warps; parameters of >= 16 elements use the Laplacian (ladam's default)")
+    title = (f"{args.op}, {args.dtype}, {args.stencil}; tiles of {settings.tile} lanes, at most {settings.tile_width} "
+             f"wide, {settings.num_warps} warps; parameters of >= 16 elements use the Laplacian (ladam's default)")
     head = ("workload", "tensors", "params", "programs", "lane use", "border", "stash MB (x state)",
             "counters KB", "table KB", "upload B/step", "roofline MB", "extra traffic (stash + halo)")
     rows = []
@@ -77,8 +79,14 @@ def main(argv=None) -> int:
                      f"{c['counters_KB']:.1f}", f"{c['table_KB']:.1f}", str(c["upload_B"]), f"{c['roofline_MB']:.0f}",
                      f"{c['extra_traffic']:.1%} ({c['stash_traffic']:.1%} + {c['halo_traffic']:.1%})"))
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    for r in [head] + rows:
-        print("  ".join(x.ljust(wd) for x, wd in zip(r, widths)))
+    table = "\n".join("  ".join(x.ljust(wd) for x, wd in zip(r, widths)).rstrip() for r in [head] + rows)
+    print(title)
+    print(table)
+    if args.out:
+        env = benchmarking.environment(torch.device("cpu"))
+        with open(args.out, "a") as f:
+            f.write(f"\n## {title} (counted, not timed; fastopt {env['fastopt']}, commit {env['commit']})\n\n"
+                    f"```\n{table}\n```\n")
     return 0
 
 
