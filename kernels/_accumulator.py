@@ -1,7 +1,8 @@
-"""What LAdaGrad and LRMSProp share: the Laplacian-smoothed accumulator of squared gradients.
+"""The accumulator of squared gradients ``a <- keep a + gain g^2`` and its Laplacian-smoothed
+denominator: LAdam's v (keep = b2, gain = 1 - b2), LAdaGrad's sum (keep = gain = 1), LRMSProp's
+square average (keep = alpha, gain = 1 - alpha).
 
-Math: fastopt/reference/siblings.py. ``a <- keep a + gain g^2`` (LAdaGrad keep = gain = 1,
-LRMSProp keep = alpha, gain = 1 - alpha), then the denominator
+Math: fastopt/reference/siblings.py. The denominator of LAdaGrad and LRMSProp is
 ``sqrt(max(a + c2 lap(a), 0)) + eps`` where the tensor uses the Laplacian, else ``sqrt(a) + eps``.
 """
 import triton
@@ -11,7 +12,7 @@ from ._multi_tensor import offsets, smoothed
 
 
 @triton.jit
-def _accumulated(flat, mask, args):
+def accumulated(flat, mask, args):
     """This step's accumulator at elements ``flat``, from the old one and g."""
     acc_ptr, g_ptr, g_layout, g_strided, keep, gain = args
     g_at = flat
@@ -27,4 +28,4 @@ def smoothed_accumulator(geo, elem, acc_ptr, g, g_ptr, g_layout, keep, gain, eps
     flat, valid = elem[2], elem[3]
     acc = tl.load(acc_ptr + flat, mask=valid, other=0.0).to(tl.float32) * keep + gain * g * g
     args = (acc_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, keep, gain)
-    return acc, tl.sqrt_rn(smoothed(_accumulated, args, acc, geo, elem, 1.0, c2, 0.0, STENCIL, False)) + eps
+    return acc, tl.sqrt_rn(smoothed(accumulated, args, acc, geo, elem, 1.0, c2, 0.0, STENCIL, False)) + eps

@@ -9,32 +9,22 @@ Math: fastopt/reference/ladam.py::ladam_step_reference. Per element, in fp32:
     p <- p - lr m_hat / (sqrt(v_s) + eps)
 
 One pass over memory: p, g, m, v read once, p, m, v written once (28 bytes per fp32 element,
-the roofline); the Laplacian needs new v at the neighbours, which each program recomputes from old
-v and g (its halo, mostly L1/L2 hits), so it never reads a neighbour's result. The Laplacian is
-taken of v and divided by 1 - b2^t once (lap(v_hat) = lap(v) / (1 - b2^t)): one IEEE division per
-element instead of nine (the reference divides first; the results differ in rounding only, by far
-less than the fp32 tolerance once scaled by c2). v is the only array
-read at neighbours and updated in place, so v alone goes through the border protocol of
-kernels/_multi_tensor.py (stash 1 value per border element). Parameters without a Laplacian take
-the same kernel as plain AdamW (the ``use_lap`` branch is uniform per program).
+the roofline). The Laplacian needs this step's v at the neighbours, which each program recomputes
+from old v and g (its halo, mostly L1/L2 hits; v is the accumulator of kernels/_accumulator.py with
+keep = b2, gain = 1 - b2), so it never reads a neighbour's result. It is taken of v and divided by
+1 - b2^t once (lap(v_hat) = lap(v) / (1 - b2^t)): one IEEE division per element instead of nine
+(the reference divides first; the results differ in rounding only, far below the fp32 tolerance
+once scaled by c2). v is the only array read at neighbours and updated in place, so v alone goes
+through the border protocol of kernels/_multi_tensor.py (1 stashed value per border element).
+Parameters without a Laplacian take the same kernel as plain AdamW (the branch on the tensor's
+Laplacian mode is uniform per program).
 """
 import triton
 import triton.language as tl
 
+from ._accumulator import accumulated
 from ._adam import adam_tile, launch_adam
-from ._multi_tensor import offsets, smoothed, store, store_shared
-
-
-@triton.jit
-def _new_v(flat, mask, args):
-    """This step's v at elements ``flat``, from old v and g."""
-    v_ptr, g_ptr, g_layout, g_strided, beta2, one_minus_beta2 = args
-    g_at = flat
-    if g_strided:
-        g_at = offsets(flat, g_layout)
-    g = tl.load(g_ptr + g_at, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    return v * beta2 + one_minus_beta2 * g * g
+from ._multi_tensor import smoothed, store, store_shared
 
 
 @triton.jit
@@ -45,7 +35,7 @@ def _ladam_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tens
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, beta1, one_minus_beta1, beta2, one_minus_beta2, TILE, IDX)
     p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
     args = (v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, beta2, one_minus_beta2)
-    v_hat = smoothed(_new_v, args, v, geo, elem, bias2, c2, eps, STENCIL, True)
+    v_hat = smoothed(accumulated, args, v, geo, elem, bias2, c2, eps, STENCIL, True)
     p = p * decay - lr * tl.div_rn(tl.div_rn(m, bias1), tl.sqrt_rn(v_hat) + eps)
     store(p_ptr + p_at, p, elem[3])
     store(m_ptr + elem[2], m, elem[3])
