@@ -6,23 +6,16 @@ Math: fastopt/reference/ladam.py::ladam_update_lap_step_reference. Per element, 
     p <- p (1 - lr wd);  m, v: Adam's EMAs;  u = m_hat / (sqrt(v_hat) + eps)
     p <- p - lr (u + c2 lap(u))                  (p - lr u without use_lap)
 
-u at the neighbours needs their new m and v, recomputed from old m, v and g: both are read at
-neighbours and updated in place, so both go through the border protocol of
-kernels/_multi_tensor.py (2 stashed values per border element).
+u at the neighbours needs their new m and v, recomputed from old m, v and g (with reciprocal
+bias corrections: see kernels/_adam.py::direction_at): both are read at neighbours and updated in
+place, so both go through the border protocol of kernels/_multi_tensor.py (2 stashed values per
+border element).
 """
 import triton
 import triton.language as tl
 
-from ._adam import adam_direction, adam_tile, launch_adam, moments_at
+from ._adam import adam_direction, adam_tile, direction_at, launch_adam
 from ._multi_tensor import has_stencil, laplacian, store, store_shared
-
-
-@triton.jit
-def _direction_at(flat, mask, args):
-    """This step's Adam direction u at elements ``flat``, from old m, v and g."""
-    m_ptr, v_ptr, g_ptr, g_layout, g_strided, hyper = args
-    m, v, g = moments_at(flat, mask, m_ptr, v_ptr, g_ptr, g_layout, g_strided, hyper)
-    return adam_direction(m, v, hyper[4], hyper[5], hyper[6])
 
 
 @triton.jit
@@ -35,9 +28,9 @@ def _ladam_update_lap_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, cou
     p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
     u = adam_direction(m, v, bias1, bias2, eps)
     if has_stencil(geo):
-        hyper = (beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps)
+        hyper = (beta1, one_minus_beta1, beta2, one_minus_beta2, tl.div_rn(1.0, bias1), tl.div_rn(1.0, bias2), eps)
         args = (m_ptr, v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, hyper)
-        u = u + c2 * laplacian(_direction_at, args, u, elem, geo[2], geo[3], STENCIL)
+        u = u + c2 * laplacian(direction_at, args, u, elem, geo[2], geo[3], STENCIL)
     p = p * decay - lr * u
     store(p_ptr + p_at, p, elem[3])
     store_shared((m, v), (m_ptr, v_ptr), geo, elem, p_at, p_layout, stash, counters, STENCIL, 2, False,

@@ -6,27 +6,27 @@ Math: fastopt/reference/ladam.py::ladam_weight_lap_step_reference. Per element, 
     q = p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)      (m, v: Adam's EMAs)
     p <- q + c2 lap(q)                                       (p <- q without use_lap)
 
-q at the neighbours needs their old p, m, v and g: p, m and v are all read at neighbours and
+q at the neighbours needs their old p, m, v and g (their Adam direction with reciprocal bias
+corrections: see kernels/_adam.py::direction_at): p, m and v are all read at neighbours and
 updated in place, so all three go through the border protocol of kernels/_multi_tensor.py
 (3 stashed values per border element).
 """
 import triton
 import triton.language as tl
 
-from ._adam import adam_direction, adam_tile, launch_adam, moments_at
+from ._adam import adam_direction, adam_tile, direction_at, launch_adam
 from ._multi_tensor import has_stencil, laplacian, offsets, store_shared
 
 
 @triton.jit
 def _adamw_at(flat, mask, args):
     """This step's plain AdamW parameter q at elements ``flat``, from old p, m, v and g."""
-    p_ptr, p_layout, p_strided, m_ptr, v_ptr, g_ptr, g_layout, g_strided, hyper = args
-    m, v, g = moments_at(flat, mask, m_ptr, v_ptr, g_ptr, g_layout, g_strided, hyper)
+    p_ptr, p_layout, p_strided, lr, decay, adam_args = args
     p_at = flat
     if p_strided:
         p_at = offsets(flat, p_layout)
     p = tl.load(p_ptr + p_at, mask=mask, other=0.0).to(tl.float32)
-    return p * hyper[8] - hyper[7] * adam_direction(m, v, hyper[4], hyper[5], hyper[6])
+    return p * decay - lr * direction_at(flat, mask, adam_args)
 
 
 @triton.jit
@@ -39,8 +39,9 @@ def _ladam_weight_lap_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, cou
     p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
     p = p * decay - lr * adam_direction(m, v, bias1, bias2, eps)
     if has_stencil(geo):
-        hyper = (beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps, lr, decay)
-        args = (p_ptr, p_layout, tl.load(p_layout) != 0, m_ptr, v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, hyper)
+        hyper = (beta1, one_minus_beta1, beta2, one_minus_beta2, tl.div_rn(1.0, bias1), tl.div_rn(1.0, bias2), eps)
+        adam_args = (m_ptr, v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, hyper)
+        args = (p_ptr, p_layout, tl.load(p_layout) != 0, lr, decay, adam_args)
         p = p + c2 * laplacian(_adamw_at, args, p, elem, geo[2], geo[3], STENCIL)
     store_shared((p, m, v), (p_ptr, m_ptr, v_ptr), geo, elem, p_at, p_layout, stash, counters, STENCIL, 3, True,
                  BORDER_LANES)
