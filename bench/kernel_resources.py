@@ -87,8 +87,14 @@ def main(argv=None) -> int:
                      f"{r['divisions'] / per_thread:>11.1f}")
         print(lines[-1] if len(lines) > 2 else "\n".join([title] + lines), flush=True)
     if args.out:
+        import torch
+
+        from fastopt.benchmarking import environment
+
+        commit = environment(torch.device("cpu"))["commit"]
         with open(args.out, "a") as f:
-            f.write(f"\n## {title} (compiled without a GPU, not run)\n\n```\n" + "\n".join(lines) + "\n```\n")
+            f.write(f"\n## {title}; commit {commit} (compiled without a GPU, not run)\n\n```\n"
+                    + "\n".join(lines) + "\n```\n")
     return 0
 
 
