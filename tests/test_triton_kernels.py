@@ -261,7 +261,7 @@ def test_steady_state_steps_reuse_the_table_and_issue_a_fixed_number_of_torch_op
             ops[n] = _aten_ops(step())
             step()()
         assert not built and len(launched) == 2
-    assert ops[3] == ops[30] and len(ops[3]) <= 4, ops
+    assert ops[3] == ops[30] and len(ops[3]) <= 8, ops  # CPU: 2 (the address table, the stash)
 
 
 def test_the_table_is_dropped_when_a_tensor_dies():
