@@ -16,10 +16,10 @@ The table, built once per list of tensors and cached (see :class:`TensorTable`),
 arrays: ``tiles[pid]`` = index of the tensor the program works on; ``meta[t]`` = that tensor's
 addresses (param, up to three state tensors, step count, a 0-dim scalar) and geometry; and
 ``p_layouts[t]`` = the param's strides when it is not contiguous. Per step only the gradients'
-addresses are uploaded (one small host-to-device copy), plus their strides when those change. This
-is the pattern of Triton's grouped-GEMM tutorial (a device array of pointers, read by each
-program), with a per-tile index instead of a search so that a program finds its tensor with one
-load.
+addresses are uploaded (8 bytes per tensor, one host-to-device copy, skipped when they did not
+change), plus their strides when those change. This is the pattern of Triton's grouped-GEMM
+tutorial (a device array of pointers, read by each program), with a per-tile index instead of a
+search so that a program finds its tensor with one load.
 
 The in-place stencil race, and the border protocol
 --------------------------------------------------
@@ -41,18 +41,23 @@ that another program reads until every reader is done:
   resets the counter to 0 for the next launch.
 
 A ``tl.debug_barrier()`` (``bar.sync``) separates each program's reads from its first in-place
-write (threads of one program race too) and precedes its arrivals; the arrivals are
-``atomic_add(..., sem="acq_rel", scope="gpu")``. Counters are 0 between launches whatever
-happened to the tensors in between, so nothing goes stale. Triton's interpreter runs programs one
-after another: a protocol bug (a reader served new values) shows there as a wrong answer, which the
-tests with tiles smaller than the tensors look for.
+write (threads of one program race too) and precedes its arrivals, one vector of
+``atomic_add(..., sem="acq_rel", scope="gpu")`` (one round trip to L2); the committer reads the
+stash after a barrier, bypassing L1 (``.cg``). A tensor of a single tile has no border and skips
+all of it. Counters are 0 between launches whatever happened to the tensors in between, so nothing
+goes stale (a failed launch drops its table). Triton's interpreter runs programs one after
+another: a protocol bug (a reader served new values) shows there as a wrong answer, which the tests
+with tiles smaller than the tensors look for; the GPU memory-ordering argument above is not
+something the interpreter can test.
 
 Cost (per element of a tensor with a Laplacian, ``th x tw = 32 x 32`` tiles): the border is
 ``(2 tw + 2 th - 4) / (th tw)`` = 12.1% of the elements, so the stash moves 2 x 12.1% of each
 stashed array (written by the owner, read by the committer, both mostly in L2) and needs that much
 scratch for the length of the launch (torch's caching allocator hands the same block back each
 step); halo reads are another 12.9% of the arrays read at neighbours, from L1/L2; counters are 4
-bytes per tile. ``bench/stencil_cost.py`` prints these figures for the benchmark workloads.
+bytes per tile. For LAdam (variance_lap, fp32) that is at most 7.1% on top of the 28 bytes per
+parameter of the roofline, if none of it hit in L2 (``bench/stencil_cost.py``,
+``bench/results/triton_stencil_cost.md``).
 """
 from __future__ import annotations
 
