@@ -1,0 +1,52 @@
+"""LAdam step, mode ``variance_lap``: moment EMAs, the Laplacian-smoothed bias-corrected second
+moment and the parameter update of every tensor of a (device, dtype) group in ONE launch.
+
+Math: fastopt/reference/ladam.py::ladam_step_reference. Per element, in fp32:
+
+    p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+    m_hat = m / (1 - b1^t);  v_hat = v / (1 - b2^t)          (t: the tensor's step count)
+    v_s = max(v_hat + c2 lap(v_hat), eps) if use_lap else v_hat
+    p <- p - lr m_hat / (sqrt(v_s) + eps)
+
+One pass over memory: p, g, m, v read once, p, m, v written once (28 bytes per fp32 element,
+the roofline). The Laplacian needs this step's v at the neighbours, which each program recomputes
+from old v and g (its halo, mostly L1/L2 hits; v is the accumulator of kernels/_accumulator.py with
+keep = b2, gain = 1 - b2), so it never reads a neighbour's result. It is taken of v and divided by
+1 - b2^t once (lap(v_hat) = lap(v) / (1 - b2^t)): one IEEE division per element instead of nine
+(the reference divides first; the results differ in rounding only, far below the fp32 tolerance
+once scaled by c2). v is the only array read at neighbours and updated in place, so v alone goes
+through the border protocol of kernels/_multi_tensor.py (1 stashed value per border element).
+Parameters without a Laplacian take the same kernel as plain AdamW (the branch on the tensor's
+Laplacian mode is uniform per program).
+"""
+import triton
+import triton.language as tl
+
+from ._accumulator import accumulated
+from ._adam import adam_tile, launch_adam
+from ._multi_tensor import smoothed, store, store_shared
+
+
+@triton.jit
+def _ladam_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
+                       lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, c2,
+                       STENCIL: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+    geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2) = adam_tile(
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, beta1, one_minus_beta1, beta2, one_minus_beta2, TILE, IDX)
+    p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
+    args = (v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, beta2, one_minus_beta2)
+    v_hat = smoothed(accumulated, args, v, geo, elem, bias2, c2, eps, STENCIL, True)
+    p = p * decay - lr * tl.div_rn(tl.div_rn(m, bias1), tl.sqrt_rn(v_hat) + eps)
+    store(p_ptr + p_at, p, elem[3])
+    store(m_ptr + elem[2], m, elem[3])
+    store_shared((v,), (v_ptr,), geo, elem, p_at, p_layout, stash, counters, STENCIL, 1, False, BORDER_LANES)
+
+
+def ladam_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps,
+                      weight_decay, c2, stencil) -> None:
+    """fastopt.reference.ladam_step_reference in one Triton launch (same signature and results).
+
+    ``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.
+    """
+    launch_adam(_ladam_step_kernel, 1, params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, c2=c2, stencil=stencil)

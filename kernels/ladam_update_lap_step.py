@@ -1,0 +1,47 @@
+"""LAdam step, mode ``update_lap``: Adam's update smoothed by the Laplacian, every tensor of a
+(device, dtype) group in ONE launch.
+
+Math: fastopt/reference/ladam.py::ladam_update_lap_step_reference. Per element, in fp32:
+
+    p <- p (1 - lr wd);  m, v: Adam's EMAs;  u = m_hat / (sqrt(v_hat) + eps)
+    p <- p - lr (u + c2 lap(u))                  (p - lr u without use_lap)
+
+u at the neighbours needs their new m and v, recomputed from old m, v and g (with reciprocal
+bias corrections: see kernels/_adam.py::direction_at): both are read at neighbours and updated in
+place, so both go through the border protocol of kernels/_multi_tensor.py (2 stashed values per
+border element).
+"""
+import triton
+import triton.language as tl
+
+from ._adam import adam_direction, adam_tile, direction_at, launch_adam
+from ._multi_tensor import has_stencil, laplacian, store, store_shared
+
+
+@triton.jit
+def _ladam_update_lap_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
+                                  lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, c2,
+                                  STENCIL: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr,
+                                  IDX: tl.constexpr):
+    geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2) = adam_tile(
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, beta1, one_minus_beta1, beta2, one_minus_beta2, TILE, IDX)
+    p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
+    u = adam_direction(m, v, bias1, bias2, eps)
+    if has_stencil(geo):
+        hyper = (beta1, one_minus_beta1, beta2, one_minus_beta2, tl.div_rn(1.0, bias1), tl.div_rn(1.0, bias2), eps)
+        args = (m_ptr, v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, hyper)
+        u = u + c2 * laplacian(direction_at, args, u, elem, geo[2], geo[3], STENCIL)
+    p = p * decay - lr * u
+    store(p_ptr + p_at, p, elem[3])
+    store_shared((m, v), (m_ptr, v_ptr), geo, elem, p_at, p_layout, stash, counters, STENCIL, 2, False,
+                 BORDER_LANES)
+
+
+def ladam_update_lap_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps,
+                                 weight_decay, c2, stencil) -> None:
+    """fastopt.reference.ladam_update_lap_step_reference in one Triton launch (same signature and results).
+
+    ``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.
+    """
+    launch_adam(_ladam_update_lap_step_kernel, 2, params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, c2=c2, stencil=stencil)

@@ -1,0 +1,57 @@
+"""LAdam step, mode ``weight_lap``: a plain AdamW step, then weight-space diffusion of the
+parameter, every tensor of a (device, dtype) group in ONE launch.
+
+Math: fastopt/reference/ladam.py::ladam_weight_lap_step_reference. Per element, in fp32:
+
+    q = p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)      (m, v: Adam's EMAs)
+    p <- q + c2 lap(q)                                       (p <- q without use_lap)
+
+q at the neighbours needs their old p, m, v and g (their Adam direction with reciprocal bias
+corrections: see kernels/_adam.py::direction_at): p, m and v are all read at neighbours and
+updated in place, so all three go through the border protocol of kernels/_multi_tensor.py
+(3 stashed values per border element).
+"""
+import triton
+import triton.language as tl
+
+from ._adam import adam_direction, adam_tile, direction_at, launch_adam
+from ._multi_tensor import has_stencil, laplacian, offsets, store_shared
+
+
+@triton.jit
+def _adamw_at(flat, mask, args):
+    """This step's plain AdamW parameter q at elements ``flat``, from old p, m, v and g."""
+    p_ptr, p_layout, p_strided, lr, decay, adam_args = args
+    p_at = flat
+    if p_strided:
+        p_at = offsets(flat, p_layout)
+    p = tl.load(p_ptr + p_at, mask=mask, other=0.0).to(tl.float32)
+    return p * decay - lr * direction_at(flat, mask, adam_args)
+
+
+@triton.jit
+def _ladam_weight_lap_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
+                                  lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, c2,
+                                  STENCIL: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr,
+                                  IDX: tl.constexpr):
+    geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2) = adam_tile(
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, beta1, one_minus_beta1, beta2, one_minus_beta2, TILE, IDX)
+    p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
+    p = p * decay - lr * adam_direction(m, v, bias1, bias2, eps)
+    if has_stencil(geo):
+        hyper = (beta1, one_minus_beta1, beta2, one_minus_beta2, tl.div_rn(1.0, bias1), tl.div_rn(1.0, bias2), eps)
+        adam_args = (m_ptr, v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, hyper)
+        args = (p_ptr, p_layout, tl.load(p_layout) != 0, lr, decay, adam_args)
+        p = p + c2 * laplacian(_adamw_at, args, p, elem, geo[2], geo[3], STENCIL)
+    store_shared((p, m, v), (p_ptr, m_ptr, v_ptr), geo, elem, p_at, p_layout, stash, counters, STENCIL, 3, True,
+                 BORDER_LANES)
+
+
+def ladam_weight_lap_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps,
+                                 weight_decay, c2, stencil) -> None:
+    """fastopt.reference.ladam_weight_lap_step_reference in one Triton launch (same signature and results).
+
+    ``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.
+    """
+    launch_adam(_ladam_weight_lap_step_kernel, 3, params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, c2=c2, stencil=stencil)

@@ -1,0 +1,55 @@
+"""LRMSProp step (with or without momentum): running average of g^2, Laplacian-smoothed
+denominator, momentum buffer and parameter update of every tensor of a (device, dtype) group in
+ONE launch.
+
+Math: fastopt/reference/siblings.py::lrmsprop_step_reference. Per element, in fp32:
+
+    p <- p (1 - lr wd);  a <- alpha a + (1 - alpha) g^2;  d = sqrt(max(a + c2 lap(a), 0)) + eps
+    momentum > 0:  b <- momentum b + g / d;  p <- p - lr b
+    else:          p <- p - lr g / d
+
+One pass over memory. a is read at the neighbours and updated in place, so it goes through the
+border protocol of kernels/_multi_tensor.py; the momentum buffer is element-wise.
+"""
+import triton
+import triton.language as tl
+
+from ._accumulator import smoothed_accumulator
+from ._multi_tensor import launch, load_tile, stencil_code, store, store_shared, table_for
+
+
+@triton.jit
+def _lrmsprop_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
+                          lr, alpha, one_minus_alpha, eps, decay, momentum, c2,
+                          STENCIL: tl.constexpr, MOMENTUM: tl.constexpr, TILE: tl.constexpr,
+                          BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+    geo, elem, (p_ptr, g_ptr, a_ptr, buf_ptr, _), p_layout, g_layout, p_at, p, g = load_tile(
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, TILE, IDX)
+    flat, valid = elem[2], elem[3]
+    a, denom = smoothed_accumulator(geo, elem, a_ptr, g, g_ptr, g_layout, alpha, one_minus_alpha, eps, c2, STENCIL)
+    if MOMENTUM:
+        buf = tl.load(buf_ptr + flat, mask=valid, other=0.0).to(tl.float32) * momentum + tl.div_rn(g, denom)
+        store(buf_ptr + flat, buf, valid)
+        p = p * decay - lr * buf
+    else:
+        p = p * decay - lr * tl.div_rn(g, denom)
+    store(p_ptr + p_at, p, valid)
+    store_shared((a,), (a_ptr,), geo, elem, p_at, p_layout, stash, counters, STENCIL, 1, False, BORDER_LANES)
+
+
+def lrmsprop_step_triton(params, grads, square_avgs, momentum_buffers, steps, use_laps, *, lr, alpha, eps,
+                         weight_decay, momentum, c2, stencil) -> None:
+    """fastopt.reference.lrmsprop_step_reference in one Triton launch (same signature and results).
+
+    ``momentum_buffers`` is None when momentum is 0; ``steps`` are unused by the math.
+    """
+    if not params:
+        return
+    code = stencil_code(stencil)
+    with_momentum = momentum > 0
+    if with_momentum and momentum_buffers is None:
+        raise ValueError(f"momentum={momentum} needs momentum_buffers (got None)")
+    states = (square_avgs, momentum_buffers) if with_momentum else (square_avgs,)
+    table = table_for(params, states, steps, use_laps, stashed=1)
+    launch(_lrmsprop_step_kernel, table, grads,
+           (lr, alpha, 1 - alpha, eps, 1 - lr * weight_decay, momentum, c2), STENCIL=code, MOMENTUM=with_momentum)
