@@ -262,6 +262,8 @@ def _layout(t: torch.Tensor) -> Tuple[List[int], int]:
 
 def _overlaps(t: torch.Tensor) -> bool:
     """True if two elements of ``t`` share memory (an expanded view): it cannot be written."""
+    if t.numel() == 0:  # no elements, nothing shared (the strides of empty tensors are arbitrary)
+        return False
     dims = sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1)
     extent = 1
     for stride, size in dims:

@@ -109,6 +109,19 @@ def test_tiles_smaller_than_the_tensors_bf16():
         _assert_same_as_reference("LAdam", dict(_COMMON), params, steps=2, none_every=0)
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_empty_tensors_ride_along(config):
+    """Empty tensors among others: nothing written for them, the others as the reference. An empty
+    channels_last (0, 0, 0, 2) tensor has stride 0 on its dimension of size 2, which once read as
+    overlapping memory (hypothesis found it)."""
+    label, cls_name, kw, op = config
+    torch.manual_seed(0)
+    empty_channels_last = torch.randn(0, 0, 0, 2, dtype=torch.float16).to(memory_format=torch.channels_last)
+    params = _device_params([empty_channels_last, torch.randn(5, 7, dtype=torch.float16),
+                             torch.randn(0, dtype=torch.float16), torch.randn(0, 6, dtype=torch.float16).t()])
+    _assert_same_as_reference(cls_name, {**_COMMON, **kw}, params, steps=2, none_every=0)
+
+
 def test_use_lap_without_a_stencil_still_clamps_at_eps():
     """The reference smooths v_hat wherever use_lap is on: clamp(v_hat + c2 * 0, min=eps) on a
     tensor whose layout has no stencil (1 row, 2 columns, 3 elements). Gradients of 1e-5 put v_hat
@@ -320,9 +333,11 @@ def test_a_tensor_of_too_many_unmergeable_dims_is_refused():
 
 def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    for op in backends.OPS:
-        for dtype in DTYPES:
-            assert backends.resolve(op, "cuda", dtype) == "triton"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the policy, on a machine without a GPU
+    assert set(kernels.DTYPES) == set(backends.OPS)
+    for op, dtypes in kernels.DTYPES.items():
+        for dtype in dtypes:
+            assert backends.resolve(op, "cuda", dtype) == "triton", (op, dtype)
 
 
 def test_the_stash_holds_exactly_the_borders_the_cost_figures_count(monkeypatch):
