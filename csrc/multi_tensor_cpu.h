@@ -19,9 +19,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "multi_tensor.h"
+#include "step_functors.h"
 #include "tensor_lists.h"
 
 #if defined(__GNUC__)
@@ -85,6 +87,12 @@ struct Step {
 // functor and scalars come by value, so that their fields stay in registers (by reference they
 // were reloaded and broadcast in every iteration: the stores might have changed them).
 
+// Whether the update reads aux again from memory (row j-1's gradient or state, still in cache)
+// instead of a buffer: one store and one buffer fewer per element.
+template <class Op>
+constexpr bool kReloadAux = Op::kAux == AuxSource::kGradient ||
+                            std::is_same<Raw<typename Op::Storage>, typename Op::Math>::value;
+
 // The new state of n elements (written when Write), their stencil input (acc) and aux.
 template <bool Write, class Op, typename T, typename M>
 FASTOPT_ALWAYS_INLINE void advance_loop(const Op op, const typename Op::TensorScalars k, const Raw<T>* __restrict__ g,
@@ -95,7 +103,7 @@ FASTOPT_ALWAYS_INLINE void advance_loop(const Op op, const typename Op::TensorSc
     M a;
     acc[i] = op.advance(k, load<T, M>(g[i]), s, a);
     if (Write) {
-      aux[i] = a;
+      if (!kReloadAux<Op>) aux[i] = a;
       s0[i] = store<T>(s[0]);
       if (Op::kAdvanceStates > 1) s1[i] = store<T>(s[1]);
     }
@@ -109,11 +117,12 @@ FASTOPT_ALWAYS_INLINE void update_loop(const Op op, const typename Op::TensorSca
                                        Raw<T>* __restrict__ p, Raw<T>* __restrict__ u0, int64_t n,
                                        const M* __restrict__ up,
                                        const M* __restrict__ mid, const M* __restrict__ down,
-                                       const M* __restrict__ aux) {
+                                       const M* __restrict__ aux, const Raw<T>* __restrict__ aux_mem) {
   for (int64_t i = 0; i < n; ++i) {
     const M smooth = smoothed<S>(up + i, mid + i, down + i, c, op.floor());
     M u[1] = {Op::kUpdateStates ? load<T, M>(u0[i]) : M(0)};
-    p[i] = store<T>(op.update(k, load<T, M>(p[i]), aux[i], smooth, u));
+    const M a = kReloadAux<Op> ? load<T, M>(aux_mem[i]) : aux[i];
+    p[i] = store<T>(op.update(k, load<T, M>(p[i]), a, smooth, u));
     if (Op::kUpdateStates) u0[i] = store<T>(u[0]);
   }
 }
@@ -147,7 +156,7 @@ FASTOPT_ALWAYS_INLINE void advance_update_loop(const Op op, const typename Op::T
                                                Raw<T>* __restrict__ u0,
                                                int64_t begin, int64_t end, M* cur, M* __restrict__ cur_aux,
                                                const M* __restrict__ up, const M* __restrict__ mid,
-                                               const M* __restrict__ prev_aux) {
+                                               const M* __restrict__ prev_aux, const Raw<T>* __restrict__ aux_mem) {
   // cur's reads trail its writes by kLag - 1 = 63 elements, more than a vector iteration, which
   // GCC cannot see through the stencil's pointer arithmetic: without ivdep it falls back to
   // scalar code at run time (measured 5x slower).
@@ -156,28 +165,38 @@ FASTOPT_ALWAYS_INLINE void advance_update_loop(const Op op, const typename Op::T
     M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
     M a;
     cur[1 + i] = op.advance(k, load<T, M>(g[i]), s, a);
-    cur_aux[i] = a;
+    if (!kReloadAux<Op>) cur_aux[i] = a;
     s0[i] = store<T>(s[0]);
     if (Op::kAdvanceStates > 1) s1[i] = store<T>(s[1]);
     const int64_t j = i - kLag;
     const M smooth = smoothed<S>(up + j, mid + j, cur + j, c, op.floor());
     M u[1] = {Op::kUpdateStates ? load<T, M>(u0[j]) : M(0)};
-    p[j] = store<T>(op.update(k, load<T, M>(p[j]), prev_aux[j], smooth, u));
+    const M prev_a = kReloadAux<Op> ? load<T, M>(aux_mem[j]) : prev_aux[j];
+    p[j] = store<T>(op.update(k, load<T, M>(p[j]), prev_a, smooth, u));
     if (Op::kUpdateStates) u0[j] = store<T>(u[0]);
   }
 }
 
 // -- a tile ----------------------------------------------------------------------------------------
+// A thread's row buffers: 3 ring rows of stencil input, 3 of aux, and a copy of row 0. Each
+// padded row starts one element before a 64-byte boundary, so that a row's own elements are
+// aligned like the tensors' rows (and the stencil's shifted loads split fewer cache lines).
 template <typename M>
 struct Scratch {
+  static constexpr int64_t kLine = 64 / sizeof(M);
   std::vector<M> data;
-  int64_t width = 0;  // a padded row
-  M* ring(int i) { return data.data() + i * width; }
-  M* aux(int i) { return data.data() + (3 + i) * width; }
-  M* first() { return data.data() + 6 * width; }
+  int64_t stride = 0;  // elements from one row buffer to the next, a multiple of kLine
+  M* row(int i) {
+    M* base = data.data() + (kLine - reinterpret_cast<uintptr_t>(data.data()) / sizeof(M) % kLine) % kLine;
+    return base + i * stride + kLine - 1;
+  }
+  M* ring(int i) { return row(i); }
+  M* aux(int i) { return row(3 + i) + 1; }
+  M* first() { return row(6); }
   void reserve(int64_t cols) {
-    width = cols + 2;
-    if (static_cast<int64_t>(data.size()) < 7 * width) data.resize(7 * width);
+    stride = (cols + 1 + 2 * kLine - 1) / kLine * kLine;  // room for kLine - 1 + cols + 2
+    const size_t size = static_cast<size_t>(7 * stride + 2 * kLine);
+    if (data.size() < size) data.resize(size);
   }
 };
 
@@ -190,6 +209,9 @@ struct TensorRows {
   const TensorPtrs<Op>& t;
 
   Raw<T>* s(int i, int64_t off) const { return i < Op::kAdvanceStates ? t.state[i] + off : nullptr; }
+  const Raw<T>* aux_mem(int64_t off) const {
+    return (Op::kAux == AuxSource::kGradient ? t.g : t.state[0]) + off;
+  }
   Raw<T>* u(int64_t off) const { return Op::kUpdateStates ? t.state[Op::kAdvanceStates] + off : nullptr; }
 
   template <bool Write>
@@ -204,7 +226,7 @@ struct TensorRows {
   template <Smooth S>
   FASTOPT_ALWAYS_INLINE void update(int64_t off, int64_t n, const M* up, const M* mid, const M* down,
                                     const M* aux) const {
-    update_loop<S, Op, T, M>(step.op, t.k, step.coupling, t.p + off, u(off), n, up, mid, down, aux);
+    update_loop<S, Op, T, M>(step.op, t.k, step.coupling, t.p + off, u(off), n, up, mid, down, aux, aux_mem(off));
   }
   template <Smooth S>
   FASTOPT_ALWAYS_INLINE void elementwise(int64_t off, int64_t n) const {
@@ -214,7 +236,7 @@ struct TensorRows {
   FASTOPT_ALWAYS_INLINE void advance_update(int64_t off, int64_t prev, int64_t begin, int64_t end, M* cur,
                                             M* cur_aux, const M* up, const M* mid, const M* prev_aux) const {
     advance_update_loop<S, Op, T, M>(step.op, t.k, step.coupling, t.g + off, s(0, off), s(1, off), t.p + prev, u(prev), begin,
-                           end, cur, cur_aux, up, mid, prev_aux);
+                           end, cur, cur_aux, up, mid, prev_aux, aux_mem(prev));
   }
 };
 

@@ -21,6 +21,11 @@
 
 namespace fastopt {
 
+// Where ``aux`` (what advance hands to update) can be read again from memory: the gradient (the
+// siblings), or the first advance state once written (LAdam's m, exactly so only when the state
+// is stored in the math dtype: a bf16 m is rounded, the reference uses the fp32 one).
+enum class AuxSource { kGradient, kState0 };
+
 FASTOPT_HD float math_sqrt(float x) { return sqrtf(x); }
 FASTOPT_HD double math_sqrt(double x) { return sqrt(x); }
 
@@ -33,6 +38,7 @@ struct LAdamStepFunctor {
   using Math = MATH_T;
   static constexpr int kAdvanceStates = 2;  // exp_avg, exp_avg_sq
   static constexpr int kUpdateStates = 0;
+  static constexpr AuxSource kAux = AuxSource::kState0;
   struct TensorScalars {
     MATH_T inv_bc1, inv_bc2;
   };
@@ -79,6 +85,7 @@ struct LAdaGradStepFunctor {
   using Math = MATH_T;
   static constexpr int kAdvanceStates = 1;  // sum
   static constexpr int kUpdateStates = 0;
+  static constexpr AuxSource kAux = AuxSource::kGradient;
   struct TensorScalars {
     MATH_T neg_clr;
   };
@@ -118,6 +125,7 @@ struct LRMSPropStepFunctor {
   using Math = MATH_T;
   static constexpr int kAdvanceStates = 1;              // square_avg
   static constexpr int kUpdateStates = Momentum ? 1 : 0;  // momentum_buffer
+  static constexpr AuxSource kAux = AuxSource::kGradient;
   struct TensorScalars {};
 
   MATH_T alpha, one_minus_alpha, decay, neg_lr, eps, momentum;

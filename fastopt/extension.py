@@ -105,6 +105,8 @@ def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                beta1: float, beta2: float, eps: float, weight_decay: float, c2: float, stencil: str) -> None:
     """LAdam step, mode variance_lap, fused: the math of
     :func:`fastopt.reference.ladam_step_reference` in one pass over each tensor."""
+    if not params:  # the dispatcher needs a tensor to pick the kernel by; nothing to do anyway
+        return
     _OPS.ladam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps),
                     [bool(u) for u in use_laps], lr=float(lr), beta1=float(beta1), beta2=float(beta2),
                     eps=float(eps), weight_decay=float(weight_decay), c2=float(c2), stencil=stencil)
@@ -114,6 +116,8 @@ def ladagrad_step(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums:
                   steps: Sequence[Tensor], use_laps: Sequence[bool], *, lr: float, lr_decay: float, eps: float,
                   weight_decay: float, c2: float, stencil: str) -> None:
     """LAdaGrad step fused: the math of :func:`fastopt.reference.ladagrad_step_reference`."""
+    if not params:
+        return
     _OPS.ladagrad_step(list(params), list(grads), list(state_sums), list(steps), [bool(u) for u in use_laps],
                        lr=float(lr), lr_decay=float(lr_decay), eps=float(eps), weight_decay=float(weight_decay),
                        c2=float(c2), stencil=stencil)
@@ -125,6 +129,8 @@ def lrmsprop_step(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs
                   stencil: str) -> None:
     """LRMSProp step fused: the math of :func:`fastopt.reference.lrmsprop_step_reference`
     (``momentum_buffers`` is None, or ignored, when momentum is 0)."""
+    if not params:
+        return
     buffers: List[Tensor] = list(momentum_buffers) if momentum > 0 and momentum_buffers is not None else []
     _OPS.lrmsprop_step(list(params), list(grads), list(square_avgs), buffers, list(steps),
                        [bool(u) for u in use_laps], lr=float(lr), alpha=float(alpha), eps=float(eps),

@@ -267,3 +267,14 @@ def test_cuda_host_code_compiles(tmp_path):
     compile_all([[NVCC, "-x", "c++", "-std=c++20", "-c", os.path.join(build.CSRC, src), "-o",
                   str(tmp_path / (src + ".o")), "-DFASTOPT_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
                   *[f"-I{i}" for i in includes]] for src in ("cuda_host.cpp", "bindings.cpp")], warnings_ok=True)
+
+
+@needs_cpu
+def test_empty_lists_do_nothing():
+    from fastopt import extension
+
+    extension.ladam_step_cpu([], [], [], [], [], [], **HYPER)
+    extension.ladagrad_step_cpu([], [], [], [], [], lr=1e-2, lr_decay=0.0, eps=1e-10, weight_decay=0.0, c2=1e-2,
+                                stencil="9point")
+    extension.lrmsprop_step_cpu([], [], [], None, [], [], lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                                momentum=0.0, c2=1e-2, stencil="9point")
