@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -357,13 +358,12 @@ FASTOPT_TARGET_AVX2 void tile_main_avx2(const Step<Op>& step, const TensorGrid& 
 }
 #endif
 
-// Calls f(tile index) for every tile, the tiles handed out one by one to the threads of
-// at::parallel_for (dynamic: threads slowed by other work on the machine take fewer tiles).
+// Calls f(i) for i in [0, n), the indices handed out one by one, in order, to the threads of one
+// at::parallel_for (dynamic: a thread slowed by other work on the machine takes fewer).
 template <class F>
-void for_each_tile(const TilePlan& plan, int64_t serial_below, const F& f) {
-  const int64_t n = static_cast<int64_t>(plan.tiles.size());
+void for_each_item(int64_t n, bool serial, const F& f) {
   const int64_t threads = at::get_num_threads();
-  if (n == 1 || threads == 1 || plan.elems < serial_below || at::in_parallel_region()) {
+  if (n == 1 || threads == 1 || serial || at::in_parallel_region()) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }
@@ -376,7 +376,8 @@ void for_each_tile(const TilePlan& plan, int64_t serial_below, const F& f) {
   });
 }
 
-// One step of an op over all its tensors.
+// One step of an op over all its tensors: the halo pre-pass of the tiles that need one, then the
+// main pass of every tile, as one list of work items in one parallel loop.
 template <class Op>
 void run_tiles(const Step<Op>& step, const std::vector<TensorGrid>& grids) {
   using M = typename Op::Math;
@@ -388,18 +389,27 @@ void run_tiles(const Step<Op>& step, const std::vector<TensorGrid>& grids) {
   if (use_avx2()) main_fn = &tile_main_avx2<Op>;
 #endif
   std::vector<M> halo(static_cast<size_t>(plan.halo_elems));
-  if (plan.halo_elems) {
-    // Every halo is read from the old state before any tile writes (the barrier at the end of
-    // this parallel loop), so no thread reads a value another one has already overwritten.
-    for_each_tile(plan, config.serial_below, [&](int64_t i) {
-      const Tile& tile = plan.tiles[i];
-      if (tile.halo >= 0) tile_halo(step, grids[tile.tensor], tile, halo.data() + tile.halo);
-    });
+  std::vector<int64_t> with_halo;
+  for (int64_t i = 0; i < static_cast<int64_t>(plan.tiles.size()); ++i) {
+    if (plan.tiles[i].halo >= 0) with_halo.push_back(i);
   }
-  for_each_tile(plan, config.serial_below, [&](int64_t i) {
+  const int64_t n_halo = static_cast<int64_t>(with_halo.size());
+  // Items are handed out in order, so every pre-pass item is taken before any main item; a main
+  // item waits until all are done. So every halo is read from the old state before any tile
+  // writes, and no thread reads a value that another one has already overwritten. (One parallel
+  // loop, not one per pass: on a busy machine each loop's end waits for its slowest thread.)
+  std::atomic<int64_t> halos_done{0};
+  for_each_item(n_halo + static_cast<int64_t>(plan.tiles.size()), plan.elems < config.serial_below, [&](int64_t i) {
+    if (i < n_halo) {
+      const Tile& tile = plan.tiles[with_halo[i]];
+      tile_halo(step, grids[tile.tensor], tile, halo.data() + tile.halo);
+      halos_done.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    while (halos_done.load(std::memory_order_acquire) < n_halo) std::this_thread::yield();
     thread_local Scratch<M> scratch;
     scratch.reserve(plan.max_cols);
-    const Tile& tile = plan.tiles[i];
+    const Tile& tile = plan.tiles[i - n_halo];
     main_fn(step, grids[tile.tensor], tile, tile.halo >= 0 ? halo.data() + tile.halo : nullptr, scratch);
   });
 }
