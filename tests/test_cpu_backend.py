@@ -183,3 +183,31 @@ def test_baseline_isa_matches_reference():
                          timeout=900)
     assert out.returncode == 0, out.stdout[-5000:]
     assert " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_non_contiguous_gradients_and_parameters(dtype):
+    """Gradients in other layouts than their parameters (transposed, channels_last, strided),
+    parameters that are views; the state stays contiguous in logical order."""
+    torch.manual_seed(0)
+    base = torch.randn(20, 48, dtype=dtype)
+    params = [torch.randn(12, 8, 3, 3, dtype=dtype), torch.randn(30, 20, dtype=dtype), base[:, ::2].clone(),
+              base[:, 1::2]]
+    ref_params = [p.clone() for p in params]
+    grads = [torch.randn(12, 8, 3, 3, dtype=dtype).to(memory_format=torch.channels_last),
+             torch.randn(20, 30, dtype=dtype).t(), torch.randn(20, 48, dtype=dtype)[:, ::2],
+             torch.randn(20, 24, dtype=dtype)]
+    assert not any(g.is_contiguous() for g in grads[:3]) and not params[3].is_contiguous()
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, c2=1e-2, stencil="9point")
+    states = [[torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params] for _ in range(4)]
+    steps = [torch.tensor(3.0) for _ in params]
+    from fastopt.extension import ladam_step_cpu
+    from fastopt.reference import ladam_step_reference
+
+    ladam_step_cpu(params, grads, states[0], states[1], steps, [True] * 4, **kw)
+    ladam_step_reference(ref_params, grads, states[2], states[3], steps, [True] * 4, **kw)
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        close(p, q, f"param {i}", dtype)
+        close(states[0][i], states[2][i], f"exp_avg {i}", dtype)
+        close(states[1][i], states[3][i], f"exp_avg_sq {i}", dtype)
+    assert torch.equal(base[:, 1::2], params[3]), "the view's storage was not updated in place"
