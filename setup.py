@@ -6,7 +6,7 @@ Needs the installed torch at build time: ``pip install --no-build-isolation .``.
 Without torch, or with an empty csrc/, the install is pure Python and fastopt falls back to
 its other backends (fastopt.backends reports why).
 """
-import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -14,9 +14,20 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _build_config():
+    """fastopt/_extension_build.py (flags and sources, shared with the run-time build), loaded
+    without importing the fastopt package."""
+    spec = importlib.util.spec_from_file_location("_fastopt_extension_build",
+                                                  os.path.join(HERE, "fastopt", "_extension_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def extension_build():
     """(ext_modules, cmdclass) for fastopt._C, or ([], {}) when there is nothing to build."""
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    config = _build_config()
+    cpp, cu = config.sources("csrc")
     if not cpp:
         return [], {}
     try:
@@ -26,17 +37,16 @@ def extension_build():
         print("fastopt: torch is not importable at build time; skipping the extension fastopt._C "
               "(install torch first and use pip install --no-build-isolation)")
         return [], {}
-    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    with_cuda = bool(cu) and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    common = dict(name="fastopt._C", include_dirs=[os.path.join(HERE, "csrc")],
-                  extra_link_args=["-fopenmp"])
+    with_cuda, why = config.cuda_buildable(cu)
+    if cu and not with_cuda:
+        print(f"fastopt: building fastopt._C without its CUDA kernels: {why}")
+    common = dict(name="fastopt._C", include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=config.LD_FLAGS)
     if with_cuda:
-        ext = cpp_extension.CUDAExtension(sources=cpp + cu, define_macros=[("FASTOPT_WITH_CUDA", None)],
-                                          extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+        ext = cpp_extension.CUDAExtension(sources=cpp + cu, define_macros=[(config.CUDA_MACRO, None)],
+                                          extra_compile_args={"cxx": config.CXX_FLAGS, "nvcc": config.NVCC_FLAGS},
                                           **common)
     else:
-        ext = cpp_extension.CppExtension(sources=cpp, extra_compile_args={"cxx": cxx_flags}, **common)
+        ext = cpp_extension.CppExtension(sources=cpp, extra_compile_args={"cxx": config.CXX_FLAGS}, **common)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 
 

@@ -12,7 +12,8 @@ cpu       CPU tensors                                                 ``fastopt.
 torch     anything                                                    ``fastopt.reference``
 ========  ==========================================================  ======================
 
-Each module also maps op -> supported dtypes in a ``DTYPES`` dict.
+Each module also maps op -> supported dtypes in a ``DTYPES`` dict, and may name backends it cannot
+serve here, with the reason, in an ``UNAVAILABLE`` dict.
 
 ``backend="auto"`` tries, for CUDA tensors, triton then cuda then torch, and for CPU tensors cpu
 then torch, taking the first that implements the op for the tensors' dtype. The environment
@@ -95,9 +96,14 @@ def _load(backend: str):
     """(module, None) or (None, reason). Import errors are kept, not raised: see the module doc."""
     spec = _SPECS[backend]
     try:
-        return importlib.import_module(spec.module), None
+        module = importlib.import_module(spec.module)
     except ImportError as err:  # a missing optional dependency or an unbuilt extension
         return None, f"backend={backend!r} needs {spec.needs} ({type(err).__name__}: {err})"
+    # A module serving several backends may lack one (an extension built without CUDA).
+    missing = getattr(module, "UNAVAILABLE", {}).get(backend)
+    if missing:
+        return None, f"backend={backend!r} needs {spec.needs} ({missing})"
+    return module, None
 
 
 def _device_reason(backend: str, device_type: str) -> Optional[str]:

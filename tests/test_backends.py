@@ -1,4 +1,7 @@
 """fastopt.backends: the one place a backend is chosen."""
+import sys
+import types
+
 import pytest
 import torch
 
@@ -64,3 +67,25 @@ def test_a_missing_module_is_reported_not_raised(monkeypatch):
 def test_missing_op_in_a_loaded_backend(monkeypatch):
     monkeypatch.setattr(fastopt.reference, "ladagrad_step_reference", None)
     assert "no implementation of 'ladagrad_step'" in backends.why_not("torch", "ladagrad_step", "cpu", torch.float32)
+
+
+def test_a_module_can_declare_a_backend_it_cannot_serve(monkeypatch):
+    # fastopt.extension serves "cpu" and "cuda"; built without CUDA kernels it declares "cuda"
+    # unavailable, and the reason reaches the user instead of a failing kernel call.
+    module = types.ModuleType("fastopt._stub_extension")
+    module.DTYPES = {"ladam_step": frozenset({torch.float32})}
+    module.UNAVAILABLE = {"cpu": "built without the moon"}
+    module.ladam_step_cpu = lambda *args, **kwargs: None
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(backends._SPECS, "cpu", backends._Spec(
+        module.__name__, "cpu", frozenset({"cpu"}), False, "the stub"))
+    backends._load.cache_clear()
+    try:
+        assert backends.why_not("cpu", "ladam_step", "cpu", torch.float32) == (
+            "backend='cpu' needs the stub (built without the moon)")
+        assert backends.resolve("ladam_step", "cpu", torch.float32) == "torch"
+        module.UNAVAILABLE = {}
+        backends._load.cache_clear()
+        assert backends.resolve("ladam_step", "cpu", torch.float32) == "cpu"
+    finally:
+        backends._load.cache_clear()

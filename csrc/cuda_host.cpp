@@ -1,0 +1,136 @@
+// The host entries of the CUDA kernels (ladam_step_cuda, ...): check the tensors, build the tile
+// table, upload it, launch on the current stream. A thin layer: the kernels in *.cu take raw
+// pointers only. Compiled only where the extension is built with CUDA (FASTOPT_WITH_CUDA).
+#ifdef FASTOPT_WITH_CUDA
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstring>
+#include <initializer_list>
+#include <vector>
+
+#include "cuda_launch.h"
+#include "ops.h"
+#include "tensor_lists.h"
+
+namespace fastopt {
+namespace {
+
+cuda::DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kDouble: return cuda::DType::kDouble;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kHalf: return cuda::DType::kHalf;
+    default: TORCH_CHECK(false, "fastopt: unsupported dtype ", t);
+  }
+}
+
+// The launch's device-side tables; the tensors keep them alive until the kernels have run (the
+// caching allocators order their reuse after the current stream's work).
+struct Launch {
+  at::Tensor table;  // TensorArgs[n], then Tile[n_tiles]
+  at::Tensor halo;
+  cuda::LaunchArgs args;
+};
+
+Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorList> states, at::TensorList steps) {
+  const size_t n = st.size();
+  std::vector<cuda::TensorArgs> tensors(n);
+  for (size_t i = 0; i < n; ++i) {
+    cuda::TensorArgs& t = tensors[i];
+    t.p = st.params[i].data_ptr();
+    t.g = st.grads[i].const_data_ptr();
+    t.state[0] = t.state[1] = t.state[2] = nullptr;
+    int k = 0;
+    for (at::TensorList s : states) t.state[k++] = s[i].data_ptr();
+    t.step = steps[i].const_data_ptr<float>();
+    t.grid = st.grids[i];
+  }
+  const TilePlan plan = plan_tiles(st.grids, cuda::kPolicy);
+  const bool dbl = st.dtype == at::kDouble;
+  const int64_t math_size = dbl ? 8 : 4;
+  int64_t smem_elems = 0;
+  for (const Tile& tile : plan.tiles) {
+    const bool vertical = is_vertical(st.grids[tile.tensor].smooth);
+    smem_elems = std::max(smem_elems, (vertical ? tile.nrows + 2 : 1) * (tile.ncols + 2));
+  }
+  const size_t tensor_bytes = n * sizeof(cuda::TensorArgs);
+  const size_t tile_offset = (tensor_bytes + 15) / 16 * 16;
+  const size_t bytes = tile_offset + plan.tiles.size() * sizeof(Tile);
+  const at::Device device = st.params[0].device();
+  // Staged in pinned memory so that the copy is asynchronous.
+  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), tensors.data(), tensor_bytes);
+  std::memcpy(static_cast<char*>(host.data_ptr()) + tile_offset, plan.tiles.data(), plan.tiles.size() * sizeof(Tile));
+  Launch launch;
+  launch.table = host.to(device, /*non_blocking=*/true);
+  if (plan.halo_elems) {
+    launch.halo = at::empty({plan.halo_elems * math_size}, at::TensorOptions().dtype(at::kByte).device(device));
+  }
+  char* base = static_cast<char*>(launch.table.data_ptr());
+  launch.args = cuda::LaunchArgs{reinterpret_cast<const cuda::TensorArgs*>(base),
+                                 reinterpret_cast<const Tile*>(base + tile_offset),
+                                 static_cast<int64_t>(plan.tiles.size()),
+                                 plan.halo_elems ? launch.halo.data_ptr() : nullptr,
+                                 smem_elems * math_size,
+                                 dtype_code(st.dtype),
+                                 c10::cuda::getCurrentCUDAStream(device.index()).stream()};
+  return launch;
+}
+
+}  // namespace
+
+void ladam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList steps, const c10::List<bool>& use_laps, double lr,
+                     double beta1, double beta2, double eps, double weight_decay, double c2,
+                     c10::string_view stencil) {
+  StepTensors st = prepare_step("ladam_step", c10::DeviceType::CUDA, params, grads,
+                                {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps, use_laps, stencil,
+                                /*steps_on_device=*/true);
+  if (st.size() == 0) return;
+  const c10::cuda::CUDAGuard guard(st.params[0].device());
+  const Launch launch = prepare_launch(st, {exp_avgs, exp_avg_sqs}, steps);
+  C10_CUDA_CHECK(cuda::launch_ladam_step(launch.args, lr, beta1, beta2, eps, weight_decay, c2));
+  st.write_back();
+}
+
+void ladagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+                        const c10::List<bool>& use_laps, double lr, double lr_decay, double eps, double weight_decay,
+                        double c2, c10::string_view stencil) {
+  StepTensors st = prepare_step("ladagrad_step", c10::DeviceType::CUDA, params, grads,
+                                {{"state_sums", state_sums}}, steps, use_laps, stencil, /*steps_on_device=*/true);
+  if (st.size() == 0) return;
+  const c10::cuda::CUDAGuard guard(st.params[0].device());
+  const Launch launch = prepare_launch(st, {state_sums}, steps);
+  C10_CUDA_CHECK(cuda::launch_ladagrad_step(launch.args, lr, lr_decay, eps, weight_decay, c2));
+  st.write_back();
+}
+
+void lrmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                        at::TensorList momentum_buffers, at::TensorList steps, const c10::List<bool>& use_laps,
+                        double lr, double alpha, double eps, double weight_decay, double momentum, double c2,
+                        c10::string_view stencil) {
+  const bool with_momentum = momentum > 0;
+  StepTensors st =
+      with_momentum
+          ? prepare_step("lrmsprop_step", c10::DeviceType::CUDA, params, grads,
+                         {{"square_avgs", square_avgs}, {"momentum_buffers", momentum_buffers}}, steps, use_laps,
+                         stencil, /*steps_on_device=*/true)
+          : prepare_step("lrmsprop_step", c10::DeviceType::CUDA, params, grads, {{"square_avgs", square_avgs}}, steps,
+                         use_laps, stencil, /*steps_on_device=*/true);
+  if (st.size() == 0) return;
+  const c10::cuda::CUDAGuard guard(st.params[0].device());
+  const Launch launch = with_momentum ? prepare_launch(st, {square_avgs, momentum_buffers}, steps)
+                                      : prepare_launch(st, {square_avgs}, steps);
+  C10_CUDA_CHECK(cuda::launch_lrmsprop_step(launch.args, lr, alpha, eps, weight_decay, momentum, c2));
+  st.write_back();
+}
+
+}  // namespace fastopt
+
+#endif  // FASTOPT_WITH_CUDA

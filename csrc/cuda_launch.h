@@ -1,0 +1,58 @@
+// What the thin host code (cuda_host.cpp, with torch) hands to the CUDA kernels (*.cu, without
+// torch): raw pointers, the tile plan of multi_tensor.h, launch settings. Keeping torch out of the
+// .cu files lets nvcc compile them wherever the CUDA toolkit is, even beside a CPU-only torch.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "multi_tensor.h"
+
+namespace fastopt {
+namespace cuda {
+
+// One thread block per tile; each thread keeps kElemsPerThread elements in registers between
+// the two halves of the step (advance, then the stencil and the update).
+constexpr int kThreads = 256;
+constexpr int kElemsPerThread = 16;
+constexpr int64_t kTileElems = int64_t(kThreads) * kElemsPerThread;
+// 2-D tiles of up to 32 x 128 (with halo, 34 x 130 values in shared memory: 35 KB in double),
+// 1-D and elementwise tiles of up to 4096 elements.
+constexpr TilingPolicy kPolicy{128, kTileElems, kTileElems, 32};
+static_assert(kPolicy.max_cols * kPolicy.max_rows <= kTileElems, "2-D tiles must fit the block");
+static_assert(kPolicy.max_line_cols <= kTileElems && kPolicy.target_elems <= kTileElems,
+              "1-D and elementwise tiles must fit the block");
+
+enum class DType : int32_t { kFloat, kDouble, kBFloat16, kHalf };
+
+// One tensor of the step: its storage, its step count (on the device) and its grid.
+struct TensorArgs {
+  void* p;
+  const void* g;
+  void* state[3];     // the op's state tensors in the order of its signature: advance states, then update states
+  const float* step;  // incremented step count
+  TensorGrid grid;
+};
+
+// One launch: device pointers to the tensor table, the tiles and the halo scratch.
+struct LaunchArgs {
+  const TensorArgs* tensors;
+  const Tile* tiles;
+  int64_t n_tiles;
+  void* halo;           // MATH_T values; nullptr when no tile needs a halo pre-pass
+  int64_t smem_bytes;   // shared memory per block
+  DType dtype;
+  cudaStream_t stream;
+};
+
+// Each returns cudaGetLastError() after its launches.
+cudaError_t launch_ladam_step(const LaunchArgs& a, double lr, double beta1, double beta2, double eps,
+                              double weight_decay, double c2);
+cudaError_t launch_ladagrad_step(const LaunchArgs& a, double lr, double lr_decay, double eps, double weight_decay,
+                                 double c2);
+cudaError_t launch_lrmsprop_step(const LaunchArgs& a, double lr, double alpha, double eps, double weight_decay,
+                                 double momentum, double c2);
+
+}  // namespace cuda
+}  // namespace fastopt

@@ -1,0 +1,439 @@
+// The CPU side of the multi-tensor helper: runs an op's functor (step_functors.h) over the tiles
+// of multi_tensor.h, multi-threaded with at::parallel_for, one pass over memory per tensor.
+//
+// A tile of a 2-D grid walks its rows keeping the stencil's input (the new accumulator) of three
+// consecutive rows in a ring of cache-resident buffers, each row padded with its left and right
+// neighbours (the wrapped columns, or the halo). Row j's state is advanced in the same loop that
+// updates row j-1's parameters, 64 columns behind (the row j-1 update needs row j's new values
+// up to the column after it): one loop streams p, g and the state together, as fused Adam does,
+// which measured faster here than a loop per half (the sqrt and division of the update overlap
+// the memory traffic of the advance). Elementwise tensors (no Laplacian) take one plain loop.
+//
+// The loops are plain and auto-vectorise; every tile routine is compiled twice, for AVX2+FMA and
+// for the baseline ISA, and picked at run time (ATEN_CPU_CAPABILITY=default forces the baseline,
+// as it does for torch's own kernels).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "multi_tensor.h"
+#include "step_functors.h"
+#include "tensor_lists.h"
+
+#if defined(__GNUC__)
+#define FASTOPT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FASTOPT_ALWAYS_INLINE inline
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTOPT_HAVE_AVX2_VARIANT 1
+#define FASTOPT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define FASTOPT_HAVE_AVX2_VARIANT 0
+#endif
+
+namespace fastopt {
+namespace cpu {
+
+// Below this many elements a step runs on the calling thread: waking the pool costs more.
+constexpr int64_t kDefaultSerialBelow = 1 << 15;
+// Tiles: rows of up to 4096 columns (three padded fp32 rows and their aux: 100 KB, in L2), about
+// 128K elements per tile, so that the halo pre-pass (2 rows per tile) adds under 2% to the reads.
+constexpr TilingPolicy kDefaultPolicy{4096, 4096, 1 << 17, 0};
+// How far the parameter update trails the state advance within a row, in columns: enough that
+// the values it reads were stored several vector iterations earlier.
+constexpr int64_t kLag = 64;
+
+// The tiling in force: kDefaultPolicy and kDefaultSerialBelow, unless a test asked for tiny
+// tiles, threads on small steps too (set_tiling), to put tile and thread boundaries everywhere in
+// small tensors.
+struct Tiling {
+  TilingPolicy policy;
+  int64_t serial_below;
+};
+Tiling tiling();
+Tiling set_tiling(const Tiling& t);  // returns the previous one
+
+bool use_avx2();  // the run-time ISA choice
+
+// One tensor of a step: parameters, gradients, the op's state tensors (advance states first,
+// then update states) and the values the op derives from its step count.
+template <class Op>
+struct TensorPtrs {
+  using R = Raw<typename Op::Storage>;
+  R* p;
+  const R* g;
+  R* state[3];
+  typename Op::TensorScalars k;
+};
+
+template <class Op>
+struct Step {
+  using M = typename Op::Math;
+  Op op;
+  Coupling<M> coupling;
+  const TensorPtrs<Op>* tensors;
+};
+
+// -- the loops ------------------------------------------------------------------------------------
+// Row pointers are restrict parameters so that GCC vectorises without run-time alias checks; the
+// functor and scalars come by value, so that their fields stay in registers (by reference they
+// were reloaded and broadcast in every iteration: the stores might have changed them).
+
+// Whether the update reads aux again from memory (row j-1's gradient or state, still in cache)
+// instead of a buffer: one store and one buffer fewer per element.
+template <class Op>
+constexpr bool kReloadAux = Op::kAux == AuxSource::kGradient ||
+                            std::is_same<Raw<typename Op::Storage>, typename Op::Math>::value;
+
+// The new state of n elements (written when Write), their stencil input (acc) and aux.
+template <bool Write, class Op, typename T, typename M>
+FASTOPT_ALWAYS_INLINE void advance_loop(const Op op, const typename Op::TensorScalars k, const Raw<T>* __restrict__ g,
+                                        Raw<T>* __restrict__ s0, Raw<T>* __restrict__ s1, int64_t n, M* __restrict__ acc,
+                                        M* __restrict__ aux) {
+  for (int64_t i = 0; i < n; ++i) {
+    M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
+    M a;
+    acc[i] = op.advance(k, load<T, M>(g[i]), s, a);
+    if (Write) {
+      if (!kReloadAux<Op>) aux[i] = a;
+      s0[i] = store<T>(s[0]);
+      if (Op::kAdvanceStates > 1) s1[i] = store<T>(s[1]);
+    }
+  }
+}
+
+// The parameter update of n elements from the padded stencil-input rows (each pointer at the
+// first element's left neighbour) and aux.
+template <Smooth S, class Op, typename T, typename M>
+FASTOPT_ALWAYS_INLINE void update_loop(const Op op, const typename Op::TensorScalars k, const Coupling<M> c,
+                                       Raw<T>* __restrict__ p, Raw<T>* __restrict__ u0, int64_t n,
+                                       const M* __restrict__ up,
+                                       const M* __restrict__ mid, const M* __restrict__ down,
+                                       const M* __restrict__ aux, const Raw<T>* __restrict__ aux_mem) {
+  for (int64_t i = 0; i < n; ++i) {
+    const M smooth = smoothed<S>(up + i, mid + i, down + i, c, op.floor());
+    M u[1] = {Op::kUpdateStates ? load<T, M>(u0[i]) : M(0)};
+    const M a = kReloadAux<Op> ? load<T, M>(aux_mem[i]) : aux[i];
+    p[i] = store<T>(op.update(k, load<T, M>(p[i]), a, smooth, u));
+    if (Op::kUpdateStates) u0[i] = store<T>(u[0]);
+  }
+}
+
+// Both halves at once on rows without a stencil: the fused-Adam loop.
+template <Smooth S, class Op, typename T, typename M>
+FASTOPT_ALWAYS_INLINE void elementwise_loop(const Op op, const typename Op::TensorScalars k,
+                                            Raw<T>* __restrict__ p, const Raw<T>* __restrict__ g,
+                                            Raw<T>* __restrict__ s0, Raw<T>* __restrict__ s1,
+                                            Raw<T>* __restrict__ u0, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
+    M a;
+    M x = op.advance(k, load<T, M>(g[i]), s, a);
+    s0[i] = store<T>(s[0]);
+    if (Op::kAdvanceStates > 1) s1[i] = store<T>(s[1]);
+    if (S == Smooth::kClamp) x = x < op.floor() ? op.floor() : x;
+    M u[1] = {Op::kUpdateStates ? load<T, M>(u0[i]) : M(0)};
+    p[i] = store<T>(op.update(k, load<T, M>(p[i]), a, x, u));
+    if (Op::kUpdateStates) u0[i] = store<T>(u[0]);
+  }
+}
+
+// Columns [begin, end) of row j advanced, and columns [begin - kLag, end - kLag) of row j-1
+// updated, in one loop. ``cur`` is row j's padded buffer: written at [1 + i], read (as row j-1's
+// lower neighbours) kLag columns behind, so the reads see values stored long before.
+template <Smooth S, class Op, typename T, typename M>
+FASTOPT_ALWAYS_INLINE void advance_update_loop(const Op op, const typename Op::TensorScalars k,
+                                               const Coupling<M> c, const Raw<T>* __restrict__ g,
+                                               Raw<T>* __restrict__ s0, Raw<T>* __restrict__ s1, Raw<T>* __restrict__ p,
+                                               Raw<T>* __restrict__ u0,
+                                               int64_t begin, int64_t end, M* cur, M* __restrict__ cur_aux,
+                                               const M* __restrict__ up, const M* __restrict__ mid,
+                                               const M* __restrict__ prev_aux, const Raw<T>* __restrict__ aux_mem) {
+  // cur's reads trail its writes by kLag - 1 = 63 elements, more than a vector iteration, which
+  // GCC cannot see through the stencil's pointer arithmetic: without ivdep it falls back to
+  // scalar code at run time (measured 5x slower).
+#pragma GCC ivdep
+  for (int64_t i = begin; i < end; ++i) {
+    M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
+    M a;
+    cur[1 + i] = op.advance(k, load<T, M>(g[i]), s, a);
+    if (!kReloadAux<Op>) cur_aux[i] = a;
+    s0[i] = store<T>(s[0]);
+    if (Op::kAdvanceStates > 1) s1[i] = store<T>(s[1]);
+    const int64_t j = i - kLag;
+    const M smooth = smoothed<S>(up + j, mid + j, cur + j, c, op.floor());
+    M u[1] = {Op::kUpdateStates ? load<T, M>(u0[j]) : M(0)};
+    const M prev_a = kReloadAux<Op> ? load<T, M>(aux_mem[j]) : prev_aux[j];
+    p[j] = store<T>(op.update(k, load<T, M>(p[j]), prev_a, smooth, u));
+    if (Op::kUpdateStates) u0[j] = store<T>(u[0]);
+  }
+}
+
+// -- a tile ----------------------------------------------------------------------------------------
+// A thread's row buffers: 3 ring rows of stencil input, 3 of aux, and a copy of row 0. Each
+// padded row starts one element before a 64-byte boundary, so that a row's own elements are
+// aligned like the tensors' rows (and the stencil's shifted loads split fewer cache lines).
+template <typename M>
+struct Scratch {
+  static constexpr int64_t kLine = 64 / sizeof(M);
+  std::vector<M> data;
+  int64_t stride = 0;  // elements from one row buffer to the next, a multiple of kLine
+  M* row(int i) {
+    M* base = data.data() + (kLine - reinterpret_cast<uintptr_t>(data.data()) / sizeof(M) % kLine) % kLine;
+    return base + i * stride + kLine - 1;
+  }
+  M* ring(int i) { return row(i); }
+  M* aux(int i) { return row(3 + i) + 1; }
+  M* first() { return row(6); }
+  void reserve(int64_t cols) {
+    stride = (cols + 1 + 2 * kLine - 1) / kLine * kLine;  // room for kLine - 1 + cols + 2
+    const size_t size = static_cast<size_t>(7 * stride + 2 * kLine);
+    if (data.size() < size) data.resize(size);
+  }
+};
+
+// Row and column addressing of one tensor, with the loops bound to its pointers.
+template <class Op>
+struct TensorRows {
+  using M = typename Op::Math;
+  using T = typename Op::Storage;
+  const Step<Op>& step;
+  const TensorPtrs<Op>& t;
+
+  Raw<T>* s(int i, int64_t off) const { return i < Op::kAdvanceStates ? t.state[i] + off : nullptr; }
+  const Raw<T>* aux_mem(int64_t off) const {
+    return (Op::kAux == AuxSource::kGradient ? t.g : t.state[0]) + off;
+  }
+  Raw<T>* u(int64_t off) const { return Op::kUpdateStates ? t.state[Op::kAdvanceStates] + off : nullptr; }
+
+  template <bool Write>
+  FASTOPT_ALWAYS_INLINE void advance(int64_t off, int64_t n, M* acc, M* aux) const {
+    advance_loop<Write, Op, T, M>(step.op, t.k, t.g + off, s(0, off), s(1, off), n, acc, aux);
+  }
+  FASTOPT_ALWAYS_INLINE M peek(int64_t off) const {
+    M acc;
+    advance<false>(off, 1, &acc, nullptr);
+    return acc;
+  }
+  template <Smooth S>
+  FASTOPT_ALWAYS_INLINE void update(int64_t off, int64_t n, const M* up, const M* mid, const M* down,
+                                    const M* aux) const {
+    update_loop<S, Op, T, M>(step.op, t.k, step.coupling, t.p + off, u(off), n, up, mid, down, aux, aux_mem(off));
+  }
+  template <Smooth S>
+  FASTOPT_ALWAYS_INLINE void elementwise(int64_t off, int64_t n) const {
+    elementwise_loop<S, Op, T, M>(step.op, t.k, t.p + off, t.g + off, s(0, off), s(1, off), u(off), n);
+  }
+  template <Smooth S>
+  FASTOPT_ALWAYS_INLINE void advance_update(int64_t off, int64_t prev, int64_t begin, int64_t end, M* cur,
+                                            M* cur_aux, const M* up, const M* mid, const M* prev_aux) const {
+    advance_update_loop<S, Op, T, M>(step.op, t.k, step.coupling, t.g + off, s(0, off), s(1, off), t.p + prev, u(prev), begin,
+                           end, cur, cur_aux, up, mid, prev_aux, aux_mem(prev));
+  }
+};
+
+// Pre-pass: the new stencil input of the tile's halo, from the old state. ``out`` is the tile's
+// part of the scratch buffer (see HaloLayout).
+template <class Op>
+void tile_halo(const Step<Op>& step, const TensorGrid& g, const Tile& tile, typename Op::Math* out) {
+  using M = typename Op::Math;
+  const TensorRows<Op> rows{step, step.tensors[tile.tensor]};
+  const HaloLayout h = halo_layout(g, tile);
+  const int64_t C = g.cols, W = tile.ncols;
+  const int64_t left_col = (tile.col0 - 1 + C) % C, right_col = (tile.col0 + W) % C;
+  if (is_vertical(g.smooth)) {
+    const int64_t rows_of[2] = {(tile.row0 - 1 + g.rows) % g.rows, (tile.row0 + tile.nrows) % g.rows};
+    M* dst[2] = {out + h.top, out + h.bottom};
+    for (int k = 0; k < 2; ++k) {
+      const int64_t base = rows_of[k] * C;
+      rows.template advance<false>(base + tile.col0, W, dst[k] + 1, nullptr);
+      dst[k][0] = rows.peek(base + left_col);
+      dst[k][W + 1] = rows.peek(base + right_col);
+    }
+  }
+  if (W < C) {
+    for (int64_t r = 0; r < tile.nrows; ++r) {
+      const int64_t base = (tile.row0 + r) * C;
+      out[h.left + r] = rows.peek(base + left_col);
+      out[h.right + r] = rows.peek(base + right_col);
+    }
+  }
+}
+
+// The 2-D walk of a tile, for one stencil.
+template <Smooth S, class Op>
+FASTOPT_ALWAYS_INLINE void tile_rows(const TensorRows<Op>& rows, const TensorGrid& g, const Tile& tile,
+                                     const typename Op::Math* halo, Scratch<typename Op::Math>& s) {
+  using M = typename Op::Math;
+  const HaloLayout h = halo_layout(g, tile);
+  const int64_t C = g.cols, W = tile.ncols;
+  const bool full_width = W == C;
+  // The left and right neighbours of a row: wrapped from the row itself, or from the halo.
+  auto pad = [&](M* row, int64_t r) {
+    row[0] = full_width ? row[W] : halo[h.left + r];
+    row[W + 1] = full_width ? row[1] : halo[h.right + r];
+  };
+  // Row j's buffers are ring slot (j - row0 + 1) % 3, so the row above the tile is slot 0.
+  const int64_t row0 = tile.row0, row_end = tile.row0 + tile.nrows;
+  auto slot = [row0](int64_t j) { return static_cast<int>((j - row0 + 1) % 3); };
+  M* above = s.ring(0);
+  if (halo) {
+    std::memcpy(above, halo + h.top, sizeof(M) * (W + 2));
+  } else {
+    // The tile is the whole tensor: its last row still holds the old state.
+    rows.template advance<false>((g.rows - 1) * C, W, above + 1, nullptr);
+    pad(above, 0);
+  }
+  const bool fused = W > kLag + 1;
+  for (int64_t j = row0; j <= row_end; ++j) {
+    M* cur = s.ring(slot(j));
+    M* cur_aux = s.aux(slot(j));
+    const int64_t off = j * C + tile.col0, prev = off - C;
+    if (j == row_end) {  // the row below the tile: from the halo, or row 0 (saved below)
+      std::memcpy(cur, halo ? halo + h.bottom : s.first(), sizeof(M) * (W + 2));
+    } else if (j == row0 || !fused) {
+      rows.template advance<true>(off, W, cur + 1, cur_aux);
+      pad(cur, j - row0);
+    } else {
+      // Row j's columns [0, kLag + 1) first: row j-1's update at column c needs row j up to c + 1.
+      rows.template advance<true>(off, kLag + 1, cur + 1, cur_aux);
+      rows.template advance_update<S>(off, prev, kLag + 1, W, cur, cur_aux, s.ring(slot(j - 2)),
+                                      s.ring(slot(j - 1)), s.aux(slot(j - 1)));
+      pad(cur, j - row0);
+      // Left for row j-1: column 0 (its left neighbours wrap to row j's end) and the last kLag.
+      rows.template update<S>(prev, 1, s.ring(slot(j - 2)), s.ring(slot(j - 1)), cur, s.aux(slot(j - 1)));
+      rows.template update<S>(prev + W - kLag, kLag, s.ring(slot(j - 2)) + W - kLag, s.ring(slot(j - 1)) + W - kLag,
+                              cur + W - kLag, s.aux(slot(j - 1)) + W - kLag);
+    }
+    if (!halo && j == 0) std::memcpy(s.first(), cur, sizeof(M) * (W + 2));  // row 0 is below the last
+    if (j > row0 && (!fused || j == row_end)) {
+      rows.template update<S>(prev, W, s.ring(slot(j - 2)), s.ring(slot(j - 1)), cur, s.aux(slot(j - 1)));
+    }
+  }
+}
+
+// Main pass over one tile.
+template <class Op>
+FASTOPT_ALWAYS_INLINE void tile_main(const Step<Op>& step, const TensorGrid& g, const Tile& tile,
+                                     const typename Op::Math* halo, Scratch<typename Op::Math>& s) {
+  using M = typename Op::Math;
+  const TensorRows<Op> rows{step, step.tensors[tile.tensor]};
+  switch (g.smooth) {
+    case Smooth::kNone: rows.template elementwise<Smooth::kNone>(tile.col0, tile.ncols); return;
+    case Smooth::kClamp: rows.template elementwise<Smooth::kClamp>(tile.col0, tile.ncols); return;
+    case Smooth::kLine: {  // one row, padded by its wrap or the halo
+      const int64_t W = tile.ncols;
+      M* acc = s.ring(0);
+      M* aux = s.aux(0);
+      rows.template advance<true>(tile.col0, W, acc + 1, aux);
+      acc[0] = halo ? halo[halo_layout(g, tile).left] : acc[W];
+      acc[W + 1] = halo ? halo[halo_layout(g, tile).right] : acc[1];
+      rows.template update<Smooth::kLine>(tile.col0, W, acc, acc, acc, aux);
+      return;
+    }
+    case Smooth::kFive: tile_rows<Smooth::kFive>(rows, g, tile, halo, s); return;
+    case Smooth::kNine: tile_rows<Smooth::kNine>(rows, g, tile, halo, s); return;
+  }
+}
+
+template <class Op>
+void tile_main_baseline(const Step<Op>& step, const TensorGrid& g, const Tile& tile, const typename Op::Math* halo,
+                        Scratch<typename Op::Math>& s) {
+  tile_main(step, g, tile, halo, s);
+}
+#if FASTOPT_HAVE_AVX2_VARIANT
+template <class Op>
+FASTOPT_TARGET_AVX2 void tile_main_avx2(const Step<Op>& step, const TensorGrid& g, const Tile& tile,
+                                        const typename Op::Math* halo, Scratch<typename Op::Math>& s) {
+  tile_main(step, g, tile, halo, s);
+}
+#endif
+
+// Calls f(i) for i in [0, n), the indices handed out one by one, in order, to the threads of one
+// at::parallel_for (dynamic: a thread slowed by other work on the machine takes fewer).
+template <class F>
+void for_each_item(int64_t n, bool serial, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (n == 1 || threads == 1 || serial || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      f(i);
+    }
+  });
+}
+
+// One step of an op over all its tensors: the halo pre-pass of the tiles that need one, then the
+// main pass of every tile, as one list of work items in one parallel loop.
+template <class Op>
+void run_tiles(const Step<Op>& step, const std::vector<TensorGrid>& grids) {
+  using M = typename Op::Math;
+  const Tiling config = tiling();
+  const TilePlan plan = plan_tiles(grids, config.policy);
+  if (plan.tiles.empty()) return;
+  auto main_fn = &tile_main_baseline<Op>;
+#if FASTOPT_HAVE_AVX2_VARIANT
+  if (use_avx2()) main_fn = &tile_main_avx2<Op>;
+#endif
+  std::vector<M> halo(static_cast<size_t>(plan.halo_elems));
+  std::vector<int64_t> with_halo;
+  for (int64_t i = 0; i < static_cast<int64_t>(plan.tiles.size()); ++i) {
+    if (plan.tiles[i].halo >= 0) with_halo.push_back(i);
+  }
+  const int64_t n_halo = static_cast<int64_t>(with_halo.size());
+  // Items are handed out in order, so every pre-pass item is taken before any main item; a main
+  // item waits until all are done. So every halo is read from the old state before any tile
+  // writes, and no thread reads a value that another one has already overwritten. (One parallel
+  // loop, not one per pass: on a busy machine each loop's end waits for its slowest thread.)
+  std::atomic<int64_t> halos_done{0};
+  for_each_item(n_halo + static_cast<int64_t>(plan.tiles.size()), plan.elems < config.serial_below, [&](int64_t i) {
+    if (i < n_halo) {
+      const Tile& tile = plan.tiles[with_halo[i]];
+      tile_halo(step, grids[tile.tensor], tile, halo.data() + tile.halo);
+      halos_done.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    while (halos_done.load(std::memory_order_acquire) < n_halo) std::this_thread::yield();
+    thread_local Scratch<M> scratch;
+    scratch.reserve(plan.max_cols);
+    const Tile& tile = plan.tiles[i - n_halo];
+    main_fn(step, grids[tile.tensor], tile, tile.halo >= 0 ? halo.data() + tile.halo : nullptr, scratch);
+  });
+}
+
+// The host side of a step: the tensor table (the op's state lists in the order of its signature:
+// advance states, then update states), then the tiles.
+template <class Op>
+void run_step(const Op& op, double c2, const StepTensors& st, std::initializer_list<at::TensorList> states,
+              at::TensorList steps) {
+  using R = Raw<typename Op::Storage>;
+  static_assert(Op::kAdvanceStates + Op::kUpdateStates <= 3, "TensorPtrs holds three state tensors");
+  const std::vector<double> counts = step_counts(steps);
+  std::vector<TensorPtrs<Op>> tensors(st.size());
+  for (size_t i = 0; i < st.size(); ++i) {
+    TensorPtrs<Op>& t = tensors[i];
+    t.p = data_of<R>(st.params[i]);
+    t.g = data_of<const R>(st.grads[i]);
+    t.state[0] = t.state[1] = t.state[2] = nullptr;
+    int k = 0;
+    for (at::TensorList list : states) t.state[k++] = data_of<R>(list[i]);
+    t.k = op.scalars(counts[i]);
+  }
+  run_tiles(Step<Op>{op, Coupling<typename Op::Math>(c2), tensors.data()}, st.grids);
+}
+
+}  // namespace cpu
+}  // namespace fastopt

@@ -1,0 +1,35 @@
+// The host entries of fastopt._C, registered as torch.ops.fastopt.<op> by bindings.cpp.
+// Each has the signature of fastopt.reference's <op>_reference (lists of tensors of one device
+// and dtype, then the hyperparameters); <op>_cpu runs on CPU tensors, <op>_cuda on CUDA ones.
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+namespace fastopt {
+
+#define FASTOPT_LADAM_STEP_ARGS                                                                            \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,       \
+      at::TensorList steps, const c10::List<bool>& use_laps, double lr, double beta1, double beta2,       \
+      double eps, double weight_decay, double c2, c10::string_view stencil
+#define FASTOPT_LADAGRAD_STEP_ARGS                                                                         \
+  at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,           \
+      const c10::List<bool>& use_laps, double lr, double lr_decay, double eps, double weight_decay,       \
+      double c2, c10::string_view stencil
+#define FASTOPT_LRMSPROP_STEP_ARGS                                                                         \
+  at::TensorList params, at::TensorList grads, at::TensorList square_avgs,                                \
+      at::TensorList momentum_buffers, at::TensorList steps, const c10::List<bool>& use_laps, double lr,  \
+      double alpha, double eps, double weight_decay, double momentum, double c2, c10::string_view stencil
+
+void ladam_step_cpu(FASTOPT_LADAM_STEP_ARGS);
+void ladagrad_step_cpu(FASTOPT_LADAGRAD_STEP_ARGS);
+void lrmsprop_step_cpu(FASTOPT_LRMSPROP_STEP_ARGS);
+
+#ifdef FASTOPT_WITH_CUDA
+void ladam_step_cuda(FASTOPT_LADAM_STEP_ARGS);
+void ladagrad_step_cuda(FASTOPT_LADAGRAD_STEP_ARGS);
+void lrmsprop_step_cuda(FASTOPT_LRMSPROP_STEP_ARGS);
+#endif
+
+}  // namespace fastopt

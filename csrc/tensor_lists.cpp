@@ -1,0 +1,104 @@
+#include "tensor_lists.h"
+
+#include <c10/util/Exception.h>
+
+
+
+namespace fastopt {
+
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_matches(const char* op, const char* name, size_t i, const at::Tensor& t, const at::Tensor& p) {
+  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but params[", i,
+              "] has shape ", p.sizes());
+  TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+              " but params[", i, "] has dtype ", p.scalar_type());
+  TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but params[", i,
+              "] is on ", p.device());
+}
+
+}  // namespace
+
+StepTensors prepare_step(const char* op, c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
+                         std::initializer_list<NamedList> states, at::TensorList steps,
+                         const c10::List<bool>& use_laps, c10::string_view stencil, bool steps_on_device) {
+  const size_t n = params.size();
+  TORCH_CHECK(stencil == "9point" || stencil == "5point", op, ": invalid stencil '", std::string(stencil),
+              "'. Choose from: 9point, 5point");
+  TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
+  TORCH_CHECK(steps.size() == n, op, ": got ", n, " params but ", steps.size(), " steps");
+  TORCH_CHECK(use_laps.size() == n, op, ": got ", n, " params but ", use_laps.size(), " use_laps");
+  for (const NamedList& s : states) {
+    TORCH_CHECK(s.tensors.size() == n, op, ": got ", n, " params but ", s.tensors.size(), " ", s.name);
+  }
+  StepTensors out;
+  if (n == 0) return out;
+  const at::Tensor& first = params[0];
+  TORCH_CHECK(first.defined(), op, ": params[0] is undefined");
+  TORCH_CHECK(first.device().type() == device_type, op, ": runs on ", c10::DeviceTypeName(device_type, true),
+              " tensors; params[0] is on ", first.device());
+  TORCH_CHECK(supported_dtype(first.scalar_type()), op, ": params[0] has dtype ", first.scalar_type(),
+              "; supported: float32, float64, bfloat16, float16");
+  const bool nine_point = stencil == "9point";
+  out.dtype = first.scalar_type();
+  out.params.reserve(n);
+  out.grads.reserve(n);
+  out.grids.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK(p.scalar_type() == first.scalar_type() && p.device() == first.device(), op, ": params[", i,
+                "] is ", p.scalar_type(), " on ", p.device(), " but params[0] is ", first.scalar_type(), " on ",
+                first.device(), "; group tensors by device and dtype");
+    check_matches(op, "grads", i, grads[i], p);
+    for (const NamedList& s : states) {
+      check_matches(op, s.name, i, s.tensors[i], p);
+      TORCH_CHECK(s.tensors[i].is_contiguous(), op, ": ", s.name, "[", i,
+                  "] is not contiguous; state tensors must be contiguous in logical order");
+    }
+    const at::Tensor& step = steps[i];
+    TORCH_CHECK(step.defined() && step.numel() == 1 && step.scalar_type() == at::kFloat, op, ": steps[", i,
+                "] must be a float32 tensor of one element");
+    if (steps_on_device) {
+      TORCH_CHECK(step.device() == p.device(), op, ": steps[", i, "] is on ", step.device(), " but params[", i,
+                  "] is on ", p.device(), "; this backend reads step counts on the device");
+    } else {
+      TORCH_CHECK(step.device().is_cpu(), op, ": steps[", i, "] must be on the CPU, got ", step.device());
+    }
+    out.grids.push_back(stencil_grid(p.sizes().data(), p.dim(), use_laps.get(i), nine_point));
+  }
+  // Only now, with every check passed, make the copies the kernels need.
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    if (p.is_contiguous()) {
+      out.params.push_back(p);
+    } else {
+      at::Tensor copy = p.contiguous();
+      out.copies.emplace_back(p, copy);
+      out.params.push_back(copy);
+    }
+    out.grads.push_back(grads[i].contiguous());
+  }
+  return out;
+}
+
+void StepTensors::write_back() const {
+  for (auto& pc : copies) pc.first.copy_(pc.second);
+}
+
+std::vector<double> step_counts(at::TensorList steps) {
+  std::vector<double> out(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    // Read in place: Tensor::item() costs a dispatch per tensor. Strides don't matter: one element.
+    out[i] = static_cast<double>(*reinterpret_cast<const float*>(s.const_data_ptr()));
+  }
+  return out;
+}
+
+}  // namespace fastopt

@@ -1,0 +1,156 @@
+"""Backends ``cpu`` and ``cuda``: the C++/CUDA extension ``fastopt._C`` (sources in csrc/).
+
+The extension registers ``torch.ops.fastopt.ladam_step``, ``ladagrad_step`` and
+``lrmsprop_step`` (schemas with TORCH_LIBRARY, kernels per dispatch key: CPU, and CUDA where it
+was built with CUDA). This module wraps them in functions with the signatures of
+:mod:`fastopt.reference` (``ladam_step_cpu``, ``ladam_step_cuda``, ...) and registers their fake
+implementations, so that torch.compile can trace through an optimizer step.
+
+Loading, once per process:
+
+1. ``import fastopt._C``: the build made by ``pip install --no-build-isolation .``;
+2. else, unless ``FASTOPT_JIT_BUILD=0``, compile csrc/ with ``torch.utils.cpp_extension.load``
+   (needs ninja and a C++ compiler; cached under ``TORCH_EXTENSIONS_DIR``, so only the first
+   process pays for the build);
+3. else raise ImportError saying why, after a one-line warning: :mod:`fastopt.backends` then
+   reports the reason for backends "cpu" and "cuda", and ``backend="auto"`` uses "torch".
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _extension_build as build
+
+__all__ = ["DTYPES", "UNAVAILABLE", "BUILD", "ladam_step_cpu", "ladam_step_cuda", "ladagrad_step_cpu",
+           "ladagrad_step_cuda", "lrmsprop_step_cpu", "lrmsprop_step_cuda"]
+
+JIT_ENV = "FASTOPT_JIT_BUILD"
+_JIT_NAME = "fastopt_C"
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _put_pip_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; pip's ninja package lives in the environment's bin/,
+    which is not on PATH when Python is run without activating its virtualenv."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+
+
+def _jit_build() -> str:
+    """Compile csrc/ and load the library; returns where it came from, raises on failure."""
+    from torch.utils import cpp_extension
+
+    cpp, cu = build.sources()
+    if not cpp:
+        raise ImportError(f"no C++ sources in {build.CSRC} to build from (install from a source checkout)")
+    with_cuda, _ = build.cuda_buildable(cu)
+    _put_pip_ninja_on_path()
+    warnings.warn(f"fastopt: fastopt._C is not built; building it from {build.CSRC} with "
+                  "torch.utils.cpp_extension.load (once: cached under TORCH_EXTENSIONS_DIR)", stacklevel=3)
+    cpp_extension.load(
+        name=_JIT_NAME, sources=cpp + (cu if with_cuda else []), extra_include_paths=[build.CSRC],
+        extra_cflags=build.CXX_FLAGS + ([f"-D{build.CUDA_MACRO}"] if with_cuda else []),
+        extra_cuda_cflags=build.NVCC_FLAGS + [f"-D{build.CUDA_MACRO}"], extra_ldflags=build.LD_FLAGS,
+        is_python_module=False, verbose=False)
+    return "built at run time from csrc/"
+
+
+def _load_library() -> str:
+    """Make torch.ops.fastopt available; returns where the library came from."""
+    try:
+        from . import _C  # noqa: F401  (importing it registers the ops)
+        return "fastopt._C"
+    except ImportError as err:
+        installed = _short(err)
+    if os.environ.get(JIT_ENV, "1") == "0":
+        reason = f"fastopt._C is not built ({installed}) and {JIT_ENV}=0 forbids building it at run time"
+    else:
+        try:
+            return _jit_build()
+        except Exception as err:  # a missing compiler or ninja, a compile error: all mean "unavailable"
+            reason = f"fastopt._C is not built ({installed}) and building it failed ({_short(err)})"
+    warnings.warn(f"fastopt: C++ extension unavailable, backend 'auto' uses 'torch' on CPU: {reason}", stacklevel=3)
+    raise ImportError(reason)
+
+
+BUILD = _load_library()
+_OPS = torch.ops.fastopt
+_INFO: str = _OPS.build_info()
+
+_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
+# What fastopt.backends reads: the dtypes of each op (the same on CPU and CUDA).
+DTYPES = {op: _DTYPES for op in ("ladam_step", "ladagrad_step", "lrmsprop_step")}
+# Backends this build cannot serve, and why (fastopt.backends reports it).
+UNAVAILABLE = {} if "cuda" in _INFO.split() else {
+    "cuda": f"this build of the extension has no CUDA kernels ({_INFO}): torch had no CUDA or nvcc was "
+            "missing when it was compiled"}
+
+
+def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], use_laps: Sequence[bool], *, lr: float,
+               beta1: float, beta2: float, eps: float, weight_decay: float, c2: float, stencil: str) -> None:
+    """LAdam step, mode variance_lap, fused: the math of
+    :func:`fastopt.reference.ladam_step_reference` in one pass over each tensor."""
+    if not params:  # the dispatcher needs a tensor to pick the kernel by; nothing to do anyway
+        return
+    _OPS.ladam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps),
+                    [bool(u) for u in use_laps], lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+                    eps=float(eps), weight_decay=float(weight_decay), c2=float(c2), stencil=stencil)
+
+
+def ladagrad_step(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
+                  steps: Sequence[Tensor], use_laps: Sequence[bool], *, lr: float, lr_decay: float, eps: float,
+                  weight_decay: float, c2: float, stencil: str) -> None:
+    """LAdaGrad step fused: the math of :func:`fastopt.reference.ladagrad_step_reference`."""
+    if not params:
+        return
+    _OPS.ladagrad_step(list(params), list(grads), list(state_sums), list(steps), [bool(u) for u in use_laps],
+                       lr=float(lr), lr_decay=float(lr_decay), eps=float(eps), weight_decay=float(weight_decay),
+                       c2=float(c2), stencil=stencil)
+
+
+def lrmsprop_step(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
+                  momentum_buffers: Optional[Sequence[Tensor]], steps: Sequence[Tensor], use_laps: Sequence[bool],
+                  *, lr: float, alpha: float, eps: float, weight_decay: float, momentum: float, c2: float,
+                  stencil: str) -> None:
+    """LRMSProp step fused: the math of :func:`fastopt.reference.lrmsprop_step_reference`
+    (``momentum_buffers`` is None, or ignored, when momentum is 0)."""
+    if not params:
+        return
+    buffers: List[Tensor] = list(momentum_buffers) if momentum > 0 and momentum_buffers is not None else []
+    _OPS.lrmsprop_step(list(params), list(grads), list(square_avgs), buffers, list(steps),
+                       [bool(u) for u in use_laps], lr=float(lr), alpha=float(alpha), eps=float(eps),
+                       weight_decay=float(weight_decay), momentum=float(momentum), c2=float(c2), stencil=stencil)
+
+
+# One function per op serves both backends: the dispatcher picks the CPU or CUDA kernel from the
+# tensors' device (fastopt.backends has already checked that the device is the backend's).
+ladam_step_cpu = ladam_step_cuda = ladam_step
+ladagrad_step_cpu = ladagrad_step_cuda = ladagrad_step
+lrmsprop_step_cpu = lrmsprop_step_cuda = lrmsprop_step
+
+
+# Fake (meta) implementations for torch.compile: the ops only mutate their inputs in place.
+def _register_fakes() -> None:
+    def nothing(*args, **kwargs) -> None:
+        return None
+
+    for op in DTYPES:
+        torch.library.register_fake(f"fastopt::{op}")(nothing)
+
+
+_register_fakes()
