@@ -52,6 +52,7 @@ def test_state_dict_round_trip_continues_identically(cls, kw):
     resumed = getattr(fastopt, cls)(resumed_params, backend="torch", **kw)
     buf.seek(0)
     resumed.load_state_dict(torch.load(buf))
+    assert resumed.backend == "torch", "load_state_dict must keep the optimizer's backend"
     _run(opt, params, grads[7:])
     _run(resumed, resumed_params, grads[7:])
     for p, q in zip(params, resumed_params):

@@ -67,7 +67,10 @@ class LaplacianOptimizer(Optimizer):
         return {**super().__getstate__(), "_backend": self._backend}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        state.setdefault("_backend", "auto")
+        # Unpickling starts from an empty __dict__ (a pickle without the entry: "auto");
+        # torch's load_state_dict also calls this, with state and groups only: keep the backend.
+        if "_backend" not in state:
+            state["_backend"] = self.__dict__.get("_backend", "auto")
         super().__setstate__(state)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -189,7 +192,10 @@ class LaplacianOptimizer(Optimizer):
     def _translate_state(self, state: Mapping[str, Any]) -> Dict[str, Any]:
         # Copies: torch's loader keeps tensors that need no cast, so a state_dict taken from a live
         # optimizer would otherwise be shared with it and each would corrupt the other's state.
-        out = {self._LADAM_STATE_KEYS.get(k, k): val.clone() if torch.is_tensor(val) else copy.deepcopy(val)
+        # Contiguous in logical order, as this class keeps its state (torch.optim keeps a
+        # channels_last parameter's state channels_last; the fused backends refuse that layout).
+        out = {self._LADAM_STATE_KEYS.get(k, k): val.clone(memory_format=torch.contiguous_format)
+               if torch.is_tensor(val) else copy.deepcopy(val)
                for k, val in state.items()}
         if "step" in out and not torch.is_tensor(out["step"]):
             out["step"] = torch.tensor(float(out["step"]), dtype=torch.float32)
