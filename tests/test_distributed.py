@@ -1,10 +1,14 @@
 """torch.distributed on CPU (gloo, spawned processes): DDP and FSDP2 give the single-process result.
 
+Data-parallel Levenberg-Marquardt (``process_group=``) takes, on every rank, the steps of one
+process on the concatenated batch: same parameters, losses and damping path.
+
 FSDP2 (fully_shard) splits every weight by rows across ranks; the Laplacian must still see the
 whole tensor (halo rows from the neighbouring shards, circular wrap from the last shard to the
 first), so sharded training equals unsharded training to round-off. The shapes are chosen so
 that shards are uneven, one row thin, and empty on some ranks.
 """
+import datetime
 import os
 
 import pytest
@@ -67,8 +71,22 @@ def _single_process(config):
     return [p.detach() for p in model.parameters()]
 
 
-def _worker(rank, world, kind, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _spawn(worker, world, tmp_path, *args):
+    """Run ``worker(rank, world, *args)`` in ``world`` processes joined in one gloo group."""
+    mp.spawn(_joined, args=(world, str(tmp_path / "init"), worker, args), nprocs=world, join=True)
+
+
+def _joined(rank, world, init_file, worker, args):
+    # A timeout, so that ranks whose collectives disagree fail instead of hanging the test run.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, world, kind, out_dir):
     x, y = _data()
     shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
     for config, (cls, kw) in CONFIGS.items():
@@ -84,12 +102,11 @@ def _worker(rank, world, kind, init_file, out_dir):
         params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
         if rank == 0:
             torch.save([p.detach() for p in params], os.path.join(out_dir, f"{config}.pt"))
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("kind,world", [("ddp", 2), ("fsdp2", 2), ("fsdp2", 3)])
 def test_sharded_training_equals_single_process(kind, world, tmp_path):
-    mp.spawn(_worker, args=(world, kind, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    _spawn(_worker, world, tmp_path, kind, str(tmp_path))
     for config in CONFIGS:
         sharded = torch.load(tmp_path / f"{config}.pt")
         # fp64, so that a wrong neighbour (a missing halo) shows far above round-off.
@@ -128,3 +145,96 @@ def _ladam_on_dtensor(rank):
         with pytest.raises(NotImplementedError, match=r"Shard\(dim=1\)"):
             fastopt.LAdam([by_columns], c2=1e-2).step()
         dist.destroy_process_group()
+
+
+# -- data-parallel Levenberg-Marquardt --------------------------------------------------------------
+LM_SAMPLES = 40
+LM_STEPS = 5
+
+
+def _lm_data():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(LM_SAMPLES, 2, generator=gen, dtype=torch.float64) * 4 - 2
+    return x, torch.sin(x[:, :1] * 2) * torch.cos(x[:, 1:])
+
+
+def _lm_runs(shard, process_group=None):
+    """Histories of fastopt.LM and of LevenbergMarquardtModule (max_batch_size slices, a random
+    parameter selection drawn from seed 100 + rank) training a 33-parameter MLP on ``shard``."""
+    import fastopt.lm as lm
+    x, y = _lm_data()
+    rank = dist.get_rank() if process_group is not None else 0
+    runs = {}
+    for front in ("LM", "module"):
+        # Only rank 0's initial parameters count: the others start elsewhere and get them by broadcast.
+        torch.manual_seed(rank)
+        model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        if front == "LM":
+            trainer = fastopt.LM(model, torch.nn.MSELoss(), damping=1e-4, process_group=process_group)
+        else:
+            torch.manual_seed(100 + rank)  # the selection is rank 0's, broadcast
+            trainer = lm.LevenbergMarquardtModule(
+                model, damping_strategy=lm.StandardDampingStrategy(starting_value=1e-4, damping_mode="adaptive"),
+                solve_method="cholesky", max_batch_size=8, process_group=process_group,
+                param_selection_strategy=lm.RandomSelectionStrategy(model.parameters(), subset_size=25))
+        history = []
+        for _ in range(LM_STEPS):
+            _, loss, _, logs = trainer.training_step(x[shard], y[shard])
+            history.append([float(loss), float(logs["damping"]), float(logs["attempts"])])
+        runs[front] = (torch.tensor(history, dtype=torch.float64), [p.detach().clone() for p in model.parameters()])
+    return runs
+
+
+# Sample boundaries of the shards: 3 ranks with an empty one, and 2 ranks (a subgroup) uneven.
+LM_SHARDS = {3: (0, 23, 23, 40), 2: (0, 15, 40)}
+
+
+def _lm_worker(rank, world, out_dir):
+    # One spawn for every case (starting processes is most of the cost): the 3-rank world, then
+    # ranks 0 and 1 as their own group (new_group is called by every rank), then the refusals.
+    pair = dist.new_group([0, 1])
+    for size, group in ((3, dist.group.WORLD), (2, pair)):
+        if rank < size:
+            bounds = LM_SHARDS[size]
+            runs = _lm_runs(slice(bounds[rank], bounds[rank + 1]), group)
+            torch.save(runs, os.path.join(out_dir, f"lm{size}_{rank}.pt"))
+    if rank < 2:
+        _lm_refusals(pair)
+
+
+def _lm_refusals(group):
+    model = torch.nn.Linear(4, 3).double()  # 15 parameters; 2 ranks x 2 samples x 3 outputs = 12 residuals
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
+        fastopt.LM(model, process_group="world")
+    lm = fastopt.LM(model, process_group=group)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="process_group.*12 residuals for 15 parameters"):
+        lm.step(x, torch.zeros(2, 3, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_data_parallel_lm_takes_the_single_process_steps(tmp_path):
+    """Every rank, of 3 (one shard empty) and of 2 (uneven shards), takes the steps of one process
+    on the whole batch; an underdetermined step and a wrong process_group raise clear errors,
+    leaving the parameters unchanged."""
+    _spawn(_lm_worker, 3, tmp_path, str(tmp_path))
+    single = _lm_runs(slice(0, LM_SAMPLES))
+    for front, (history, params) in single.items():
+        assert (history[:, 2] > 1).any(), f"{front}: no step retried, the damping path is not exercised"
+        for world in LM_SHARDS:
+            for rank in range(world):
+                got_history, got_params = torch.load(tmp_path / f"lm{world}_{rank}.pt")[front]
+                what = f"{front} rank {rank} of {world}"
+                # The ranks agree bitwise: they solve the same all-reduced system.
+                first_history, first_params = torch.load(tmp_path / f"lm{world}_0.pt")[front]
+                assert torch.equal(got_history, first_history), what
+                assert all(torch.equal(a, b) for a, b in zip(got_params, first_params)), what
+                # The damping path and the attempts exactly (the same decisions), losses and
+                # parameters to fp64 round-off (the ranks' sums add in another order).
+                assert torch.equal(got_history[:, 1:], history[:, 1:]), f"{what}: {got_history} vs {history}"
+                assert_all_close([got_history[:, 0]] + got_params, [history[:, 0]] + params,
+                                 **TOLERANCES[torch.float64], what=what)
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="process_group: torch.distributed is not initialized"):
+        fastopt.LM(torch.nn.Linear(2, 1).double(), process_group=object())

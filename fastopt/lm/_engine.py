@@ -313,16 +313,19 @@ class NormalEquations:
     backend: str
     workspace: Workspace
     outputs: Any = None  # the model's outputs on the whole batch, when building the system gave them
+    products: Optional[Tensor] = None  # overdetermined: all of [J | r]^T [J | r] (lower), matrix and rhs are views
 
 
 def normal_equations(jacobian_fn: ResidualJacobian, inputs: Any, targets: Any, *, batch_size: int, rows: int,
                      num_residuals: int, overdetermined: bool, max_batch_size: Optional[int],
-                     selection: Optional[Selection], backend: str, workspace: Workspace) -> NormalEquations:
+                     selection: Optional[Selection], backend: str, workspace: Workspace,
+                     scale: Optional[float] = None) -> NormalEquations:
     """Build the system from ``[J | r]`` of the ``rows`` samples of the batch, in slices of
     ``max_batch_size`` samples (None: one slice), each computed in chunks (:func:`chunk_samples`).
 
     ``batch_size`` is the B of the 1/B normalisation and of the slice starts (the first batch's,
-    for the tlm-compatible module, which may differ from ``rows``).
+    for the tlm-compatible module, which may differ from ``rows``); ``scale`` replaces that 1/B
+    (data-parallel LM builds the unscaled sum and scales it after the all-reduce).
     """
     params = jacobian_fn.params
     per_sample = max(1, num_residuals // max(1, batch_size))
@@ -337,7 +340,8 @@ def normal_equations(jacobian_fn: ResidualJacobian, inputs: Any, targets: Any, *
     op = "jacobian_products"
     backend_name = backends.resolve(op, params.device, params.dtype, backend)
     products = backends.implementation(op, backend_name)
-    scale = 1.0 / batch_size
+    if scale is None:
+        scale = 1.0 / batch_size
 
     def jacobian_of(start, end, out):
         if start == 0 and end == rows:
@@ -356,7 +360,7 @@ def normal_equations(jacobian_fn: ResidualJacobian, inputs: Any, targets: Any, *
             products(jacobian_of(start, end, out), gram, scale=scale)
         matrix, rhs = gram[:columns, :columns], gram[columns, :columns]
         return NormalEquations(True, matrix, rhs, matrix.diagonal().clone(), None, backend_name, workspace,
-                               whole_batch_outputs())
+                               whole_batch_outputs(), gram)
     augmented = workspace.get("jacobian", (rows * per_sample, columns + 1), params.dtype, params.device)
     filled = 0
     for start, end in pieces:

@@ -90,13 +90,38 @@ class LM(_LevenbergMarquardtBase):
         learning_rate, attempts_per_step (>= 1), solve_method ('cholesky', 'qr', 'solve'),
         param_selection, use_vmap, max_batch_size: as in :class:`~fastopt.lm.LevenbergMarquardtModule`.
         backend, jacobian, reuse_factorization, fallback: fastopt's keywords, ditto.
+        process_group: None (one process), or a ``torch.distributed`` group (e.g.
+            ``torch.distributed.group.WORLD``) for data-parallel training: each rank passes its
+            own shard of the batch to :meth:`step` and all ranks take the same step.
+
+    Data-parallel training (``process_group``): each rank builds ``[J | r]^T [J | r]`` (so
+    ``J^T J``, ``J^T r``) from its shard, and one all-reduce per step adds the ranks' systems,
+    losses and sample counts, scaled by 1/B with B the samples of all shards together (shards
+    may be uneven, or empty). Every rank solves the same system; each attempt's trial loss is
+    all-reduced too (a small second all-reduce), so every rank accepts or rejects alike and
+    follows the same damping path: the steps are those of one process on the concatenated
+    batch, to round-off. The reported loss is the sample-weighted mean of the shards' losses
+    (the whole batch's loss for the built-in losses, which are means); ``outputs`` are the
+    rank's own. Rank 0's parameters are broadcast to the others on construction, as DDP does.
+    Not supported: fewer residuals than parameters over all ranks (the ``J J^T`` form couples
+    samples across ranks): that step raises a ValueError naming ``process_group``. With
+    torchrun (``torchrun --nproc-per-node 2 train.py``)::
+
+        torch.distributed.init_process_group("gloo")     # "nccl" on GPUs
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        lm = fastopt.LM(model, torch.nn.MSELoss(), process_group=torch.distributed.group.WORLD)
+        for x, y in loader:                              # the same global batches on every rank
+            result = lm.step(x[rank::world], y[rank::world])
+
+    See bench/lm_data_parallel_example.py.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Any = None, *,
                  damping: Union[None, float, DampingStrategy] = None, learning_rate: float = 1.0,
                  attempts_per_step: int = 10, solve_method: str = "cholesky", param_selection: Any = None,
                  use_vmap: bool = True, max_batch_size: Optional[int] = None, backend: str = "auto",
-                 jacobian: str = "auto", reuse_factorization: str = "auto", fallback: Optional[str] = None) -> None:
+                 jacobian: str = "auto", reuse_factorization: str = "auto", fallback: Optional[str] = None,
+                 process_group: Any = None) -> None:
         if isinstance(damping, (int, float)) and not isinstance(damping, bool):
             damping = StandardDampingStrategy(starting_value=float(damping))
         elif damping is not None and not isinstance(damping, DampingStrategy) and not callable(getattr(damping, "apply", None)):
@@ -104,10 +129,12 @@ class LM(_LevenbergMarquardtBase):
                             f"{type(damping).__name__}")
         super().__init__(model, loss_fn, damping, learning_rate, attempts_per_step, solve_method, param_selection,
                          use_vmap, max_batch_size, backend=backend, jacobian=jacobian,
-                         reuse_factorization=reuse_factorization, fallback=fallback, min_attempts=1)
+                         reuse_factorization=reuse_factorization, fallback=fallback, process_group=process_group,
+                         min_attempts=1)
         self.steps = 0
 
     _failure_log_level = logging.DEBUG
+    _first_batch_fixes_scale = False  # data-parallel: each step's 1/B is its own global batch's
 
     @torch.no_grad()
     def step(self, inputs: Any, targets: Any) -> StepResult:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._data_parallel import DataParallel, check_process_group
 from ._engine import (FALLBACKS, JACOBIAN_MODES, REUSE_MODES, SOLVE_METHODS, DampedSolver, FlatParameters,
                       NormalEquations, ResidualJacobian, Workspace, logger, make_selection, normal_equations)
 from ._tree import batch_size_of
@@ -89,12 +90,15 @@ class _LevenbergMarquardtBase(TrainingModule):
 
     # A solve that fails (not positive definite, singular) is logged, as tlm logs it, and counted.
     _failure_log_level = logging.WARNING
+    # Data-parallel: the 1/B of every step is the first step's B over all ranks (tlm's quirk), or
+    # each step's own (False, fastopt.LM).
+    _first_batch_fixes_scale = True
 
     def __init__(self, model: torch.nn.Module, loss_fn: Any = None, damping_strategy: Optional[DampingStrategy] = None,
                  learning_rate: float = 1.0, attempts_per_step: int = 10, solve_method: str = "qr",
                  param_selection_strategy: Any = None, use_vmap: bool = True, max_batch_size: Optional[int] = None,
                  *, backend: str = "auto", jacobian: str = "auto", reuse_factorization: str = "auto",
-                 fallback: Optional[str] = None, min_attempts: int = 0) -> None:
+                 fallback: Optional[str] = None, process_group: Any = None, min_attempts: int = 0) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         _check_choice("solve_method", solve_method, SOLVE_METHODS)
@@ -118,6 +122,7 @@ class _LevenbergMarquardtBase(TrainingModule):
                                                                          "select_parameters", None)):
             raise TypeError("param_selection_strategy must have a select_parameters() method; got "
                             f"{type(param_selection_strategy).__name__}")
+        process_group = check_process_group(process_group)
 
         self._model = model
         self.loss_fn = as_residual_loss(loss_fn)
@@ -141,6 +146,13 @@ class _LevenbergMarquardtBase(TrainingModule):
         self._workspace = Workspace()
         self._batch_size: Optional[int] = None
         self._num_residuals: Optional[int] = None
+        self.process_group = process_group
+        self._data_parallel: Optional[DataParallel] = None
+        self._global_batch_size: Optional[int] = None  # data-parallel: the B of 1/B, all ranks' samples
+        if process_group is not None:
+            self._data_parallel = DataParallel(process_group, self._flat.device, self._flat.dtype, self._workspace)
+            self._data_parallel.broadcast_parameters(self._flat.flat)
+            self._flat.save()
 
     # -- torch-levenberg-marquardt's attributes and helpers ---------------------------------------
     @property
@@ -167,6 +179,7 @@ class _LevenbergMarquardtBase(TrainingModule):
         """Forgets the first batch's sizes and resets the damping strategy."""
         self._batch_size = None
         self._num_residuals = None
+        self._global_batch_size = None
         self.damping_strategy.reset()
 
     def forward(self, inputs: Any) -> Any:
@@ -220,10 +233,15 @@ class _LevenbergMarquardtBase(TrainingModule):
         self._jacobian_fn.use_vmap = self.use_vmap
         selection = None
         num_params = self._num_params
+        data_parallel = self._data_parallel
         if self.param_selection_strategy is not None:
-            selection = make_selection(self._flat, self.param_selection_strategy.select_parameters())
+            indices = self.param_selection_strategy.select_parameters()
+            if data_parallel is not None:
+                indices = data_parallel.broadcast_indices(indices)
+            selection = make_selection(self._flat, indices)
             num_params = selection.size
-        overdetermined = num_residuals >= num_params
+        # Data-parallel: always J^T J, the form that sums over ranks; the global count is checked below.
+        overdetermined = num_residuals >= num_params or data_parallel is not None
         rows = batch_size_of(inputs)
         sliced = self.max_batch_size is not None and self.max_batch_size < batch_size
         if sliced and rows > batch_size:
@@ -232,10 +250,25 @@ class _LevenbergMarquardtBase(TrainingModule):
         equations = normal_equations(self._jacobian_fn, inputs, targets, batch_size=batch_size, rows=rows,
                                      num_residuals=num_residuals, overdetermined=overdetermined,
                                      max_batch_size=self.max_batch_size if sliced else None,
-                                     selection=selection, backend=self.backend, workspace=self._workspace)
+                                     selection=selection, backend=self.backend, workspace=self._workspace,
+                                     scale=1.0 if data_parallel is not None else None)
         if outputs is None:
             outputs = equations.outputs if equations.outputs is not None else self.forward(inputs)
         loss = self.loss_fn(outputs, targets)
+        if data_parallel is not None:
+            loss, global_rows, global_residuals = data_parallel.reduce_system(
+                equations.products, loss, rows, num_residuals,
+                batch_size=self._global_batch_size if self._first_batch_fixes_scale else None)
+            if self._first_batch_fixes_scale and self._global_batch_size is None:
+                self._global_batch_size = global_rows
+            if global_residuals < num_params:
+                raise ValueError(
+                    f"process_group: data-parallel Levenberg-Marquardt sums J^T J over the ranks, which needs at "
+                    f"least as many residuals as parameters; the ranks' batches hold {global_residuals} residuals "
+                    f"for {num_params} parameters, and the J J^T form of an underdetermined step couples samples "
+                    "across ranks. Use a larger batch, a param_selection, or process_group=None (the parameters "
+                    "were not changed)")
+            equations.diagonal.copy_(equations.matrix.diagonal())
         if require_finite and not bool(torch.isfinite(loss)):
             residuals = self.loss_fn.residuals(outputs, targets)
             bad = int((~torch.isfinite(residuals)).sum())
@@ -263,8 +296,16 @@ class _LevenbergMarquardtBase(TrainingModule):
                 logger.log(self._failure_log_level, f"An exception occurred: {err}")
             if attempt < self.attempts_per_step:
                 attempt += 1
-                if params_updated:
+                if data_parallel is not None:
+                    # Every rank joins, whatever its solve did: one loss, one decision everywhere.
+                    local = self.loss_fn(self.forward(inputs), targets) if params_updated else None
+                    new_loss = data_parallel.trial_loss(local, rows)
+                    if new_loss is None and params_updated:
+                        self.restore_parameters()
+                    params_updated = new_loss is not None
+                elif params_updated:
                     new_loss = self.loss_fn(self.forward(inputs), targets)
+                if params_updated:
                     if new_loss < loss:
                         loss = new_loss
                         accepted = True
@@ -305,6 +346,9 @@ class LevenbergMarquardtModule(_LevenbergMarquardtBase):
             as the package) or 'eigh' (one eigendecomposition per step, see ``DampedSolver``).
         fallback: None (a failed solve raises lambda, as the package) or 'qr', 'solve', 'lstsq'
             (solve the same damped system with that method instead).
+        process_group: None, or a ``torch.distributed`` group for data-parallel training, as in
+            :class:`fastopt.LM` (each rank passes its shard of the batch; 1/B uses the first step's
+            samples over all ranks).
     """
 
     @torch.no_grad()
