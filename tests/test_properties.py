@@ -3,7 +3,7 @@ reference's result; the reference gives ladam's (in fp64, so that any difference
 round-off)."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastopt
@@ -36,6 +36,14 @@ def parameters(draw, max_side=9, min_dims=1):
     return out
 
 
+def ladam_crashes_on(params, hyper):
+    """ladam views a tensor of 3+ dimensions as (shape[0], -1), which torch cannot do for an empty
+    tensor with shape[0] == 0; it tries when such a tensor qualifies for the Laplacian
+    (min_spatial_size=0). fastopt steps it (nothing to do): test_reliability checks both sides."""
+    return hyper["c2"] > 0 and hyper["min_spatial_size"] == 0 and any(
+        p.dim() > 2 and p.shape[0] == 0 for p in params)
+
+
 LADAM_HYPER = dict(
     lr=st.floats(1e-4, 1e-1), betas=st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
     eps=st.floats(1e-10, 1e-3), weight_decay=st.sampled_from([0.0, 0.01, 0.2]), c2=st.floats(0.0, 0.1),
@@ -47,6 +55,7 @@ LADAM_HYPER = dict(
 @SETTINGS
 @given(params=parameters(), hyper=st.fixed_dictionaries(LADAM_HYPER), seed=st.integers(0, 2 ** 16))
 def test_reference_equals_ladam_in_float64(params, hyper, seed):
+    assume(not ladam_crashes_on(params, hyper))
     theirs = clone_params(params)
     opt = fastopt.LAdam(params, backend="torch", **hyper)
     ref = ladam.LAdamW(theirs, **hyper)
@@ -72,6 +81,7 @@ def test_sibling_references_equal_ladam_in_float64(cls):
     @SETTINGS
     @given(params=parameters(), hyper=st.fixed_dictionaries(SIBLING_HYPER[cls]), seed=st.integers(0, 2 ** 16))
     def check(params, hyper, seed):
+        assume(not ladam_crashes_on(params, hyper))
         theirs = clone_params(params)
         opt = getattr(fastopt, cls)(params, backend="torch", **hyper)
         ref = getattr(ladam, cls)(theirs, **hyper)

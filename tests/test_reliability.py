@@ -106,6 +106,26 @@ def test_zero_element_parameters_step_like_ladam():
     assert all(opt.state[p]["step"].item() == 4 for p in ours)
 
 
+def test_an_empty_tensor_ladam_cannot_step_is_stepped():
+    """ladam views a 3-D+ tensor as (shape[0], -1): for shape[0] == 0 torch refuses the view, so
+    ladam raises once min_spatial_size=0 lets the empty tensor qualify. fastopt steps it (a no-op)."""
+    torch.manual_seed(0)
+    ours = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(0, 2, 3), (6, 7)]]
+    theirs = clone_params(ours)
+    for p in ours + theirs:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="reshape"):
+        ladam.LAdamW(theirs, c2=1e-2, min_spatial_size=0).step()
+    for backend in [b for b in backends.BACKENDS if backends.available(b, "ladam_step", "cpu", torch.float64)]:
+        params = clone_params(ours)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt = fastopt.LAdam(params, c2=1e-2, min_spatial_size=0, backend=backend)
+        opt.step()
+        assert opt.state[params[0]]["step"].item() == 1, backend
+        assert not torch.equal(params[1], ours[1]), backend
+
+
 def test_mixed_dtypes_in_one_group_step_each_dtype_by_its_own_rules():
     torch.manual_seed(0)
     mixed = [torch.randn(9, 11, dtype=dt, requires_grad=True)
