@@ -66,6 +66,18 @@ __device__ void gram_tile(const Load& col, int64_t K, int64_t row0, int64_t col0
   }
 }
 
+// f(i, j, acc[r][c]) for each output entry (i, j) this thread accumulated in gram_tile.
+template <typename M, int TILE, typename F>
+__device__ void for_each_entry(int64_t row0, int64_t col0, const M (&acc)[TILE / 16][TILE / 16], const F& f) {
+  constexpr int R = TILE / kGramSide;
+  const int tx = threadIdx.x % kGramSide, ty = threadIdx.x / kGramSide;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int c = 0; c < R; ++c) f(row0 + ty + kGramSide * r, col0 + tx + kGramSide * c, acc[r][c]);
+  }
+}
+
 // Column m of a (K, M) strided matrix, 0 outside it.
 template <typename T, typename M>
 struct StridedColumns {
@@ -100,21 +112,13 @@ __global__ void __launch_bounds__(kGramThreads)
   gram_tile<M, TILE, BK>(col, g.k, row0, col0, acc);
   M* out = static_cast<M*>(g.out);
   const M* shift = static_cast<const M*>(g.shift);
-  const int tx = threadIdx.x % kGramSide, ty = threadIdx.x / kGramSide;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = row0 + ty + kGramSide * r;
-#pragma unroll
-    for (int c = 0; c < R; ++c) {
-      const int64_t j = col0 + tx + kGramSide * c;
-      if (i < g.m && j <= i) {
-        M* o = out + i * g.stride_oi + j;
-        M v = *o + scale * acc[r][c];
-        if (shift != nullptr && i == j) v += shift[i];
-        *o = v;
-      }
-    }
-  }
+  for_each_entry<M, TILE>(row0, col0, acc, [&](int64_t i, int64_t j, M sum) {
+    if (i >= g.m || j > i) return;
+    M* o = out + i * g.stride_oi + j;
+    M v = *o + scale * sum;
+    if (shift != nullptr && i == j) v += shift[i];
+    *o = v;
+  });
 }
 
 template <typename T, typename M, int TILE, int BK>
@@ -131,23 +135,16 @@ __global__ void __launch_bounds__(kGramThreads) batched_gram_kernel(BatchedGramA
   gram_tile<M, TILE, BK>(col, g.n, row0, col0, acc);
   Raw<T>* jtj = static_cast<Raw<T>*>(g.jtj) + b * g.p * g.p;
   Raw<T>* jtr = static_cast<Raw<T>*>(g.jtr) + b * g.p;
-  const int tx = threadIdx.x % kGramSide, ty = threadIdx.x / kGramSide;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = row0 + ty + kGramSide * r;
-#pragma unroll
-    for (int c = 0; c < R; ++c) {
-      const int64_t j = col0 + tx + kGramSide * c;
-      if (i > g.p || j > i || j >= g.p) continue;
-      const Raw<T> v = store<T, M>(acc[r][c]);
-      if (i == g.p) {
-        jtr[j] = v;
-      } else {
-        jtj[i * g.p + j] = v;
-        jtj[j * g.p + i] = v;
-      }
+  for_each_entry<M, TILE>(row0, col0, acc, [&](int64_t i, int64_t j, M sum) {
+    if (i > g.p || j > i || j >= g.p) return;
+    const Raw<T> v = store<T, M>(sum);
+    if (i == g.p) {
+      jtr[j] = v;
+    } else {
+      jtj[i * g.p + j] = v;
+      jtj[j * g.p + i] = v;
     }
-  }
+  });
 }
 
 int64_t lower_tiles(int64_t side, int64_t tile) {

@@ -12,6 +12,7 @@ import torch
 
 from fastopt import backends
 from fastopt.reference import batched_gram_reference
+from lsq_problems import assert_backend_fits_like_torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(7, 64, 4), (3, 5, 9), (1, 1, 1), (4, 0, 3), (0, 6, 2), (2, 33, 40)]
@@ -139,16 +140,4 @@ def test_cpu_kernel_rejects_bad_inputs_naming_them():
 
 @needs_cpu
 def test_least_squares_on_the_cpu_backend_matches_the_torch_backend():
-    from fastopt.lm import least_squares
-
-    t = torch.linspace(0, 4, 16, dtype=torch.float64)
-    y = torch.stack([2.0 * torch.exp(-1.1 * t) + 0.3, 1.5 * torch.exp(-0.7 * t) - 0.1])
-
-    def residuals(p, yb):
-        return p[:, :1] * torch.exp(-p[:, 1:2] * t) + p[:, 2:] - yb
-
-    x0 = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64).repeat(2, 1)
-    a = least_squares(residuals, x0, args=(y,), backend="cpu")
-    b = least_squares(residuals, x0, args=(y,), backend="torch")
-    torch.testing.assert_close(a.x, b.x, rtol=1e-10, atol=1e-12)
-    assert torch.equal(a.status, b.status) and torch.equal(a.nfev, b.nfev)
+    assert_backend_fits_like_torch("cpu")
