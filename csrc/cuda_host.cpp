@@ -143,7 +143,7 @@ void jacobian_products_cuda(const at::Tensor& a, const at::Tensor& out, double s
   // caching allocator orders its reuse after the current stream's work).
   const at::Tensor shift_m = shift.has_value() ? shift->to(out.scalar_type()).contiguous() : at::Tensor();
   const cuda::JacobianProductsArgs args{a.const_data_ptr(), a.size(0), m, a.stride(0), a.stride(1), out.data_ptr(),
-                                        out.stride(0), shift_m.defined() ? shift_m.const_data_ptr() : nullptr,
+                                        out.stride(0), out.stride(1), shift_m.defined() ? shift_m.const_data_ptr() : nullptr,
                                         dtype_code(a.scalar_type()),
                                         c10::cuda::getCurrentCUDAStream(a.device().index()).stream()};
   C10_CUDA_CHECK(cuda::launch_jacobian_products(args, scale));

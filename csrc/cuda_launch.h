@@ -55,12 +55,12 @@ cudaError_t launch_lrmsprop_step(const LaunchArgs& a, double lr, double alpha, d
                                  double momentum, double c2);
 
 // jacobian_products: out[lower] += scale * a^T a (+ diag shift). a is (k, m) of dtype's storage
-// type, out (m, m) and shift (m) of its math type (fp32, fp64 for fp64), out with unit column stride.
+// type, out (m, m) and shift (m, contiguous) of its math type (fp32, fp64 for fp64).
 struct JacobianProductsArgs {
   const void* a;
   int64_t k, m, stride_ak, stride_am;
   void* out;
-  int64_t stride_oi;
+  int64_t stride_oi, stride_oj;
   const void* shift;  // nullptr: no shift
   DType dtype;        // a's
   cudaStream_t stream;

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kGramThreads)
   const M* shift = static_cast<const M*>(g.shift);
   for_each_entry<M, TILE>(row0, col0, acc, [&](int64_t i, int64_t j, M sum) {
     if (i >= g.m || j > i) return;
-    M* o = out + i * g.stride_oi + j;
+    M* o = out + i * g.stride_oi + j * g.stride_oj;
     M v = *o + scale * sum;
     if (shift != nullptr && i == j) v += shift[i];
     *o = v;

@@ -13,8 +13,8 @@ namespace fastopt {
 // The dtype jacobian_products accumulates in, and so out's dtype: fp64 for fp64, else fp32.
 inline at::ScalarType accumulation_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// a (K, M) floating point on device_type, out (M, M) of a's accumulation dtype on a's device with
-// unit column stride (the gemms and kernels write its rows), shift (M,) on a's device or absent.
+// a (K, M) floating point on device_type, out (M, M) of a's accumulation dtype on a's device (any
+// strides), shift (M,) on a's device or absent.
 void check_jacobian_products(const at::Tensor& a, const at::Tensor& out, const std::optional<at::Tensor>& shift,
                              c10::DeviceType device_type);
 

@@ -26,8 +26,6 @@ void check_jacobian_products(const at::Tensor& a, const at::Tensor& out, const s
                    " inputs); got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.device() == a.device(), "jacobian_products: a is on ", a.device(), " but out on ",
                     out.device());
-  TORCH_CHECK_VALUE(m <= 1 || out.stride(1) == 1, "jacobian_products: out must have unit column stride (rows may "
-                    "be padded); got strides ", out.strides());
   if (shift.has_value()) {
     TORCH_CHECK_VALUE(shift->dim() == 1 && shift->size(0) == m, "jacobian_products: shift must be a (", m,
                       ",) tensor; got ", shift->sizes());

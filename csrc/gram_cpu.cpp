@@ -33,10 +33,13 @@ struct Block {
 // Blocks of the lower triangle of an m x m product: the block below the diagonal of the two
 // halves (one large gemm), then each half the same way, down to diagonal squares of at most kLeaf
 // columns (computed whole: their upper part lands above out's diagonal, which is unspecified).
-// Flops: 1/2 + 1/2^(d+1) of the full product for d halvings. Measured on this project's 2-core
-// AMD EPYC for [J | r] of 8000 x 4354 fp32 (torch 2.13, MKL, bench/bench_lm.py): as fast as the
-// reference's column panels (both ~0.42x of J.T @ J, within the machine's load noise) and faster
-// than 1100-wide leaves (0.56x). Split points on multiples of 16 columns (64-byte rows in fp32).
+// Flops: 1/2 + 1/2^(d+1) of the full product for d halvings. The gemms run on ATen's intra-op
+// threads (MKL's), which split each block better than a loop over unequal blocks would.
+// Measured on this project's loaded 2-core AMD EPYC for [J | r] of 8000 x 4354 fp32 (torch 2.13,
+// 2 threads, bench/bench_lm.py --problems products, one run): 0.46x the wall time of J.T @ J
+// (0.41x its CPU time), the reference's 512-wide column panels 0.48x (0.42x): the same within
+// the machine's load noise; 1100-wide leaves were slower (0.56x in another run). Split points on
+// multiples of 16 columns (64-byte rows in fp32).
 constexpr int64_t kLeaf = 512;
 
 std::vector<Block> gram_blocks(int64_t m) {
