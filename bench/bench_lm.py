@@ -11,8 +11,10 @@ Problems (fp32 unless named otherwise, solve_method='cholesky'):
 * ``sinc61``: the package's sinc example, 1-20-1 tanh (61 parameters), 1000 samples;
 * ``under4353``: the 4353-parameter MLP on 1000 samples: underdetermined (J J^T, 1000 x 1000);
 * ``split1153``: 1-32-32-1 (1153 parameters), 8000 samples, max_batch_size=1000 (split batch);
-* ``products``: the ``jacobian_products`` op alone on J of 8000 x 4353 (+ the residual column)
-  against ``J.T @ J`` (torch) and, when numpy is installed, numpy's ``J.T @ J`` (its BLAS syrk).
+* ``products``: the ``jacobian_products`` op alone on J of 8000 x 4353 (+ the residual column),
+  on the backend ``--backend`` resolves to and on every other backend that can run it here (on
+  CPU: the C++ op of fastopt._C and the torch reference), against ``J.T @ J`` (torch) and, when
+  numpy is installed, numpy's ``J.T @ J`` (its BLAS syrk).
 
 Each provider trains its own copy of the same model on the same data, and the providers step in
 turn (tlm, fastopt, tlm, ...), so that load from other processes hits them alike. Per problem
@@ -121,10 +123,16 @@ def bench_products(device: torch.device, dtype: torch.dtype, reps: int, backend:
     j = a[:, :p].contiguous()
     ws = flm._engine.Workspace()
     out = ws.matrix("gram", p + 1, p + 1, dtype, device)
-    fn = backends.select("jacobian_products", device, dtype, backend)
     resolved = backends.resolve("jacobian_products", device, dtype, backend)
-    cases = {"torch: J.T @ J": lambda: j.t() @ j,
-             f"fastopt jacobian_products[{resolved}] on [J | r]": lambda: fn(a, out.zero_(), scale=1.0 / n)}
+    cases = {"torch: J.T @ J": lambda: j.t() @ j}
+    # The resolved backend first, then every other backend that can run the op here (the C++
+    # op of fastopt._C and the torch reference on CPU), each its own row of the same run.
+    names = [resolved] + [b for b in backends.BACKENDS
+                          if b != resolved and backends.available(b, "jacobian_products", device, dtype)]
+    for name in names:
+        fn = backends.implementation("jacobian_products", name)
+        label = f"fastopt jacobian_products[{name}] on [J | r]" + (" (auto)" if name == resolved else "")
+        cases[label] = lambda fn=fn: fn(a, out.zero_(), scale=1.0 / n)
     if device.type == "cpu":
         try:
             import numpy as np

@@ -51,6 +51,9 @@ TORCH_LIBRARY(fastopt, m) {
       "lrmsprop_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
       "Tensor(c!)[] momentum_buffers, Tensor[] steps, bool[] use_laps, *, float lr, float alpha, float eps, "
       "float weight_decay, float momentum, float c2, str stencil) -> ()");
+  // out[lower] += scale * a^T a (+ diag shift); only out is written.
+  m.def("jacobian_products(Tensor a, Tensor(a!) out, *, float scale, Tensor? shift=None) -> ()");
+  m.def("batched_gram(Tensor jac, Tensor res) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &fastopt::build_info);
   m.def("_set_cpu_tiling(int max_cols, int target_elems, int serial_below) -> int[]", &fastopt::set_cpu_tiling);
 }
@@ -59,6 +62,8 @@ TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("ladam_step", &fastopt::ladam_step_cpu);
   m.impl("ladagrad_step", &fastopt::ladagrad_step_cpu);
   m.impl("lrmsprop_step", &fastopt::lrmsprop_step_cpu);
+  m.impl("jacobian_products", &fastopt::jacobian_products_cpu);
+  m.impl("batched_gram", &fastopt::batched_gram_cpu);
 }
 
 #ifdef FASTOPT_WITH_CUDA
@@ -66,6 +71,8 @@ TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("ladam_step", &fastopt::ladam_step_cuda);
   m.impl("ladagrad_step", &fastopt::ladagrad_step_cuda);
   m.impl("lrmsprop_step", &fastopt::lrmsprop_step_cuda);
+  m.impl("jacobian_products", &fastopt::jacobian_products_cuda);
+  m.impl("batched_gram", &fastopt::batched_gram_cuda);
 }
 #endif
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda_launch.h"
+#include "gram.h"
 #include "ops.h"
 #include "tensor_lists.h"
 
@@ -129,6 +130,39 @@ void lrmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                                       : prepare_launch(st, {square_avgs}, steps);
   C10_CUDA_CHECK(cuda::launch_lrmsprop_step(launch.args, lr, alpha, eps, weight_decay, momentum, c2));
   st.write_back();
+}
+
+void jacobian_products_cuda(const at::Tensor& a, const at::Tensor& out, double scale,
+                            const std::optional<at::Tensor>& shift) {
+  check_jacobian_products(a, out, shift, c10::DeviceType::CUDA);
+  const int64_t m = a.size(1);
+  TORCH_CHECK_VALUE((m + 31) / 32 * ((m + 31) / 32 + 1) / 2 < (int64_t{1} << 31),
+                    "jacobian_products: a has too many columns for one launch: ", m);
+  const c10::cuda::CUDAGuard guard(a.device());
+  // The shift in out's dtype, contiguous; the tensor lives until the kernel has read it (the
+  // caching allocator orders its reuse after the current stream's work).
+  const at::Tensor shift_m = shift.has_value() ? shift->to(out.scalar_type()).contiguous() : at::Tensor();
+  const cuda::JacobianProductsArgs args{a.const_data_ptr(), a.size(0), m, a.stride(0), a.stride(1), out.data_ptr(),
+                                        out.stride(0), out.stride(1), shift_m.defined() ? shift_m.const_data_ptr() : nullptr,
+                                        dtype_code(a.scalar_type()),
+                                        c10::cuda::getCurrentCUDAStream(a.device().index()).stream()};
+  C10_CUDA_CHECK(cuda::launch_jacobian_products(args, scale));
+}
+
+std::tuple<at::Tensor, at::Tensor> batched_gram_cuda(const at::Tensor& jac, const at::Tensor& res) {
+  check_batched_gram(jac, res, c10::DeviceType::CUDA);
+  const int64_t batch = jac.size(0), n = jac.size(1), p = jac.size(2);
+  TORCH_CHECK_VALUE(batch < (int64_t{1} << 31) && (p + 32) / 32 * ((p + 32) / 32 + 1) / 2 <= 65535,
+                    "batched_gram: too many problems or parameters for one launch: jac has shape ", jac.sizes());
+  const c10::cuda::CUDAGuard guard(jac.device());
+  at::Tensor jtj = at::empty({batch, p, p}, jac.options());
+  at::Tensor jtr = at::empty({batch, p}, jac.options());
+  const cuda::BatchedGramArgs args{jac.const_data_ptr(), res.const_data_ptr(), batch, n, p, jac.stride(0),
+                                   jac.stride(1), jac.stride(2), res.stride(0), res.stride(1), jtj.data_ptr(),
+                                   jtr.data_ptr(), dtype_code(jac.scalar_type()),
+                                   c10::cuda::getCurrentCUDAStream(jac.device().index()).stream()};
+  C10_CUDA_CHECK(cuda::launch_batched_gram(args));
+  return {jtj, jtr};
 }
 
 }  // namespace fastopt

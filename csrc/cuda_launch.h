@@ -54,5 +54,31 @@ cudaError_t launch_ladagrad_step(const LaunchArgs& a, double lr, double lr_decay
 cudaError_t launch_lrmsprop_step(const LaunchArgs& a, double lr, double alpha, double eps, double weight_decay,
                                  double momentum, double c2);
 
+// jacobian_products: out[lower] += scale * a^T a (+ diag shift). a is (k, m) of dtype's storage
+// type, out (m, m) and shift (m, contiguous) of its math type (fp32, fp64 for fp64).
+struct JacobianProductsArgs {
+  const void* a;
+  int64_t k, m, stride_ak, stride_am;
+  void* out;
+  int64_t stride_oi, stride_oj;
+  const void* shift;  // nullptr: no shift
+  DType dtype;        // a's
+  cudaStream_t stream;
+};
+
+// batched_gram: jtj (batch, p, p) and jtr (batch, p), contiguous, of jac's dtype.
+struct BatchedGramArgs {
+  const void* jac;
+  const void* res;
+  int64_t batch, n, p, stride_jb, stride_jn, stride_jp, stride_rb, stride_rn;
+  void* jtj;
+  void* jtr;
+  DType dtype;
+  cudaStream_t stream;
+};
+
+cudaError_t launch_jacobian_products(const JacobianProductsArgs& args, double scale);
+cudaError_t launch_batched_gram(const BatchedGramArgs& args);
+
 }  // namespace cuda
 }  // namespace fastopt

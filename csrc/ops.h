@@ -7,6 +7,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <optional>
+#include <tuple>
+
 namespace fastopt {
 
 #define FASTOPT_LADAM_STEP_ARGS                                                                            \
@@ -25,11 +28,18 @@ namespace fastopt {
 void ladam_step_cpu(FASTOPT_LADAM_STEP_ARGS);
 void ladagrad_step_cpu(FASTOPT_LADAGRAD_STEP_ARGS);
 void lrmsprop_step_cpu(FASTOPT_LRMSPROP_STEP_ARGS);
+// The Gram-matrix ops (signatures of jacobian_products_reference and batched_gram_reference).
+void jacobian_products_cpu(const at::Tensor& a, const at::Tensor& out, double scale,
+                           const std::optional<at::Tensor>& shift);
+std::tuple<at::Tensor, at::Tensor> batched_gram_cpu(const at::Tensor& jac, const at::Tensor& res);
 
 #ifdef FASTOPT_WITH_CUDA
 void ladam_step_cuda(FASTOPT_LADAM_STEP_ARGS);
 void ladagrad_step_cuda(FASTOPT_LADAGRAD_STEP_ARGS);
 void lrmsprop_step_cuda(FASTOPT_LRMSPROP_STEP_ARGS);
+void jacobian_products_cuda(const at::Tensor& a, const at::Tensor& out, double scale,
+                            const std::optional<at::Tensor>& shift);
+std::tuple<at::Tensor, at::Tensor> batched_gram_cuda(const at::Tensor& jac, const at::Tensor& res);
 #endif
 
 }  // namespace fastopt

@@ -1,7 +1,7 @@
 """Backends ``cpu`` and ``cuda``: the C++/CUDA extension ``fastopt._C`` (sources in csrc/).
 
-The extension registers ``torch.ops.fastopt.ladam_step``, ``ladagrad_step`` and
-``lrmsprop_step`` (schemas with TORCH_LIBRARY, kernels per dispatch key: CPU, and CUDA where it
+The extension registers ``torch.ops.fastopt.ladam_step``, ``ladagrad_step``, ``lrmsprop_step``
+and the Gram-matrix ops ``jacobian_products`` and ``batched_gram`` (schemas with TORCH_LIBRARY, kernels per dispatch key: CPU, and CUDA where it
 was built with CUDA). This module wraps them in functions with the signatures of
 :mod:`fastopt.reference` (``ladam_step_cpu``, ``ladam_step_cuda``, ...) and registers their fake
 implementations, so that torch.compile can trace through an optimizer step.
@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _extension_build as build
+from .reference.batched_lsq import check_gram_inputs
+from .reference.lm import check_jacobian_products_args
 
 __all__ = ["DTYPES", "UNAVAILABLE", "BUILD", "ladam_step_cpu", "ladam_step_cuda", "ladagrad_step_cpu",
-           "ladagrad_step_cuda", "lrmsprop_step_cpu", "lrmsprop_step_cuda"]
+           "ladagrad_step_cuda", "lrmsprop_step_cpu", "lrmsprop_step_cuda", "jacobian_products_cpu",
+           "jacobian_products_cuda", "batched_gram_cpu", "batched_gram_cuda"]
 
 JIT_ENV = "FASTOPT_JIT_BUILD"
 _JIT_NAME = "fastopt_C"
@@ -93,7 +96,8 @@ _INFO: str = _OPS.build_info()
 
 _DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 # What fastopt.backends reads: the dtypes of each op (the same on CPU and CUDA).
-DTYPES = {op: _DTYPES for op in ("ladam_step", "ladagrad_step", "lrmsprop_step")}
+_STEP_OPS = ("ladam_step", "ladagrad_step", "lrmsprop_step")
+DTYPES = {op: _DTYPES for op in _STEP_OPS + ("jacobian_products", "batched_gram")}
 # Backends this build cannot serve, and why (fastopt.backends reports it).
 UNAVAILABLE = {} if "cuda" in _INFO.split() else {
     "cuda": f"this build of the extension has no CUDA kernels ({_INFO}): torch had no CUDA or nvcc was "
@@ -137,20 +141,45 @@ def lrmsprop_step(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs
                        weight_decay=float(weight_decay), momentum=float(momentum), c2=float(c2), stencil=stencil)
 
 
+def jacobian_products(a: Tensor, out: Tensor, *, scale: float, shift: Optional[Tensor] = None) -> Tensor:
+    """``out[lower] += scale * a^T a`` (then ``diag(out) += shift``): the contract of
+    :func:`fastopt.reference.jacobian_products_reference`. CPU: blocks of the lower triangle as
+    gemms (csrc/gram_cpu.cpp); CUDA: a tiled lower-triangle kernel with fp32 FMAs (csrc/gram.cu).
+    Returns ``out``."""
+    check_jacobian_products_args(a, out, shift, scale)
+    _OPS.jacobian_products(a, out, scale=float(scale), shift=shift)
+    return out
+
+
+def batched_gram(jac: Tensor, res: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(J^T J, J^T r)`` per problem, as :func:`fastopt.reference.batched_gram_reference`: one pass
+    over each problem's ``[J | r]``, the lower triangle accumulated and mirrored."""
+    check_gram_inputs(jac, res)
+    return _OPS.batched_gram(jac, res)
+
+
 # One function per op serves both backends: the dispatcher picks the CPU or CUDA kernel from the
 # tensors' device (fastopt.backends has already checked that the device is the backend's).
 ladam_step_cpu = ladam_step_cuda = ladam_step
 ladagrad_step_cpu = ladagrad_step_cuda = ladagrad_step
 lrmsprop_step_cpu = lrmsprop_step_cuda = lrmsprop_step
+jacobian_products_cpu = jacobian_products_cuda = jacobian_products
+batched_gram_cpu = batched_gram_cuda = batched_gram
 
 
-# Fake (meta) implementations for torch.compile: the ops only mutate their inputs in place.
+# Fake (meta) implementations for torch.compile: the step ops and jacobian_products only mutate
+# their inputs in place; batched_gram returns new tensors.
 def _register_fakes() -> None:
     def nothing(*args, **kwargs) -> None:
         return None
 
-    for op in DTYPES:
+    def gram_outputs(jac: Tensor, res: Tensor) -> Tuple[Tensor, Tensor]:
+        batch, _, p = jac.shape
+        return jac.new_empty((batch, p, p)), jac.new_empty((batch, p))
+
+    for op in _STEP_OPS + ("jacobian_products",):
         torch.library.register_fake(f"fastopt::{op}")(nothing)
+    torch.library.register_fake("fastopt::batched_gram")(gram_outputs)
 
 
 _register_fakes()

@@ -137,3 +137,21 @@ MGH = {
     "kowalik_osborne": (kowalik_osborne, [0.25, 0.39, 0.415, 0.39], 3.07505e-4),
     "osborne1": (osborne1, [0.5, 1.5, -1.0, 0.01, 0.02], 5.46489e-5),
 }
+
+
+def assert_backend_fits_like_torch(backend: str) -> None:
+    """least_squares on ``backend`` takes the torch backend's iterates: two exponential decays
+    (16 points, 3 parameters, float64), same solutions and status."""
+    from fastopt.lm import least_squares
+
+    t = torch.linspace(0, 4, 16, dtype=torch.float64)
+    y = torch.stack([2.0 * torch.exp(-1.1 * t) + 0.3, 1.5 * torch.exp(-0.7 * t) - 0.1])
+
+    def residuals(p, yb):
+        return p[:, :1] * torch.exp(-p[:, 1:2] * t) + p[:, 2:] - yb
+
+    x0 = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64).repeat(2, 1)
+    a = least_squares(residuals, x0, args=(y,), backend=backend)
+    b = least_squares(residuals, x0, args=(y,), backend="torch")
+    torch.testing.assert_close(a.x, b.x, rtol=1e-10, atol=1e-12)
+    assert torch.equal(a.status, b.status) and torch.equal(a.nfev, b.nfev)

@@ -21,8 +21,8 @@ def interpreter() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     from fastopt import backends
     from fastopt.kernels import batched_gram_triton
-    from fastopt.lm import least_squares
     from fastopt.reference import batched_gram_reference
+    from lsq_problems import assert_backend_fits_like_torch
 
     gen = torch.Generator().manual_seed(0)
     cases = [((5, 64, 4), False), ((3, 70, 5), False), ((2, 9, 37), False), ((2, 130, 3), True),
@@ -42,17 +42,7 @@ def interpreter() -> None:
             print(f"ok gram {dtype} {shape} {'p-major' if transposed else 'contiguous'}")
     assert backends.resolve("batched_gram", "cpu", torch.float32, "triton") == "triton"
 
-    t = torch.linspace(0, 4, 16, dtype=torch.float64)
-    y = torch.stack([2.0 * torch.exp(-1.1 * t) + 0.3, 1.5 * torch.exp(-0.7 * t) - 0.1])
-
-    def residuals(p, yb):
-        return p[:, :1] * torch.exp(-p[:, 1:2] * t) + p[:, 2:] - yb
-
-    x0 = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64).repeat(2, 1)
-    a = least_squares(residuals, x0, args=(y,), backend="triton")
-    b = least_squares(residuals, x0, args=(y,), backend="torch")
-    torch.testing.assert_close(a.x, b.x, rtol=1e-10, atol=1e-12)
-    assert torch.equal(a.status, b.status)
+    assert_backend_fits_like_torch("triton")
     print("ok least_squares backend=triton")
 
 

@@ -43,6 +43,31 @@ def test_ops_are_registered_with_their_mutations(op):
 
 
 @needs_cpu
+def test_gram_ops_are_registered_with_their_mutations():
+    schemas = {op: getattr(torch.ops.fastopt, op).default._schema for op in ("jacobian_products", "batched_gram")}
+    written = {op: [a.name for a in s.arguments if a.alias_info is not None and a.alias_info.is_write]
+               for op, s in schemas.items()}
+    assert written == {"jacobian_products": ["out"], "batched_gram": []}
+    assert len(schemas["batched_gram"].returns) == 2
+    for op in schemas:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CPU")
+
+
+@needs_cpu
+def test_opcheck_gram_ops():
+    """opcheck of jacobian_products (in place into out, with and without a shift, and a transposed
+    bf16 input) and batched_gram (new outputs, through its fake implementation)."""
+    torch.manual_seed(0)
+    a = torch.randn(9, 6)
+    torch.library.opcheck(torch.ops.fastopt.jacobian_products.default, (a, torch.zeros(6, 6)),
+                          dict(scale=0.5, shift=torch.rand(6)))
+    torch.library.opcheck(torch.ops.fastopt.jacobian_products.default,
+                          (torch.randn(6, 9, dtype=torch.bfloat16).t(), torch.zeros(6, 6)), dict(scale=1.0))
+    jac = torch.randn(3, 7, 4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastopt.batched_gram.default, (jac, torch.randn(3, 7, dtype=torch.float64)))
+
+
+@needs_cpu
 def test_a_build_without_cuda_kernels_says_so_for_backend_cuda():
     if "cuda" in torch.ops.fastopt.build_info().split():
         pytest.skip("this build has CUDA kernels")

@@ -155,6 +155,54 @@ def test_backend_matches_reference(backend, dtype, k, m, layout):
         assert torch.equal(out.triu(1), upper_before)
 
 
+needs_cpu_op = pytest.mark.skipif(not backends.available("cpu", OP, "cpu", torch.float32),
+                                  reason=str(backends.why_not("cpu", OP, "cpu", torch.float32)))
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,m,layout", [(40, 1300, "contiguous"), (1300, 24, "transposed"),
+                                        (20, 700, "every_other_column")])
+def test_cpu_op_matches_reference_across_its_blocks(dtype, k, m, layout):
+    """Wide enough for the CPU op's blocks below the diagonal (1300 columns: halves of 656 and
+    644, then squares of up to 512), into an output with 64-byte aligned rows as fastopt.lm's;
+    the transposed case is the underdetermined J J^T of J (24 x 1300), into a column-major out."""
+    from fastopt.lm._engine import Workspace
+
+    a, _, shift = _inputs(k, m, dtype, seed=k * m)
+    a = _layout(a, layout)
+    start = torch.randn(m, m, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(ACC[dtype])
+    if layout == "transposed":  # and a column-major out: any strides are fine
+        out = torch.empty(m, m, dtype=ACC[dtype]).t()
+    else:
+        out = Workspace().matrix("gram", m, m, ACC[dtype], torch.device("cpu"))
+    out.copy_(start)
+    expected = start.clone()
+    jacobian_products_reference(a, expected, scale=0.5, shift=shift)
+    fastopt.extension.jacobian_products_cpu(a, out, scale=0.5, shift=shift)
+    tol = TOL[ACC[dtype]]
+    assert_close(out.tril(), expected.tril(), rtol=tol["rtol"], atol=tol["atol"] * max(1, k), what="cpu op lower")
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("bad,match,error", [
+    (dict(out=torch.zeros(3, 3)), r"jacobian_products: out must be a \(4, 4\) tensor", ValueError),
+    (dict(out=torch.zeros(4, 4, dtype=torch.float64)), r"jacobian_products: out must be Float", TypeError),
+    (dict(shift=torch.zeros(3)), r"jacobian_products: shift must be a \(4,\) tensor", ValueError),
+    (dict(a=torch.zeros(3, 4, 1)), r"jacobian_products: a must be a 2-D tensor", ValueError),
+    (dict(a=torch.zeros(3, 4, dtype=torch.int32)), r"jacobian_products: a has dtype Int", TypeError),
+])
+def test_cpu_op_itself_rejects_bad_arguments_naming_them(bad, match, error):
+    """The C++ op's own checks (torch.ops.fastopt.jacobian_products called directly, without the
+    Python wrapper's): the kernels take raw pointers, so nothing wrong may reach them."""
+    args = dict(a=torch.zeros(3, 4), out=torch.zeros(4, 4), shift=None)
+    args.update(bad)
+    before = args["out"].clone()
+    with pytest.raises(error, match=match):
+        torch.ops.fastopt.jacobian_products(args["a"], args["out"], scale=1.0, shift=args["shift"])
+    assert torch.equal(args["out"], before)
+
+
 @pytest.mark.parametrize("backend", _backend_params())
 def test_backend_accumulates_and_rejects_bad_arguments(backend):
     a, _, _ = _inputs(30, 20, torch.float32, seed=9, device=DEVICE)

@@ -12,6 +12,7 @@ import torch
 
 from fastopt import backends
 from fastopt.reference import batched_gram_reference
+from lsq_problems import assert_backend_fits_like_torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(7, 64, 4), (3, 5, 9), (1, 1, 1), (4, 0, 3), (0, 6, 2), (2, 33, 40)]
@@ -91,3 +92,52 @@ def test_triton_kernel_compiles_for_sm80_and_sm90():
         pytest.skip("triton's ptxas is not available here")
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("ok compile") == 4
+
+
+# -- backend "cpu": the C++ kernel of fastopt._C -------------------------------------------------------
+needs_cpu = pytest.mark.skipif(not backends.available("cpu", "batched_gram", "cpu", torch.float32),
+                               reason=str(backends.why_not("cpu", "batched_gram", "cpu", torch.float32)))
+# P = 40 and 9 cross the kernel's 2 x 4 column blocks; N = 300 its 256-row chunks.
+CPU_SHAPES = SHAPES + [(3, 300, 7), (2, 1, 9)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "p-major"])
+def test_cpu_kernel_matches_the_reference(shape, dtype, layout):
+    b, n, p = shape
+    gen = torch.Generator().manual_seed(sum(shape) + 7)
+    if layout == "p-major":  # a (B, N, P) view of P-major storage, as torch.func.jacfwd returns
+        jac = torch.randn(p, b, n, generator=gen, dtype=torch.float64).to(dtype).permute(1, 2, 0)
+    else:
+        jac = torch.randn(b, n, p, generator=gen, dtype=torch.float64).to(dtype)
+    res = torch.randn(b, 2 * n, generator=gen, dtype=torch.float64).to(dtype)[:, ::2]  # strided residuals
+    gram = backends.select("batched_gram", "cpu", dtype, "cpu")
+    jtj, jtr = gram(jac, res)
+    ref_jtj, ref_jtr = batched_gram_reference(jac, res)
+    assert jtj.dtype == jtr.dtype == dtype and jtj.shape == (b, p, p) and jtr.shape == (b, p)
+    assert jtj.is_contiguous() and jtr.is_contiguous()
+    assert torch.equal(jtj, jtj.transpose(1, 2)), "J^T J must be exactly symmetric (one triangle, mirrored)"
+    # Both round once from fp32 (fp64) sums taken in different orders: a unit in the last place
+    # of the input dtype apart at most, beyond fp32 round-off.
+    torch.testing.assert_close(jtj.double(), ref_jtj.double(), **TOL[dtype])
+    torch.testing.assert_close(jtr.double(), ref_jtr.double(), **TOL[dtype])
+
+
+@needs_cpu
+def test_cpu_kernel_rejects_bad_inputs_naming_them():
+    gram = backends.select("batched_gram", "cpu", torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"res must have shape \(B, N\) = \(2, 3\)"):
+        gram(torch.zeros(2, 3, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"batched_gram: jac must have shape \(B, N, P\)"):
+        torch.ops.fastopt.batched_gram(torch.zeros(3, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"batched_gram: res must have shape \(B, N\) = \(2, 3\)"):
+        torch.ops.fastopt.batched_gram(torch.zeros(2, 3, 4), torch.zeros(2, 4))
+    with pytest.raises(TypeError, match=r"batched_gram: jac has dtype Long"):
+        torch.ops.fastopt.batched_gram(torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+
+
+@needs_cpu
+def test_least_squares_on_the_cpu_backend_matches_the_torch_backend():
+    assert_backend_fits_like_torch("cpu")

@@ -12,7 +12,7 @@ and batched nonlinear least squares: :func:`least_squares` and :func:`curve_fit`
 of independent small problems at once on one device, with scipy.optimize's meanings.
 
 The Gauss-Newton products run through the ``jacobian_products`` op of :mod:`fastopt.backends`
-(Triton on CUDA, eager torch elsewhere), the lower triangle only.
+(Triton on CUDA; on CPU the C++ op of fastopt._C, else eager torch), the lower triangle only.
 ``LightningLM`` (alias ``CustomLightningModule``) needs pytorch_lightning and loads on first use.
 """
 from . import damping, loss, selection, training
