@@ -8,7 +8,7 @@ and calls the one function :func:`fastopt.backends.select` chose for that bucket
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch.optim import Optimizer
@@ -29,6 +29,23 @@ def _host_hyperparameters(group: Dict[str, Any]) -> Dict[str, Any]:
     return {k: float(val) if torch.is_tensor(val) else val for k, val in group.items() if k != "params"}
 
 
+class _AmpInputs:
+    """What torch.amp.GradScaler handed to this step (``grad_scale``, ``found_inf``: 0-dim float32
+    tensors, or None), moved once to each device that needs them, without a host sync."""
+
+    def __init__(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]):
+        self.grad_scale, self.found_inf = grad_scale, found_inf
+        self._moved: Dict[torch.device, Dict[str, Optional[torch.Tensor]]] = {}
+
+    def on(self, device: torch.device) -> Dict[str, Optional[torch.Tensor]]:
+        """The op's keywords ``grad_scale`` and ``found_inf`` on ``device``."""
+        if device not in self._moved:
+            self._moved[device] = {
+                key: None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
+                for key, t in (("grad_scale", self.grad_scale), ("found_inf", self.found_inf))}
+        return self._moved[device]
+
+
 class LaplacianOptimizer(Optimizer):
     """Base class of the LAdam family. Subclasses set:
 
@@ -36,7 +53,8 @@ class LaplacianOptimizer(Optimizer):
     * ``_LADAM_STATE_KEYS``: ladam's state key -> ours, for loading ladam checkpoints;
     * ``_op(group)``: the backend op of the group;
     * ``_init_state(state, p, group)``: create the missing state tensors of ``p``;
-    * ``_run(fn, group, params, grads, states)``: call the selected op.
+    * ``_run(fn, group, params, grads, states, amp)``: call the selected op (``**amp``: its
+      ``grad_scale`` and ``found_inf`` keywords).
     """
 
     _CHECKS: Dict[str, v.Check] = {}
@@ -85,9 +103,18 @@ class LaplacianOptimizer(Optimizer):
         super().add_param_group(param_group)
 
     # -- step ------------------------------------------------------------------------------------
+    # torch.amp.GradScaler.step sees this and, instead of unscaling the gradients itself, sets
+    # ``self.grad_scale`` and ``self.found_inf`` for the step to use in its kernels (as torch's
+    # fused Adam): see :mod:`fastopt.reference._amp` for what every backend does with them.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] = None):
         """Perform one optimization step.
+
+        Under ``torch.amp.GradScaler`` the gradients arrive scaled and are unscaled inside the
+        step; a step whose gradients hold inf/NaN leaves parameters, state and step counts as
+        they were.
 
         Args:
             closure (callable, optional): re-evaluates the model and returns the loss.
@@ -105,8 +132,9 @@ class LaplacianOptimizer(Optimizer):
             op = self._op(group)
             for (device, dtype), bucket in _bucket_by_device_and_dtype(params).items():
                 work.append((op, backends.resolve(op, device, dtype, self._backend), group, bucket))
+        amp = _AmpInputs(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         for op, backend, group, bucket in work:
-            self._step_bucket(op, backend, _host_hyperparameters(group), bucket)
+            self._step_bucket(op, backend, _host_hyperparameters(group), bucket, amp)
         return loss
 
     def _check_param_and_grad(self, p: torch.Tensor) -> None:
@@ -123,7 +151,8 @@ class LaplacianOptimizer(Optimizer):
                              f"{tuple(g.shape)} {g.dtype} on {g.device}, parameter {tuple(p.shape)} "
                              f"{p.dtype} on {p.device}")
 
-    def _step_bucket(self, op: str, backend: str, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
+    def _step_bucket(self, op: str, backend: str, group: Dict[str, Any], params: List[torch.Tensor],
+                     amp: "_AmpInputs") -> None:
         new = [p for p in params if len(self.state[p]) == 0]
         step_device = params[0].device if backends.keeps_steps_on_device(backend) else torch.device("cpu")
         states = [self._state_of(p, group, step_device) for p in params]
@@ -131,14 +160,19 @@ class LaplacianOptimizer(Optimizer):
         torch._foreach_add_(steps, 1)
         try:
             fn, grads = backends.implementation(op, backend), [p.grad for p in params]
+            kernel_amp = amp.on(params[0].device)
             if any(_sharded.is_dtensor(p) for p in params):
                 # FSDP2: run on the local shards, halo-extended where the Laplacian crosses shards.
                 views = _sharded.shard_views(params, grads, states)
-                self._run(fn, group, *views[:3])
+                self._run(fn, group, *views[:3], kernel_amp)
                 _sharded.finish(*views[3:])
-                self._after_sharded_step(group, params, grads, states)
+                self._after_sharded_step(group, params, grads, states, kernel_amp)
             else:
-                self._run(fn, group, params, grads, states)
+                self._run(fn, group, params, grads, states, kernel_amp)
+            if amp.found_inf is not None:
+                # The op skipped a step with non-finite gradients: take it off the counts too,
+                # without reading found_inf on the host (as torch's fused Adam does).
+                torch._foreach_sub_(steps, [amp.on(step_device)["found_inf"]] * len(steps))
         except BaseException:
             # Put the bookkeeping back; the implementations validate before they write.
             torch._foreach_sub_(steps, 1)
@@ -202,8 +236,9 @@ class LaplacianOptimizer(Optimizer):
     def _init_state(self, state: Dict[str, Any], p: torch.Tensor, group: Dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _run(self, fn: Callable, group: Dict[str, Any], params, grads, states) -> None:
+    def _run(self, fn: Callable, group: Dict[str, Any], params, grads, states, amp: Dict[str, Any]) -> None:
+        """Call the op; ``amp`` holds its ``grad_scale`` and ``found_inf`` keywords."""
         raise NotImplementedError
 
-    def _after_sharded_step(self, group: Dict[str, Any], params, grads, states) -> None:
+    def _after_sharded_step(self, group: Dict[str, Any], params, grads, states, amp: Dict[str, Any]) -> None:
         """Fix-ups of statistics that span a whole row-sharded tensor (none by default)."""

@@ -55,10 +55,10 @@ class LAdaGrad(LaplacianOptimizer):
         if "sum" not in state:
             state["sum"] = self._zeros(p)
 
-    def _run(self, fn, group, params, grads, states):
+    def _run(self, fn, group, params, grads, states, amp):
         fn(params, grads, [s["sum"] for s in states], [s["step"] for s in states],
            [s["use_lap"] for s in states], lr=group["lr"], lr_decay=group["lr_decay"], eps=group["eps"],
-           weight_decay=group["weight_decay"], c2=group["c2"], stencil=group["stencil"])
+           weight_decay=group["weight_decay"], c2=group["c2"], stencil=group["stencil"], **amp)
 
 
 class LRMSProp(LaplacianOptimizer):
@@ -111,10 +111,10 @@ class LRMSProp(LaplacianOptimizer):
         if group["momentum"] > 0 and "momentum_buffer" not in state:
             state["momentum_buffer"] = self._zeros(p)
 
-    def _run(self, fn, group, params, grads, states):
+    def _run(self, fn, group, params, grads, states, amp):
         momentum = group["momentum"]
         fn(params, grads, [s["square_avg"] for s in states],
            [s["momentum_buffer"] for s in states] if momentum > 0 else None,
            [s["step"] for s in states], [s["use_lap"] for s in states], lr=group["lr"],
            alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-           momentum=momentum, c2=group["c2"], stencil=group["stencil"])
+           momentum=momentum, c2=group["c2"], stencil=group["stencil"], **amp)
