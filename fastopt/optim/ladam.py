@@ -112,22 +112,21 @@ class LAdam(LaplacianOptimizer):
             out["wave_e0_sq"] = torch.tensor(float(e0), dtype=torch.float64)  # cast to p's dtype on load
         return out
 
-    def _run(self, fn, group, params, grads, states, amp):
+    def _state_keys(self, group):
+        keys = ("exp_avg", "exp_avg_sq")
+        return keys + ("prev_exp_avg_sq", "wave_e0_sq") if group["mode"] == "wave_variance" else keys
+
+    def _run(self, fn, group, params, grads, state_lists, steps, use_laps, amp):
         beta1, beta2 = group["betas"]
-        lists = [[s[k] for s in states] for k in ("exp_avg", "exp_avg_sq")]
-        steps = [s["step"] for s in states]
-        use_laps = [s["use_lap"] for s in states]
         common = dict(lr=group["lr"], beta1=beta1, eps=group["eps"], weight_decay=group["weight_decay"],
                       c2=group["c2"], stencil=group["stencil"], **amp)
         if group["mode"] == "wave_variance":
             e0 = group["wave_E0"]
-            fn(params, grads, *lists, [s["prev_exp_avg_sq"] for s in states],
-               [s["wave_e0_sq"] for s in states], steps, use_laps, wave_dt=group["wave_dt"],
+            fn(params, grads, *state_lists, steps, use_laps, wave_dt=group["wave_dt"],
                wave_kappa=group["wave_kappa"], wave_E0=0.0 if e0 == "auto" else e0,
                wave_damping=group["wave_damping"], **common)
         else:
-            fn(params, grads, *lists, steps, use_laps, beta2=beta2, **common)
-
+            fn(params, grads, *state_lists, steps, use_laps, beta2=beta2, **common)
 
     def _after_sharded_step(self, group, params, grads, states, amp):
         # wave_variance's background level is the mean of g^2 over the whole tensor, which the
