@@ -144,3 +144,32 @@ def test_compiled_training_step_matches_eager_without_breaks_in_the_optimizer(ba
         _loss(ref, x, y).backward()
         ref_opt.step()
     _assert_same_training(model, opt, ref, ref_opt, backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_compiled_step_under_grad_scaler(backend):
+    """GradScaler calls the compiled step with grad_scale/found_inf set on the optimizer: the fused
+    backends take them as tensors in the graph (no break, no host read), skip the step with an inf
+    gradient and give the eager results. (The torch backend reads found_inf on the host: under
+    torch.compile that is a graph break, an error with fullgraph=True.)"""
+    _needs(backend)
+    torch._dynamo.reset()
+    counters.clear()
+    runs = []
+    for compiled in (True, False):
+        model = _model()
+        opt = _optimizer(model, backend, "LAdam", {})
+        if compiled:
+            opt.step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        x, y = _data()
+        for i in range(STEPS + 1):
+            opt.zero_grad()
+            loss = _loss(model, x, y) * (float("inf") if i == 1 else 1.0)  # step 1 is skipped
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append((model, opt))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    (model, opt), (ref, ref_opt) = runs
+    _assert_same_training(model, opt, ref, ref_opt, backend)  # STEPS steps taken, one skipped
