@@ -36,7 +36,8 @@ KERNELS = {
     "lrmsprop_step": (lrmsprop_step._lrmsprop_step_kernel, {"MOMENTUM": True}),
 }
 POINTERS = {"tiles": "*i32", "meta": "*i64", "p_layouts": "*i64", "g_ptrs": "*i64", "g_layouts": "*i64",
-            "counters": "*i32", "tensor_counters": "*i32", "partials": "*fp32"}
+            "counters": "*i32", "tensor_counters": "*i32", "partials": "*fp32", "grad_scale": "*fp32",
+            "found_inf": "*fp32"}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 

@@ -2,7 +2,8 @@
 // implementations per dispatch key (TORCH_LIBRARY_IMPL: CPU, and CUDA where built with it).
 // Registered as torch.ops.fastopt.<op>, the ops are visible to torch.compile (their fake
 // implementations are registered from Python, in fastopt/extension.py). The schemas mirror the
-// signatures of fastopt.reference: mutated lists are annotated (a!), hyperparameters keyword-only.
+// signatures of fastopt.reference: mutated lists are annotated (a!), hyperparameters keyword-only,
+// then the optional AMP inputs grad_scale and found_inf (fastopt/reference/_amp.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -43,14 +44,16 @@ TORCH_LIBRARY(fastopt, m) {
   m.def(
       "ladam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor[] steps, bool[] use_laps, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "float c2, str stencil) -> ()");
+      "float c2, str stencil, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "ladagrad_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor[] steps, "
-      "bool[] use_laps, *, float lr, float lr_decay, float eps, float weight_decay, float c2, str stencil) -> ()");
+      "bool[] use_laps, *, float lr, float lr_decay, float eps, float weight_decay, float c2, str stencil, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "lrmsprop_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
       "Tensor(c!)[] momentum_buffers, Tensor[] steps, bool[] use_laps, *, float lr, float alpha, float eps, "
-      "float weight_decay, float momentum, float c2, str stencil) -> ()");
+      "float weight_decay, float momentum, float c2, str stencil, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   // out[lower] += scale * a^T a (+ diag shift); only out is written.
   m.def("jacobian_products(Tensor a, Tensor(a!) out, *, float scale, Tensor? shift=None) -> ()");
   m.def("batched_gram(Tensor jac, Tensor res) -> (Tensor, Tensor)");

@@ -39,7 +39,12 @@ struct Launch {
   cuda::LaunchArgs args;
 };
 
-Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorList> states, at::TensorList steps) {
+const float* amp_pointer(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
+Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorList> states, at::TensorList steps,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = st.size();
   std::vector<cuda::TensorArgs> tensors(n);
   for (size_t i = 0; i < n; ++i) {
@@ -80,7 +85,9 @@ Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorLis
                                  plan.halo_elems ? launch.halo.data_ptr() : nullptr,
                                  smem_elems * math_size,
                                  dtype_code(st.dtype),
-                                 c10::cuda::getCurrentCUDAStream(device.index()).stream()};
+                                 c10::cuda::getCurrentCUDAStream(device.index()).stream(),
+                                 amp_pointer(grad_scale),
+                                 amp_pointer(found_inf)};
   return launch;
 }
 
@@ -89,25 +96,29 @@ Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorLis
 void ladam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps, const c10::List<bool>& use_laps, double lr,
                      double beta1, double beta2, double eps, double weight_decay, double c2,
-                     c10::string_view stencil) {
+                     c10::string_view stencil, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf) {
   StepTensors st = prepare_step("ladam_step", c10::DeviceType::CUDA, params, grads,
                                 {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps, use_laps, stencil,
                                 /*steps_on_device=*/true);
   if (st.size() == 0) return;
+  check_amp("ladam_step", grad_scale, found_inf, st.params[0].device());
   const c10::cuda::CUDAGuard guard(st.params[0].device());
-  const Launch launch = prepare_launch(st, {exp_avgs, exp_avg_sqs}, steps);
+  const Launch launch = prepare_launch(st, {exp_avgs, exp_avg_sqs}, steps, grad_scale, found_inf);
   C10_CUDA_CHECK(cuda::launch_ladam_step(launch.args, lr, beta1, beta2, eps, weight_decay, c2));
   st.write_back();
 }
 
 void ladagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
                         const c10::List<bool>& use_laps, double lr, double lr_decay, double eps, double weight_decay,
-                        double c2, c10::string_view stencil) {
+                        double c2, c10::string_view stencil, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
   StepTensors st = prepare_step("ladagrad_step", c10::DeviceType::CUDA, params, grads,
                                 {{"state_sums", state_sums}}, steps, use_laps, stencil, /*steps_on_device=*/true);
   if (st.size() == 0) return;
+  check_amp("ladagrad_step", grad_scale, found_inf, st.params[0].device());
   const c10::cuda::CUDAGuard guard(st.params[0].device());
-  const Launch launch = prepare_launch(st, {state_sums}, steps);
+  const Launch launch = prepare_launch(st, {state_sums}, steps, grad_scale, found_inf);
   C10_CUDA_CHECK(cuda::launch_ladagrad_step(launch.args, lr, lr_decay, eps, weight_decay, c2));
   st.write_back();
 }
@@ -115,7 +126,8 @@ void ladagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
 void lrmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                         at::TensorList momentum_buffers, at::TensorList steps, const c10::List<bool>& use_laps,
                         double lr, double alpha, double eps, double weight_decay, double momentum, double c2,
-                        c10::string_view stencil) {
+                        c10::string_view stencil, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
   const bool with_momentum = momentum > 0;
   StepTensors st =
       with_momentum
@@ -125,9 +137,11 @@ void lrmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
           : prepare_step("lrmsprop_step", c10::DeviceType::CUDA, params, grads, {{"square_avgs", square_avgs}}, steps,
                          use_laps, stencil, /*steps_on_device=*/true);
   if (st.size() == 0) return;
+  check_amp("lrmsprop_step", grad_scale, found_inf, st.params[0].device());
   const c10::cuda::CUDAGuard guard(st.params[0].device());
-  const Launch launch = with_momentum ? prepare_launch(st, {square_avgs, momentum_buffers}, steps)
-                                      : prepare_launch(st, {square_avgs}, steps);
+  const Launch launch = with_momentum
+                            ? prepare_launch(st, {square_avgs, momentum_buffers}, steps, grad_scale, found_inf)
+                            : prepare_launch(st, {square_avgs}, steps, grad_scale, found_inf);
   C10_CUDA_CHECK(cuda::launch_lrmsprop_step(launch.args, lr, alpha, eps, weight_decay, momentum, c2));
   st.write_back();
 }

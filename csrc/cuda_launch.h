@@ -44,6 +44,10 @@ struct LaunchArgs {
   int64_t smem_bytes;   // shared memory per block
   DType dtype;
   cudaStream_t stream;
+  // AMP (fastopt/reference/_amp.py), read in-kernel: the loss scale, and whether some gradient was
+  // inf/NaN (nonzero: every kernel returns at once); nullptr when the step has none.
+  const float* grad_scale;
+  const float* found_inf;
 };
 
 // Each returns cudaGetLastError() after its launches.

@@ -415,10 +415,12 @@ void run_tiles(const Step<Op>& step, const std::vector<TensorGrid>& grids) {
 }
 
 // The host side of a step: the tensor table (the op's state lists in the order of its signature:
-// advance states, then update states), then the tiles.
+// advance states, then update states), then the tiles. ``grad_factor`` unscales the gradients
+// (AMP: see GradUnscale in step_functors.h).
 template <class Op>
-void run_step(const Op& op, double c2, const StepTensors& st, std::initializer_list<at::TensorList> states,
-              at::TensorList steps) {
+void run_step(Op op, double c2, const StepTensors& st, std::initializer_list<at::TensorList> states,
+              at::TensorList steps, float grad_factor) {
+  op.grad_factor = typename Op::Math(grad_factor);
   using R = Raw<typename Op::Storage>;
   static_assert(Op::kAdvanceStates + Op::kUpdateStates <= 3, "TensorPtrs holds three state tensors");
   const std::vector<double> counts = step_counts(steps);

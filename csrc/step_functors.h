@@ -26,6 +26,17 @@ namespace fastopt {
 // is stored in the math dtype: a bf16 m is rounded, the reference uses the fp32 one).
 enum class AuxSource { kGradient, kState0 };
 
+// AMP (fastopt/reference/_amp.py): under torch.amp.GradScaler the gradients arrive multiplied by
+// the loss scale. Every functor reads g through unscaled(): g * grad_factor, grad_factor being
+// GradScaler.unscale_'s float32(1 / scale), set by the driver (1 without a scaler: exact). Where a
+// functor hands g on as aux, it hands on the gradient as stored and unscales it again in update, so
+// that aux means the same whether the driver passes it in a register or re-reads it from memory.
+template <typename MATH_T>
+struct GradUnscale {
+  MATH_T grad_factor = MATH_T(1);
+  FASTOPT_HD MATH_T unscaled(MATH_T g) const { return g * grad_factor; }
+};
+
 FASTOPT_HD float math_sqrt(float x) { return sqrtf(x); }
 FASTOPT_HD double math_sqrt(double x) { return sqrt(x); }
 
@@ -33,7 +44,7 @@ FASTOPT_HD double math_sqrt(double x) { return sqrt(x); }
 //   p *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
 //   p -= lr (m / bc1) / (sqrt(max(v/bc2 + c2 lap(v/bc2), eps)) + eps),  bc_i = 1 - b_i^t.
 template <typename T, typename MATH_T>
-struct LAdamStepFunctor {
+struct LAdamStepFunctor : GradUnscale<MATH_T> {
   using Storage = T;
   using Math = MATH_T;
   static constexpr int kAdvanceStates = 2;  // exp_avg, exp_avg_sq
@@ -60,6 +71,7 @@ struct LAdamStepFunctor {
 
   // s = {m, v}: old in, new out; aux = the new m; returns v_hat, the stencil's input.
   FASTOPT_HD MATH_T advance(const TensorScalars& k, MATH_T g, MATH_T* s, MATH_T& aux) const {
+    g = this->unscaled(g);
     MATH_T m = s[0] * beta1;
     m = m + one_minus_beta1 * g;
     MATH_T v = s[1] * beta2;
@@ -80,7 +92,7 @@ struct LAdamStepFunctor {
 //   p *= 1 - lr wd;  s += g^2;  p -= clr g / (sqrt(max(s + c2 lap(s), 0)) + eps),
 //   clr = lr / (1 + (t - 1) lr_decay).
 template <typename T, typename MATH_T>
-struct LAdaGradStepFunctor {
+struct LAdaGradStepFunctor : GradUnscale<MATH_T> {
   using Storage = T;
   using Math = MATH_T;
   static constexpr int kAdvanceStates = 1;  // sum
@@ -103,14 +115,16 @@ struct LAdaGradStepFunctor {
     return TensorScalars{MATH_T(-lr_ / (1 + (step - 1) * lr_decay_))};
   }
 
-  // s = {sum}; aux = g; returns the new sum, the stencil's input.
+  // s = {sum}; aux = g as stored; returns the new sum, the stencil's input.
   FASTOPT_HD MATH_T advance(const TensorScalars&, MATH_T g, MATH_T* s, MATH_T& aux) const {
-    s[0] = s[0] + g * g;
     aux = g;
+    g = this->unscaled(g);
+    s[0] = s[0] + g * g;
     return s[0];
   }
 
   FASTOPT_HD MATH_T update(const TensorScalars& k, MATH_T p, MATH_T g, MATH_T s_smooth, MATH_T*) const {
+    g = this->unscaled(g);
     p = p * decay;
     return p + k.neg_clr * g / (math_sqrt(s_smooth) + eps);
   }
@@ -120,7 +134,7 @@ struct LAdaGradStepFunctor {
 //   p *= 1 - lr wd;  a = alpha a + (1 - alpha) g^2;  d = sqrt(max(a + c2 lap(a), 0)) + eps;
 //   momentum mu > 0: buf = mu buf + g / d, p -= lr buf;  else p -= lr g / d.
 template <typename T, typename MATH_T, bool Momentum>
-struct LRMSPropStepFunctor {
+struct LRMSPropStepFunctor : GradUnscale<MATH_T> {
   using Storage = T;
   using Math = MATH_T;
   static constexpr int kAdvanceStates = 1;              // square_avg
@@ -137,16 +151,18 @@ struct LRMSPropStepFunctor {
   FASTOPT_HD MATH_T floor() const { return MATH_T(0); }
   FASTOPT_HD TensorScalars scalars(double) const { return TensorScalars{}; }
 
-  // s = {square_avg}; aux = g; returns the new square average, the stencil's input.
+  // s = {square_avg}; aux = g as stored; returns the new square average, the stencil's input.
   FASTOPT_HD MATH_T advance(const TensorScalars&, MATH_T g, MATH_T* s, MATH_T& aux) const {
+    aux = g;
+    g = this->unscaled(g);
     MATH_T a = s[0] * alpha;
     s[0] = a + one_minus_alpha * g * g;
-    aux = g;
     return s[0];
   }
 
   // u = {momentum buffer}: old in, new out (with momentum).
   FASTOPT_HD MATH_T update(const TensorScalars&, MATH_T p, MATH_T g, MATH_T a_smooth, MATH_T* u) const {
+    g = this->unscaled(g);
     if (Momentum) {
       MATH_T buf = u[0] * momentum;
       buf = buf + g / (math_sqrt(a_smooth) + eps);

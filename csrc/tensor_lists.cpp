@@ -87,6 +87,31 @@ StepTensors prepare_step(const char* op, c10::DeviceType device_type, at::Tensor
   return out;
 }
 
+void check_amp(const char* op, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               const at::Device& device) {
+  for (const auto& [name, t] : {std::make_pair("grad_scale", &grad_scale), std::make_pair("found_inf", &found_inf)}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& x = **t;
+    TORCH_CHECK(x.defined() && x.numel() == 1 && x.scalar_type() == at::kFloat, op, ": ", name,
+                " must be a float32 tensor of one element");
+    TORCH_CHECK(x.device() == device, op, ": ", name, " is on ", x.device(), " but the params are on ", device);
+  }
+}
+
+HostAmp read_amp(const char* op, const StepTensors& st, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
+  HostAmp amp;
+  if (st.size() == 0) return amp;
+  check_amp(op, grad_scale, found_inf, st.params[0].device());
+  // One element each (check_amp): read in place, strides do not matter.
+  if (found_inf.has_value()) amp.skip = *reinterpret_cast<const float*>(found_inf->const_data_ptr()) != 0.0f;
+  if (grad_scale.has_value()) {
+    const double scale = *reinterpret_cast<const float*>(grad_scale->const_data_ptr());
+    amp.grad_factor = static_cast<float>(1.0 / scale);
+  }
+  return amp;
+}
+
 void StepTensors::write_back() const {
   for (auto& pc : copies) pc.first.copy_(pc.second);
 }

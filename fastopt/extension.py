@@ -4,7 +4,8 @@ The extension registers ``torch.ops.fastopt.ladam_step``, ``ladagrad_step``, ``l
 and the Gram-matrix ops ``jacobian_products`` and ``batched_gram`` (schemas with TORCH_LIBRARY, kernels per dispatch key: CPU, and CUDA where it
 was built with CUDA). This module wraps them in functions with the signatures of
 :mod:`fastopt.reference` (``ladam_step_cpu``, ``ladam_step_cuda``, ...) and registers their fake
-implementations, so that torch.compile can trace through an optimizer step.
+implementations, so that torch.compile can trace through an optimizer step. Every op takes the
+optional AMP inputs ``grad_scale`` and ``found_inf`` (:mod:`fastopt.reference._amp`).
 
 Loading, once per process:
 
@@ -106,31 +107,34 @@ UNAVAILABLE = {} if "cuda" in _INFO.split() else {
 
 def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], use_laps: Sequence[bool], *, lr: float,
-               beta1: float, beta2: float, eps: float, weight_decay: float, c2: float, stencil: str) -> None:
+               beta1: float, beta2: float, eps: float, weight_decay: float, c2: float, stencil: str,
+               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """LAdam step, mode variance_lap, fused: the math of
     :func:`fastopt.reference.ladam_step_reference` in one pass over each tensor."""
     if not params:  # the dispatcher needs a tensor to pick the kernel by; nothing to do anyway
         return
     _OPS.ladam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps),
                     [bool(u) for u in use_laps], lr=float(lr), beta1=float(beta1), beta2=float(beta2),
-                    eps=float(eps), weight_decay=float(weight_decay), c2=float(c2), stencil=stencil)
+                    eps=float(eps), weight_decay=float(weight_decay), c2=float(c2), stencil=stencil,
+                    grad_scale=grad_scale, found_inf=found_inf)
 
 
 def ladagrad_step(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
                   steps: Sequence[Tensor], use_laps: Sequence[bool], *, lr: float, lr_decay: float, eps: float,
-                  weight_decay: float, c2: float, stencil: str) -> None:
+                  weight_decay: float, c2: float, stencil: str, grad_scale: Optional[Tensor] = None,
+                  found_inf: Optional[Tensor] = None) -> None:
     """LAdaGrad step fused: the math of :func:`fastopt.reference.ladagrad_step_reference`."""
     if not params:
         return
     _OPS.ladagrad_step(list(params), list(grads), list(state_sums), list(steps), [bool(u) for u in use_laps],
                        lr=float(lr), lr_decay=float(lr_decay), eps=float(eps), weight_decay=float(weight_decay),
-                       c2=float(c2), stencil=stencil)
+                       c2=float(c2), stencil=stencil, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def lrmsprop_step(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
                   momentum_buffers: Optional[Sequence[Tensor]], steps: Sequence[Tensor], use_laps: Sequence[bool],
                   *, lr: float, alpha: float, eps: float, weight_decay: float, momentum: float, c2: float,
-                  stencil: str) -> None:
+                  stencil: str, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """LRMSProp step fused: the math of :func:`fastopt.reference.lrmsprop_step_reference`
     (``momentum_buffers`` is None, or ignored, when momentum is 0)."""
     if not params:
@@ -138,7 +142,8 @@ def lrmsprop_step(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs
     buffers: List[Tensor] = list(momentum_buffers) if momentum > 0 and momentum_buffers is not None else []
     _OPS.lrmsprop_step(list(params), list(grads), list(square_avgs), buffers, list(steps),
                        [bool(u) for u in use_laps], lr=float(lr), alpha=float(alpha), eps=float(eps),
-                       weight_decay=float(weight_decay), momentum=float(momentum), c2=float(c2), stencil=stencil)
+                       weight_decay=float(weight_decay), momentum=float(momentum), c2=float(c2), stencil=stencil,
+                       grad_scale=grad_scale, found_inf=found_inf)
 
 
 def jacobian_products(a: Tensor, out: Tensor, *, scale: float, shift: Optional[Tensor] = None) -> Tensor:

@@ -22,6 +22,17 @@ from .ladam_wave_step import ladam_wave_step_triton
 from .ladam_weight_lap_step import ladam_weight_lap_step_triton
 from .lrmsprop_step import lrmsprop_step_triton
 
+from ._library import traceable
+
+# torch.compile sees each LAdam-family launcher as one opaque custom op, torch.ops.fastopt_triton.<op>
+# (kernels/_library.py); eagerly the launchers run directly.
+ladam_step_triton = traceable("ladam_step", ladam_step_triton)
+ladam_update_lap_step_triton = traceable("ladam_update_lap_step", ladam_update_lap_step_triton)
+ladam_weight_lap_step_triton = traceable("ladam_weight_lap_step", ladam_weight_lap_step_triton)
+ladam_wave_step_triton = traceable("ladam_wave_step", ladam_wave_step_triton)
+ladagrad_step_triton = traceable("ladagrad_step", ladagrad_step_triton)
+lrmsprop_step_triton = traceable("lrmsprop_step", lrmsprop_step_triton)
+
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32})
 # What fastopt.backends reads: the dtypes each op takes (LAdam family: math in fp32, state in the
 # parameter's dtype).

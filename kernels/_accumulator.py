@@ -14,18 +14,19 @@ from ._multi_tensor import offsets, smoothed
 @triton.jit
 def accumulated(flat, mask, args):
     """This step's accumulator at elements ``flat``, from the old one and g."""
-    acc_ptr, g_ptr, g_layout, g_strided, keep, gain = args
+    acc_ptr, g_ptr, g_layout, g_strided, g_factor, keep, gain = args
     g_at = flat
     if g_strided:
         g_at = offsets(flat, g_layout)
-    g = tl.load(g_ptr + g_at, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + g_at, mask=mask, other=0.0).to(tl.float32) * g_factor
     return tl.load(acc_ptr + flat, mask=mask, other=0.0).to(tl.float32) * keep + gain * g * g
 
 
 @triton.jit
-def smoothed_accumulator(geo, elem, acc_ptr, g, g_ptr, g_layout, keep, gain, eps, c2, STENCIL: tl.constexpr):
-    """(new accumulator, denominator) at this program's lanes; ``g`` is their gradient (fp32)."""
+def smoothed_accumulator(geo, elem, acc_ptr, g, g_ptr, g_layout, g_factor, keep, gain, eps, c2, STENCIL: tl.constexpr):
+    """(new accumulator, denominator) at this program's lanes; ``g`` is their gradient (fp32,
+    unscaled), ``g_factor`` what a gradient read from ``g_ptr`` is unscaled by."""
     flat, valid = elem[2], elem[3]
     acc = tl.load(acc_ptr + flat, mask=valid, other=0.0).to(tl.float32) * keep + gain * g * g
-    args = (acc_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, keep, gain)
+    args = (acc_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, g_factor, keep, gain)
     return acc, tl.sqrt_rn(smoothed(accumulated, args, acc, geo, elem, 1.0, c2, 0.0, STENCIL, False)) + eps

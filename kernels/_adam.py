@@ -11,20 +11,21 @@ from ._multi_tensor import launch, load_tile, offsets, one_minus_powers, stencil
 
 
 @triton.jit
-def adam_tile(tiles, meta, p_layouts, g_ptrs, g_layouts, stash, beta1, one_minus_beta1, beta2, one_minus_beta2,
+def adam_tile(tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, beta1, one_minus_beta1, beta2,
+              one_minus_beta2,
               TILE: tl.constexpr, IDX: tl.constexpr):
     """:func:`load_tile`, then m and v loaded and updated and the bias corrections ``1 - b^t``.
 
-    Returns ``(geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2))``:
+    Returns ``(geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2), g_factor)``:
     pointers = (param, grad, m, v, third state), values in fp32, m and v already this step's.
     """
-    geo, elem, pointers, p_layout, g_layout, p_at, p, g = load_tile(tiles, meta, p_layouts, g_ptrs, g_layouts, stash,
-                                                                    TILE, IDX)
+    geo, elem, pointers, p_layout, g_layout, p_at, p, g, g_factor = load_tile(
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
     flat, valid = elem[2], elem[3]
     m = tl.load(pointers[2] + flat, mask=valid, other=0.0).to(tl.float32) * beta1 + one_minus_beta1 * g
     v = tl.load(pointers[3] + flat, mask=valid, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
     bias = one_minus_powers(one_minus_beta1, one_minus_beta2, step_of(geo))
-    return geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), bias
+    return geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), bias, g_factor
 
 
 @triton.jit
@@ -36,24 +37,24 @@ def adam_direction(m, v, bias1, bias2, eps):
 @triton.jit
 def direction_at(flat, mask, args):
     """This step's Adam direction at elements ``flat`` (a halo's), from old m, v and g (a field of
-    :func:`laplacian`); ``args`` = (m_ptr, v_ptr, g_ptr, g_layout, g_strided, hyper), ``hyper`` =
+    :func:`laplacian`); ``args`` = (m_ptr, v_ptr, g_ptr, g_layout, g_strided, g_factor, hyper), ``hyper`` =
     (beta1, 1 - beta1, beta2, 1 - beta2, 1 / (1 - b1^t), 1 / (1 - b2^t), eps).
 
     Halo values only enter ``c2 lap(.)``: multiplying by the reciprocal bias corrections (1 ulp
     off the reference's divisions) saves two IEEE divisions per neighbour, 16 per element.
     """
-    m_ptr, v_ptr, g_ptr, g_layout, g_strided, hyper = args
+    m_ptr, v_ptr, g_ptr, g_layout, g_strided, g_factor, hyper = args
     g_at = flat
     if g_strided:
         g_at = offsets(flat, g_layout)
-    g = tl.load(g_ptr + g_at, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + g_at, mask=mask, other=0.0).to(tl.float32) * g_factor
     m = tl.load(m_ptr + flat, mask=mask, other=0.0).to(tl.float32) * hyper[0] + hyper[1] * g
     v = tl.load(v_ptr + flat, mask=mask, other=0.0).to(tl.float32) * hyper[2] + hyper[3] * g * g
     return tl.div_rn(m * hyper[4], tl.sqrt_rn(v * hyper[5]) + hyper[6])
 
 
 def launch_adam(kernel, stashed: int, params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps,
-                weight_decay, c2, stencil) -> None:
+                weight_decay, c2, stencil, grad_scale=None, found_inf=None) -> None:
     """Launch one of the EMA-mode kernels (they share arguments); ``stashed``: how many of p, m, v
     the mode reads at neighbours (see kernels/_multi_tensor.py)."""
     if not params:
@@ -61,4 +62,4 @@ def launch_adam(kernel, stashed: int, params, grads, exp_avgs, exp_avg_sqs, step
     code = stencil_code(stencil)
     table = table_for(params, (exp_avgs, exp_avg_sqs), steps, use_laps, stashed=stashed)
     launch(kernel, table, grads, (lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay, c2),
-           STENCIL=code)
+           grad_scale, found_inf, STENCIL=code)

@@ -454,11 +454,33 @@ def _check_mode(kernel, device: torch.device) -> None:
                            "fastopt.kernels was imported (the interpreter runs on CPU tensors only): unset it")
 
 
-def launch(kernel, table: TensorTable, grads, args: tuple, **constexprs) -> None:
+_AMP_DEFAULTS: dict = {}
+
+
+def _amp_input(t: Optional[torch.Tensor], default: float, name: str, device: torch.device) -> torch.Tensor:
+    """An AMP input as the kernels read it: the caller's 0-dim float32 tensor on ``device``, or a
+    cached constant (1 for grad_scale, 0 for found_inf) when the step has none."""
+    if t is None:
+        key = (device, default)
+        if key not in _AMP_DEFAULTS:
+            _AMP_DEFAULTS[key] = torch.full((), default, dtype=torch.float32, device=device)
+        return _AMP_DEFAULTS[key]
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != 1 or t.device != device:
+        raise ValueError(f"{name} must be a 1-element float32 tensor on {device} (the params' device); got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
+    return t
+
+
+def launch(kernel, table: TensorTable, grads, args: tuple, grad_scale: Optional[torch.Tensor] = None,
+           found_inf: Optional[torch.Tensor] = None, **constexprs) -> None:
     """Launch ``kernel`` once over every tile of ``table``: the table arrays, this step's grads, the
-    stash, then ``args`` (the op's scalars) and the op's constexprs."""
+    stash, the AMP inputs (read in-kernel, see fastopt/reference/_amp.py: ``g * (1 / grad_scale)``,
+    nothing written where ``found_inf`` is nonzero), then ``args`` (the op's scalars) and the op's
+    constexprs."""
     if table.n_tiles == 0:
         return
+    grad_scale = _amp_input(grad_scale, 1.0, "grad_scale", table.device)
+    found_inf = _amp_input(found_inf, 0.0, "found_inf", table.device)
     _check_mode(kernel, table.device)
     grad_ptrs, grad_layouts, index_64 = table.grads(grads)
     s = table.settings
@@ -468,7 +490,7 @@ def launch(kernel, table: TensorTable, grads, args: tuple, **constexprs) -> None
         with guard:
             kernel[(table.n_tiles,)](
                 table.tiles, table.meta, table.p_layouts, grad_ptrs, grad_layouts, table.counters,
-                table.tensor_counters, table.stash(), *args,
+                table.tensor_counters, table.stash(), grad_scale, found_inf, *args,
                 TILE=s.tile, BORDER_LANES=s.border_lanes, IDX=tl.int64 if index_64 else tl.int32, **constexprs,
                 num_warps=s.num_warps, enable_fp_fusion=False)
     except BaseException:
@@ -513,12 +535,13 @@ def locate(tiles, meta, TILE: tl.constexpr, IDX: tl.constexpr):
 
 
 @triton.jit
-def load_tile(tiles, meta, p_layouts, g_ptrs, g_layouts, stash, TILE: tl.constexpr, IDX: tl.constexpr):
-    """Locate this program's tile (:func:`locate`) and load its param and grad, in fp32.
+def load_tile(tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE: tl.constexpr, IDX: tl.constexpr):
+    """Locate this program's tile (:func:`locate`) and load its param and grad, in fp32, the grad
+    unscaled (AMP: times ``g_factor``, GradScaler.unscale_'s float32(1 / grad_scale); 1 without).
 
-    Returns ``(geo, elem, pointers, p_layout, g_layout, p_at, p, g)``: pointers = (param, grad,
-    state 0, state 1, state 2) of the tensor (unused state columns hold 0), the layout rows of its
-    param and grad (:func:`offsets`), the param's memory offsets at the lanes.
+    Returns ``(geo, elem, pointers, p_layout, g_layout, p_at, p, g, g_factor)``: pointers =
+    (param, grad, state 0, state 1, state 2) of the tensor (unused state columns hold 0), the layout
+    rows of its param and grad (:func:`offsets`), the param's memory offsets at the lanes.
     """
     geo, elem = locate(tiles, meta, TILE, IDX)
     t, row, flat, valid = geo[0], geo[1], elem[2], elem[3]
@@ -529,8 +552,9 @@ def load_tile(tiles, meta, p_layouts, g_ptrs, g_layouts, stash, TILE: tl.constex
     g_layout = g_layouts + t.to(tl.int64) * LAYOUT_FIELDS
     p_at = offsets(flat, p_layout)
     p = tl.load(pointers[0] + p_at, mask=valid, other=0.0).to(tl.float32)
-    g = tl.load(pointers[1] + offsets(flat, g_layout), mask=valid, other=0.0).to(tl.float32)
-    return geo, elem, pointers, p_layout, g_layout, p_at, p, g
+    g_factor = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)  # fp64 division: IEEE-exact
+    g = tl.load(pointers[1] + offsets(flat, g_layout), mask=valid, other=0.0).to(tl.float32) * g_factor
+    return geo, elem, pointers, p_layout, g_layout, p_at, p, g, g_factor
 
 
 @triton.jit

@@ -18,11 +18,14 @@ from ._multi_tensor import launch, load_tile, stencil_code, step_of, store, stor
 
 @triton.jit
 def _ladagrad_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
+                          grad_scale, found_inf,
                           lr, lr_decay, eps, decay, c2,
                           STENCIL: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
-    geo, elem, (p_ptr, g_ptr, s_ptr, _, _), p_layout, g_layout, p_at, p, g = load_tile(
-        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, TILE, IDX)
-    s, denom = smoothed_accumulator(geo, elem, s_ptr, g, g_ptr, g_layout, 1.0, 1.0, eps, c2, STENCIL)
+    if tl.load(found_inf) != 0:
+        return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
+    geo, elem, (p_ptr, g_ptr, s_ptr, _, _), p_layout, g_layout, p_at, p, g, g_factor = load_tile(
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
+    s, denom = smoothed_accumulator(geo, elem, s_ptr, g, g_ptr, g_layout, g_factor, 1.0, 1.0, eps, c2, STENCIL)
     clr = tl.div_rn(lr, 1.0 + (step_of(geo) - 1.0) * lr_decay)
     p = p * decay - clr * tl.div_rn(g, denom)
     store(p_ptr + p_at, p, elem[3])
@@ -30,7 +33,7 @@ def _ladagrad_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, t
 
 
 def ladagrad_step_triton(params, grads, state_sums, steps, use_laps, *, lr, lr_decay, eps, weight_decay, c2,
-                         stencil) -> None:
+                         stencil, grad_scale=None, found_inf=None) -> None:
     """fastopt.reference.ladagrad_step_reference in one Triton launch (same signature and results).
 
     ``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.
@@ -39,4 +42,5 @@ def ladagrad_step_triton(params, grads, state_sums, steps, use_laps, *, lr, lr_d
         return
     code = stencil_code(stencil)
     table = table_for(params, (state_sums,), steps, use_laps, stashed=1)
-    launch(_ladagrad_step_kernel, table, grads, (lr, lr_decay, eps, 1 - lr * weight_decay, c2), STENCIL=code)
+    launch(_ladagrad_step_kernel, table, grads, (lr, lr_decay, eps, 1 - lr * weight_decay, c2), grad_scale, found_inf,
+           STENCIL=code)

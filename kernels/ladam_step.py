@@ -29,12 +29,16 @@ from ._multi_tensor import smoothed, store, store_shared
 
 @triton.jit
 def _ladam_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
+                       grad_scale, found_inf,
                        lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, c2,
                        STENCIL: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
-    geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2) = adam_tile(
-        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, beta1, one_minus_beta1, beta2, one_minus_beta2, TILE, IDX)
+    if tl.load(found_inf) != 0:
+        return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
+    geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2), g_factor = adam_tile(
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2,
+        TILE, IDX)
     p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
-    args = (v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, beta2, one_minus_beta2)
+    args = (v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, g_factor, beta2, one_minus_beta2)
     v_hat = smoothed(accumulated, args, v, geo, elem, bias2, c2, eps, STENCIL, True)
     p = p * decay - lr * tl.div_rn(tl.div_rn(m, bias1), tl.sqrt_rn(v_hat) + eps)
     store(p_ptr + p_at, p, elem[3])
@@ -43,10 +47,11 @@ def _ladam_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tens
 
 
 def ladam_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps,
-                      weight_decay, c2, stencil) -> None:
+                      weight_decay, c2, stencil, grad_scale=None, found_inf=None) -> None:
     """fastopt.reference.ladam_step_reference in one Triton launch (same signature and results).
 
     ``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.
     """
     launch_adam(_ladam_step_kernel, 1, params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
-                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, c2=c2, stencil=stencil)
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, c2=c2, stencil=stencil,
+                grad_scale=grad_scale, found_inf=found_inf)

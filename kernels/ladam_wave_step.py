@@ -53,12 +53,15 @@ def _record_mean(geo, elem, g_sq, partials, tensor_counters, dtype):
 
 
 @triton.jit
-def _ladam_wave_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash, partials,
+def _ladam_wave_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash, grad_scale,
+                            found_inf, partials,
                             lr, beta1, one_minus_beta1, eps, decay, c2, dt_sq, kappa, fixed_e0_sq, keep, recall,
                             STENCIL: tl.constexpr, E0_FROM_GRADS: tl.constexpr, TILE: tl.constexpr,
                             BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
-    geo, elem, (p_ptr, g_ptr, m_ptr, v_ptr, prev_ptr), p_layout, g_layout, p_at, p, g = load_tile(
-        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, TILE, IDX)
+    if tl.load(found_inf) != 0:
+        return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
+    geo, elem, (p_ptr, g_ptr, m_ptr, v_ptr, prev_ptr), p_layout, g_layout, p_at, p, g, _ = load_tile(
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
     flat, valid = elem[2], elem[3]
     dtype = stash.dtype.element_ty
     step = step_of(geo)
@@ -92,7 +95,7 @@ def _ladam_wave_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters,
 
 def ladam_wave_step_triton(params, grads, exp_avgs, exp_avg_sqs, prev_exp_avg_sqs, wave_e0_sqs, steps, use_laps, *,
                            lr, beta1, eps, weight_decay, c2, stencil, wave_dt, wave_kappa, wave_E0,
-                           wave_damping) -> None:
+                           wave_damping, grad_scale=None, found_inf=None) -> None:
     """fastopt.reference.ladam_wave_step_reference in one Triton launch (same signature and
     results). ``steps``: 0-dim float32 tensors on the params' device, already incremented;
     ``wave_e0_sqs``: 0-dim tensors of the params' dtype and device."""
@@ -105,5 +108,5 @@ def ladam_wave_step_triton(params, grads, exp_avgs, exp_avg_sqs, prev_exp_avg_sq
     d = wave_damping
     launch(_ladam_wave_step_kernel, table, grads,
            (partials, lr, beta1, 1 - beta1, eps, 1 - lr * weight_decay, c2, wave_dt * wave_dt, wave_kappa,
-            wave_E0 * wave_E0, 2 - d, 1 - d),
+            wave_E0 * wave_E0, 2 - d, 1 - d), grad_scale, found_inf,
            STENCIL=code, E0_FROM_GRADS=wave_E0 == 0)

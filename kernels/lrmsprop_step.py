@@ -20,13 +20,17 @@ from ._multi_tensor import launch, load_tile, stencil_code, store, store_shared,
 
 @triton.jit
 def _lrmsprop_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
+                          grad_scale, found_inf,
                           lr, alpha, one_minus_alpha, eps, decay, momentum, c2,
                           STENCIL: tl.constexpr, MOMENTUM: tl.constexpr, TILE: tl.constexpr,
                           BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
-    geo, elem, (p_ptr, g_ptr, a_ptr, buf_ptr, _), p_layout, g_layout, p_at, p, g = load_tile(
-        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, TILE, IDX)
+    if tl.load(found_inf) != 0:
+        return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
+    geo, elem, (p_ptr, g_ptr, a_ptr, buf_ptr, _), p_layout, g_layout, p_at, p, g, g_factor = load_tile(
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
     flat, valid = elem[2], elem[3]
-    a, denom = smoothed_accumulator(geo, elem, a_ptr, g, g_ptr, g_layout, alpha, one_minus_alpha, eps, c2, STENCIL)
+    a, denom = smoothed_accumulator(geo, elem, a_ptr, g, g_ptr, g_layout, g_factor, alpha, one_minus_alpha, eps, c2,
+                                    STENCIL)
     if MOMENTUM:
         buf = tl.load(buf_ptr + flat, mask=valid, other=0.0).to(tl.float32) * momentum + tl.div_rn(g, denom)
         store(buf_ptr + flat, buf, valid)
@@ -38,7 +42,7 @@ def _lrmsprop_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, t
 
 
 def lrmsprop_step_triton(params, grads, square_avgs, momentum_buffers, steps, use_laps, *, lr, alpha, eps,
-                         weight_decay, momentum, c2, stencil) -> None:
+                         weight_decay, momentum, c2, stencil, grad_scale=None, found_inf=None) -> None:
     """fastopt.reference.lrmsprop_step_reference in one Triton launch (same signature and results).
 
     ``momentum_buffers`` is None when momentum is 0; ``steps`` are unused by the math.
@@ -52,4 +56,5 @@ def lrmsprop_step_triton(params, grads, square_avgs, momentum_buffers, steps, us
     states = (square_avgs, momentum_buffers) if with_momentum else (square_avgs,)
     table = table_for(params, states, steps, use_laps, stashed=1)
     launch(_lrmsprop_step_kernel, table, grads,
-           (lr, alpha, 1 - alpha, eps, 1 - lr * weight_decay, momentum, c2), STENCIL=code, MOMENTUM=with_momentum)
+           (lr, alpha, 1 - alpha, eps, 1 - lr * weight_decay, momentum, c2), grad_scale, found_inf, STENCIL=code,
+           MOMENTUM=with_momentum)

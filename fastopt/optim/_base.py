@@ -8,7 +8,7 @@ and calls the one function :func:`fastopt.backends.select` chose for that bucket
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch.optim import Optimizer
@@ -24,9 +24,31 @@ def _bucket_by_device_and_dtype(params: List[torch.Tensor]) -> Dict[Tuple[torch.
     return buckets
 
 
-def _host_hyperparameters(group: Dict[str, Any]) -> Dict[str, Any]:
-    """The group's hyperparameters with one-element tensors (a tensor lr) read as Python floats."""
-    return {k: float(val) if torch.is_tensor(val) else val for k, val in group.items() if k != "params"}
+def _host_value(value: Any) -> Any:
+    """A hyperparameter as the ops take it: a one-element tensor (a tensor lr) as a Python float."""
+    return float(value) if torch.is_tensor(value) else value
+
+
+# (op, backend) -> the function that runs it: filled by _init_group, read by the traced step (a
+# plain dict lookup, where backends.implementation would import modules).
+_IMPLEMENTATIONS: Dict[Tuple[str, str], Callable] = {}
+
+
+class _AmpInputs:
+    """What torch.amp.GradScaler handed to this step (``grad_scale``, ``found_inf``: 0-dim float32
+    tensors, or None), moved once to each device that needs them, without a host sync."""
+
+    def __init__(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]):
+        self.grad_scale, self.found_inf = grad_scale, found_inf
+        self._moved: Dict[torch.device, Dict[str, Optional[torch.Tensor]]] = {}
+
+    def on(self, device: torch.device) -> Dict[str, Optional[torch.Tensor]]:
+        """The op's keywords ``grad_scale`` and ``found_inf`` on ``device``."""
+        if device not in self._moved:
+            self._moved[device] = {
+                key: None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
+                for key, t in (("grad_scale", self.grad_scale), ("found_inf", self.found_inf))}
+        return self._moved[device]
 
 
 class LaplacianOptimizer(Optimizer):
@@ -36,7 +58,9 @@ class LaplacianOptimizer(Optimizer):
     * ``_LADAM_STATE_KEYS``: ladam's state key -> ours, for loading ladam checkpoints;
     * ``_op(group)``: the backend op of the group;
     * ``_init_state(state, p, group)``: create the missing state tensors of ``p``;
-    * ``_run(fn, group, params, grads, states)``: call the selected op.
+    * ``_state_keys(group)``: the state tensors the op takes, in the order of its signature;
+    * ``_run(fn, group, params, grads, state_lists, steps, use_laps, amp)``: call the selected op
+      (``**amp``: its ``grad_scale`` and ``found_inf`` keywords).
     """
 
     _CHECKS: Dict[str, v.Check] = {}
@@ -88,9 +112,18 @@ class LaplacianOptimizer(Optimizer):
         super().add_param_group(param_group)
 
     # -- step ------------------------------------------------------------------------------------
+    # torch.amp.GradScaler.step sees this and, instead of unscaling the gradients itself, sets
+    # ``self.grad_scale`` and ``self.found_inf`` for the step to use in its kernels (as torch's
+    # fused Adam): see :mod:`fastopt.reference._amp` for what every backend does with them.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] = None):
         """Perform one optimization step.
+
+        Under ``torch.amp.GradScaler`` the gradients arrive scaled and are unscaled inside the
+        step; a step whose gradients hold inf/NaN leaves parameters, state and step counts as
+        they were. Traceable by torch.compile (``fullgraph=True``): see :meth:`_init_group`.
 
         Args:
             closure (callable, optional): re-evaluates the model and returns the loss.
@@ -99,18 +132,63 @@ class LaplacianOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
+        amp = _AmpInputs(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        plans = []
+        for group in self.param_groups:
+            params, grads, steps, use_laps, s0, s1, s2, s3 = [], [], [], [], [], [], [], []
+            buckets = self._init_group(group, params, grads, steps, use_laps, s0, s1, s2, s3)
+            plans.append((group, buckets, params, grads, steps, use_laps, (s0, s1, s2, s3)))
+        for group, buckets, params, grads, steps, use_laps, states in plans:
+            hyper = {key: _host_value(group[key]) for key in group if key != "params"}
+            for op, backend, start, end, new in buckets:
+                self._step_bucket(op, backend, hyper, params[start:end], grads[start:end], steps[start:end],
+                                  use_laps[start:end], [s[start:end] for s in states if s], amp, new)
+        return loss
+
+    def _init_group(self, group, params, grads, steps, use_laps, *state_lists) -> Tuple[Tuple, ...]:
+        """Validate ``group``, create missing state and fill the (empty) lists with the tensors of
+        its parameters that have gradients, grouped by (device, dtype): ``state_lists`` get the
+        op's state tensors in the order of its signature (:meth:`_state_keys`). Returns one
+        ``(op, backend, start, end, new)`` per bucket: its slice of the lists and the indices, in
+        the bucket, of the parameters whose state was created now.
+
+        The first group's call validates every group, so bad input anywhere fails before any state
+        changes. Under torch.compile, dynamo runs this method eagerly while tracing and guards on
+        the state it leaves (as for torch.optim's optimizers, whose method of this name it
+        special-cases): validation, backend choice and state creation stay out of the graph, which
+        holds the step counts' increments and the backend's op calls.
+        """
+        if group is self.param_groups[0]:
+            self._validate_groups()
+        op = self._op(group)
+        keys = self._state_keys(group)
+        buckets = []
+        with_grads = [p for p in group["params"] if p.grad is not None]
+        for (device, dtype), bucket in _bucket_by_device_and_dtype(with_grads).items():
+            backend = backends.resolve(op, device, dtype, self._backend)
+            _IMPLEMENTATIONS[(op, backend)] = backends.implementation(op, backend)
+            step_device = device if backends.keeps_steps_on_device(backend) else torch.device("cpu")
+            new = tuple(i for i, p in enumerate(bucket) if len(self.state[p]) == 0)
+            start = len(params)
+            for p in bucket:
+                state = self._state_of(p, group, step_device)
+                params.append(p)
+                grads.append(p.grad)
+                steps.append(state["step"])
+                use_laps.append(state["use_lap"])
+                for key, out in zip(keys, state_lists):
+                    out.append(state[key])
+            buckets.append((op, backend, start, len(params), new))
+        return tuple(buckets)
+
+    def _validate_groups(self) -> None:
         for group in self.param_groups:
             v.check_all(self._CHECKS, group)
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 self._check_param_and_grad(p)
-            op = self._op(group)
-            for (device, dtype), bucket in _bucket_by_device_and_dtype(params).items():
-                work.append((op, backends.resolve(op, device, dtype, self._backend), group, bucket))
-        for op, backend, group, bucket in work:
-            self._step_bucket(op, backend, _host_hyperparameters(group), bucket)
-        return loss
+            for device, dtype in _bucket_by_device_and_dtype(params):
+                backends.resolve(self._op(group), device, dtype, self._backend)
 
     def _check_param_and_grad(self, p: torch.Tensor) -> None:
         g = p.grad
@@ -126,28 +204,42 @@ class LaplacianOptimizer(Optimizer):
                              f"{tuple(g.shape)} {g.dtype} on {g.device}, parameter {tuple(p.shape)} "
                              f"{p.dtype} on {p.device}")
 
-    def _step_bucket(self, op: str, backend: str, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
-        new = [p for p in params if len(self.state[p]) == 0]
-        step_device = params[0].device if backends.keeps_steps_on_device(backend) else torch.device("cpu")
-        states = [self._state_of(p, group, step_device) for p in params]
-        steps = [s["step"] for s in states]
+    def _step_bucket(self, op: str, backend: str, group: Dict[str, Any], params: List[torch.Tensor],
+                     grads: List[torch.Tensor], steps: List[torch.Tensor], use_laps: List[bool],
+                     state_lists: List[List[torch.Tensor]], amp: "_AmpInputs", new: Tuple[int, ...]) -> None:
+        fn = _IMPLEMENTATIONS[(op, backend)]
         torch._foreach_add_(steps, 1)
-        try:
-            fn, grads = backends.implementation(op, backend), [p.grad for p in params]
-            if any(_sharded.is_dtensor(p) for p in params):
-                # FSDP2: run on the local shards, halo-extended where the Laplacian crosses shards.
-                views = _sharded.shard_views(params, grads, states)
-                self._run(fn, group, *views[:3])
-                _sharded.finish(*views[3:])
-                self._after_sharded_step(group, params, grads, states)
-            else:
-                self._run(fn, group, params, grads, states)
-        except BaseException:
-            # Put the bookkeeping back; the implementations validate before they write.
-            torch._foreach_sub_(steps, 1)
-            for p in new:
-                del self.state[p]
-            raise
+        kernel_amp = amp.on(params[0].device)
+        if torch.compiler.is_compiling():
+            # Traced: the ops validate while tracing (their fake implementations) or raise at run
+            # time; there is no bookkeeping to put back in a graph.
+            self._run(fn, group, params, grads, state_lists, steps, use_laps, kernel_amp)
+        else:
+            try:
+                if any(_sharded.is_dtensor(p) for p in params):
+                    self._step_sharded(fn, group, params, grads, amp=kernel_amp)
+                else:
+                    self._run(fn, group, params, grads, state_lists, steps, use_laps, kernel_amp)
+            except BaseException:
+                # Put the bookkeeping back; the implementations validate before they write.
+                torch._foreach_sub_(steps, 1)
+                for i in new:
+                    del self.state[params[i]]
+                raise
+        if amp.found_inf is not None:
+            # The op skipped a step with non-finite gradients: take it off the counts too,
+            # without reading found_inf on the host (as torch's fused Adam does).
+            torch._foreach_sub_(steps, [amp.on(steps[0].device)["found_inf"]] * len(steps))
+
+    def _step_sharded(self, fn: Callable, group: Dict[str, Any], params, grads, amp: Dict[str, Any]) -> None:
+        """FSDP2: run on the local shards, halo-extended where the Laplacian crosses shards."""
+        states = [self.state[p] for p in params]
+        local_params, local_grads, local_states, *rest = _sharded.shard_views(params, grads, states)
+        lists = [[s[key] for s in local_states] for key in self._state_keys(group)]
+        self._run(fn, group, local_params, local_grads, lists, [s["step"] for s in local_states],
+                  [s["use_lap"] for s in local_states], amp)
+        _sharded.finish(*rest)
+        self._after_sharded_step(group, params, grads, states, amp)
 
     def _state_of(self, p: torch.Tensor, group: Dict[str, Any], step_device: torch.device) -> Dict[str, Any]:
         state = self.state[p]
@@ -208,8 +300,15 @@ class LaplacianOptimizer(Optimizer):
     def _init_state(self, state: Dict[str, Any], p: torch.Tensor, group: Dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _run(self, fn: Callable, group: Dict[str, Any], params, grads, states) -> None:
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        """The state tensors the group's op takes, in the order of its signature."""
         raise NotImplementedError
 
-    def _after_sharded_step(self, group: Dict[str, Any], params, grads, states) -> None:
+    def _run(self, fn: Callable, group: Dict[str, Any], params, grads, state_lists, steps, use_laps,
+             amp: Dict[str, Any]) -> None:
+        """Call the op: ``state_lists`` as :meth:`_state_keys` names them; ``amp`` holds its
+        ``grad_scale`` and ``found_inf`` keywords."""
+        raise NotImplementedError
+
+    def _after_sharded_step(self, group: Dict[str, Any], params, grads, states, amp: Dict[str, Any]) -> None:
         """Fix-ups of statistics that span a whole row-sharded tensor (none by default)."""

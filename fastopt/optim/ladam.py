@@ -5,6 +5,7 @@ from typing import Any, Dict
 
 import torch
 
+from ..reference._amp import grad_factor
 from ..reference.laplacian import STENCILS
 from . import _validation as v
 from . import _sharded
@@ -111,33 +112,35 @@ class LAdam(LaplacianOptimizer):
             out["wave_e0_sq"] = torch.tensor(float(e0), dtype=torch.float64)  # cast to p's dtype on load
         return out
 
-    def _run(self, fn, group, params, grads, states):
+    def _state_keys(self, group):
+        keys = ("exp_avg", "exp_avg_sq")
+        return keys + ("prev_exp_avg_sq", "wave_e0_sq") if group["mode"] == "wave_variance" else keys
+
+    def _run(self, fn, group, params, grads, state_lists, steps, use_laps, amp):
         beta1, beta2 = group["betas"]
-        lists = [[s[k] for s in states] for k in ("exp_avg", "exp_avg_sq")]
-        steps = [s["step"] for s in states]
-        use_laps = [s["use_lap"] for s in states]
         common = dict(lr=group["lr"], beta1=beta1, eps=group["eps"], weight_decay=group["weight_decay"],
-                      c2=group["c2"], stencil=group["stencil"])
+                      c2=group["c2"], stencil=group["stencil"], **amp)
         if group["mode"] == "wave_variance":
             e0 = group["wave_E0"]
-            fn(params, grads, *lists, [s["prev_exp_avg_sq"] for s in states],
-               [s["wave_e0_sq"] for s in states], steps, use_laps, wave_dt=group["wave_dt"],
+            fn(params, grads, *state_lists, steps, use_laps, wave_dt=group["wave_dt"],
                wave_kappa=group["wave_kappa"], wave_E0=0.0 if e0 == "auto" else e0,
                wave_damping=group["wave_damping"], **common)
         else:
-            fn(params, grads, *lists, steps, use_laps, beta2=beta2, **common)
+            fn(params, grads, *state_lists, steps, use_laps, beta2=beta2, **common)
 
-
-    def _after_sharded_step(self, group, params, grads, states):
+    def _after_sharded_step(self, group, params, grads, states, amp):
         # wave_variance's background level is the mean of g^2 over the whole tensor, which the
         # step computed over its shard only.
         if group["mode"] != "wave_variance" or group["wave_E0"] not in (0, 0.0, "auto"):
             return
+        if amp["found_inf"] is not None and bool(amp["found_inf"] != 0):
+            return  # the step was skipped
+        factor = 1.0 if amp["grad_scale"] is None else float(grad_factor(amp["grad_scale"]))
         for p, g, s in zip(params, grads, states):
             rows = _sharded.row_group(p)
             if rows is None or float(s["step"]) != 1:
                 continue
-            total = _sharded.local(g).double().square().sum()
+            total = (_sharded.local(g).double() * factor).square().sum()
             torch.distributed.all_reduce(total, group=rows)
             s["wave_e0_sq"].copy_(total / p.numel())
 

@@ -55,10 +55,12 @@ class LAdaGrad(LaplacianOptimizer):
         if "sum" not in state:
             state["sum"] = self._zeros(p)
 
-    def _run(self, fn, group, params, grads, states):
-        fn(params, grads, [s["sum"] for s in states], [s["step"] for s in states],
-           [s["use_lap"] for s in states], lr=group["lr"], lr_decay=group["lr_decay"], eps=group["eps"],
-           weight_decay=group["weight_decay"], c2=group["c2"], stencil=group["stencil"])
+    def _state_keys(self, group):
+        return ("sum",)
+
+    def _run(self, fn, group, params, grads, state_lists, steps, use_laps, amp):
+        fn(params, grads, state_lists[0], steps, use_laps, lr=group["lr"], lr_decay=group["lr_decay"],
+           eps=group["eps"], weight_decay=group["weight_decay"], c2=group["c2"], stencil=group["stencil"], **amp)
 
 
 class LRMSProp(LaplacianOptimizer):
@@ -111,10 +113,11 @@ class LRMSProp(LaplacianOptimizer):
         if group["momentum"] > 0 and "momentum_buffer" not in state:
             state["momentum_buffer"] = self._zeros(p)
 
-    def _run(self, fn, group, params, grads, states):
+    def _state_keys(self, group):
+        return ("square_avg", "momentum_buffer") if group["momentum"] > 0 else ("square_avg",)
+
+    def _run(self, fn, group, params, grads, state_lists, steps, use_laps, amp):
         momentum = group["momentum"]
-        fn(params, grads, [s["square_avg"] for s in states],
-           [s["momentum_buffer"] for s in states] if momentum > 0 else None,
-           [s["step"] for s in states], [s["use_lap"] for s in states], lr=group["lr"],
-           alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-           momentum=momentum, c2=group["c2"], stencil=group["stencil"])
+        fn(params, grads, state_lists[0], state_lists[1] if momentum > 0 else None, steps, use_laps,
+           lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+           momentum=momentum, c2=group["c2"], stencil=group["stencil"], **amp)

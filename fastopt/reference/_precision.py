@@ -6,7 +6,7 @@ For fp32 and fp64 nothing is copied: the lists returned are the caller's own ten
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
@@ -29,6 +29,11 @@ def write_back(*pairs: Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]) ->
                 original.copy_(result)
 
 
-def step_values(steps: Sequence[torch.Tensor]) -> List[float]:
-    """Per-tensor step counts as Python floats (the reference runs on the host's schedule)."""
+def step_values(steps: Sequence[torch.Tensor]) -> List[Union[float, torch.Tensor]]:
+    """Per-tensor step counts as Python floats (the reference runs on the host's schedule); the
+    0-dim tensors themselves while torch.compile traces, so that the step stays in the graph
+    (a host read would break it), as torch.optim's ``_get_value`` does. The arithmetic the
+    reference does with them (``beta ** t``, ``1 + (t - 1) * d``) reads the same either way."""
+    if torch.compiler.is_compiling():
+        return list(steps)
     return [float(s) for s in steps]

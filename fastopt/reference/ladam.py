@@ -6,7 +6,8 @@ ladam to round-off). Arithmetic runs in fp32 (fp64 for fp64 tensors); state and 
 their dtype. All functions share one signature: lists of tensors of one device and dtype, the
 per-tensor step counts (0-dim tensors, already incremented for this step) and ``use_laps`` (the
 per-tensor Laplacian switch, frozen at each tensor's first step), then the group's
-hyperparameters as keywords.
+hyperparameters as keywords, then the optional AMP inputs ``grad_scale`` and ``found_inf``
+(:mod:`fastopt.reference._amp`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
+from ._amp import amp_step
 from ._precision import step_values, upcast, write_back
 from .laplacian import laplacian, smooth
 
@@ -61,6 +63,7 @@ def _adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, we
     write_back((params, p), (exp_avgs, m), (exp_avg_sqs, v))
 
 
+@amp_step
 def ladam_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                          exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], use_laps: Sequence[bool],
                          *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -80,6 +83,7 @@ def ladam_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], exp_
     _adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, update_params)
 
 
+@amp_step
 def ladam_update_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
                                     *, lr, beta1, beta2, eps, weight_decay, c2, stencil) -> None:
     """Mode ``update_lap``: Adam's update ``u = m_hat / (sqrt(v_hat) + eps)`` is smoothed,
@@ -92,6 +96,7 @@ def ladam_update_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps,
     _adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, update_params)
 
 
+@amp_step
 def ladam_weight_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
                                     *, lr, beta1, beta2, eps, weight_decay, c2, stencil) -> None:
     """Mode ``weight_lap``: a plain Adam step, then weight-space diffusion ``p += c2 * lap(p)``
@@ -105,6 +110,7 @@ def ladam_weight_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps,
     _adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, update_params)
 
 
+@amp_step
 def ladam_wave_step_reference(params, grads, exp_avgs, exp_avg_sqs, prev_exp_avg_sqs, wave_e0_sqs,
                               steps, use_laps, *, lr, beta1, eps, weight_decay, c2, stencil,
                               wave_dt, wave_kappa, wave_E0, wave_damping) -> None:

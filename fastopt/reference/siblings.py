@@ -2,7 +2,7 @@
 
 Math of ladam 0.4.1's ``LAdaGrad.step`` and ``LRMSProp.step``; same conventions as
 :mod:`fastopt.reference.ladam` (fp32 math, state in the parameter's dtype, one signature for all
-backends). The smoothed accumulator is floored at 0, not eps, as in ladam.
+backends, AMP inputs). The smoothed accumulator is floored at 0, not eps, as in ladam.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._amp import amp_step
 from ._precision import step_values, upcast, write_back
 from .ladam import decay_weights
 from .laplacian import smooth
@@ -26,6 +27,7 @@ def _smoothed_denominators(accumulators, use_laps, c2, stencil, eps):
     return denom
 
 
+@amp_step
 def ladagrad_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
                             steps: Sequence[Tensor], use_laps: Sequence[bool], *, lr: float, lr_decay: float,
                             eps: float, weight_decay: float, c2: float, stencil: str) -> None:
@@ -41,6 +43,7 @@ def ladagrad_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], s
     write_back((params, p), (state_sums, s))
 
 
+@amp_step
 def lrmsprop_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
                             momentum_buffers: Optional[Sequence[Tensor]], steps: Sequence[Tensor],
                             use_laps: Sequence[bool], *, lr: float, alpha: float, eps: float,
