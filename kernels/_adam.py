@@ -53,13 +53,28 @@ def direction_at(flat, mask, args):
     return tl.div_rn(m * hyper[4], tl.sqrt_rn(v * hyper[5]) + hyper[6])
 
 
-def launch_adam(kernel, stashed: int, params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps,
-                weight_decay, c2, stencil, grad_scale=None, found_inf=None) -> None:
-    """Launch one of the EMA-mode kernels (they share arguments); ``stashed``: how many of p, m, v
-    the mode reads at neighbours (see kernels/_multi_tensor.py)."""
-    if not params:
-        return
-    code = stencil_code(stencil)
-    table = table_for(params, (exp_avgs, exp_avg_sqs), steps, use_laps, stashed=stashed)
-    launch(kernel, table, grads, (lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay, c2),
-           grad_scale, found_inf, STENCIL=code)
+@triton.jit
+def direction_args(pointers, g_layout, g_factor, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps):
+    """The ``args`` of :func:`direction_at` for the tile :func:`adam_tile` loaded."""
+    hyper = (beta1, one_minus_beta1, beta2, one_minus_beta2, tl.div_rn(1.0, bias1), tl.div_rn(1.0, bias2), eps)
+    return (pointers[2], pointers[3], pointers[1], g_layout, tl.load(g_layout) != 0, g_factor, hyper)
+
+
+def adam_launcher(kernel, stashed: int, op: str):
+    """The launcher of one of the EMA-mode kernels (they share arguments), with the signature of
+    ``fastopt.reference.<op>_reference``; ``stashed``: how many of p, m, v the mode reads at
+    neighbours (see kernels/_multi_tensor.py)."""
+
+    def launcher(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps, weight_decay, c2,
+                 stencil, grad_scale=None, found_inf=None) -> None:
+        if not params:
+            return
+        code = stencil_code(stencil)
+        table = table_for(params, (exp_avgs, exp_avg_sqs), steps, use_laps, stashed=stashed)
+        launch(kernel, table, grads, (lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay, c2),
+               grad_scale, found_inf, STENCIL=code)
+
+    launcher.__name__ = launcher.__qualname__ = f"{op}_triton"
+    launcher.__doc__ = (f"fastopt.reference.{op}_reference in one Triton launch (same signature and results).\n\n"
+                        "``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.")
+    return launcher

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._accumulator import accumulated
-from ._adam import adam_tile, launch_adam
+from ._adam import adam_launcher, adam_tile
 from ._multi_tensor import smoothed, store, store_shared
 
 
@@ -46,12 +46,4 @@ def _ladam_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tens
     store_shared((v,), (v_ptr,), geo, elem, p_at, p_layout, stash, counters, STENCIL, 1, False, BORDER_LANES)
 
 
-def ladam_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps,
-                      weight_decay, c2, stencil, grad_scale=None, found_inf=None) -> None:
-    """fastopt.reference.ladam_step_reference in one Triton launch (same signature and results).
-
-    ``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.
-    """
-    launch_adam(_ladam_step_kernel, 1, params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
-                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, c2=c2, stencil=stencil,
-                grad_scale=grad_scale, found_inf=found_inf)
+ladam_step_triton = adam_launcher(_ladam_step_kernel, 1, "ladam_step")

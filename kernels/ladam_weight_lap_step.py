@@ -14,7 +14,7 @@ updated in place, so all three go through the border protocol of kernels/_multi_
 import triton
 import triton.language as tl
 
-from ._adam import adam_direction, adam_tile, direction_at, launch_adam
+from ._adam import adam_direction, adam_launcher, adam_tile, direction_args, direction_at
 from ._multi_tensor import has_stencil, laplacian, offsets, store_shared
 
 
@@ -40,23 +40,15 @@ def _ladam_weight_lap_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, cou
     geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2), g_factor = adam_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2,
         TILE, IDX)
-    p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
+    p_ptr, m_ptr, v_ptr = pointers[0], pointers[2], pointers[3]
     p = p * decay - lr * adam_direction(m, v, bias1, bias2, eps)
     if has_stencil(geo):
-        hyper = (beta1, one_minus_beta1, beta2, one_minus_beta2, tl.div_rn(1.0, bias1), tl.div_rn(1.0, bias2), eps)
-        adam_args = (m_ptr, v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, g_factor, hyper)
+        adam_args = direction_args(pointers, g_layout, g_factor, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                                   bias1, bias2, eps)
         args = (p_ptr, p_layout, tl.load(p_layout) != 0, lr, decay, adam_args)
         p = p + c2 * laplacian(_adamw_at, args, p, elem, geo[2], geo[3], STENCIL)
     store_shared((p, m, v), (p_ptr, m_ptr, v_ptr), geo, elem, p_at, p_layout, stash, counters, STENCIL, 3, True,
                  BORDER_LANES)
 
 
-def ladam_weight_lap_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps,
-                                 weight_decay, c2, stencil, grad_scale=None, found_inf=None) -> None:
-    """fastopt.reference.ladam_weight_lap_step_reference in one Triton launch (same signature and results).
-
-    ``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.
-    """
-    launch_adam(_ladam_weight_lap_step_kernel, 3, params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
-                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, c2=c2, stencil=stencil,
-                grad_scale=grad_scale, found_inf=found_inf)
+ladam_weight_lap_step_triton = adam_launcher(_ladam_weight_lap_step_kernel, 3, "ladam_weight_lap_step")
