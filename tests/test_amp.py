@@ -65,7 +65,8 @@ def _assert_same(a, b, what):
             assert same, f"{what}: state[{pid}][{key!r}] differs: {x} vs {y}"
 
 
-def _train(cls_name, kwargs, backend, *, in_kernel, bad_at=(), steps=4, dtype=torch.float32, bad=float("inf")):
+def _train(cls_name, kwargs, backend, *, in_kernel, bad_at=(), steps=4, dtype=torch.float32, bad=float("inf"),
+           clip=None):
     """Run ``steps`` GradScaler steps; steps listed in ``bad_at`` get a non-finite gradient. Returns
     the snapshot after every step and whether the grads were left scaled (the in-kernel path)."""
     params = make_params(dtype, names=SHAPES)
@@ -80,6 +81,9 @@ def _train(cls_name, kwargs, backend, *, in_kernel, bad_at=(), steps=4, dtype=to
         opt.zero_grad()
         scale = scaler.get_scale()
         scaler.scale(_linear_loss(params, grads)).backward()
+        if clip is not None:  # the user unscales to clip: the step then gets found_inf only
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, clip)
         scaler.step(opt)
         scaler.update()
         history.append(_snapshot(params, opt))
@@ -128,6 +132,19 @@ def test_a_non_finite_step_is_skipped_in_the_kernel(backend, config):
 def test_a_non_finite_first_step_is_skipped(backend):
     _skip_unless(backend, "ladam_step")
     _check("LAdam", CONFIGS["ladam"][1], backend, bad_at=(0,), bad=float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_unscaled_by_the_user_to_clip(backend):
+    """scaler.unscale_(opt) before step (to clip): GradScaler then hands the step found_inf and no
+    grad_scale; the result must be that of the scaler's own path, a non-finite step skipped."""
+    _skip_unless(backend, "ladam_step")
+    kwargs = CONFIGS["ladam"][1]
+    ours, _ = _train("LAdam", kwargs, backend, in_kernel=True, bad_at=(2,), clip=0.5)
+    theirs, _ = _train("LAdam", kwargs, backend, in_kernel=False, bad_at=(2,), clip=0.5)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        _assert_same(a, b, f"{backend} step {i}: unscale_ + clip, in the step vs the scaler's path")
+    _assert_same(ours[2], ours[1], f"{backend}: the skipped step 2")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
