@@ -9,7 +9,9 @@
 // mirrored. Math: fastopt/reference/batched_lsq.py::batched_gram_reference.
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/tril.h>
 
 #include <algorithm>
 #include <utility>
@@ -169,9 +171,29 @@ void jacobian_products_cpu(const at::Tensor& a, const at::Tensor& out, double sc
   if (shift.has_value()) out.diagonal().add_(shift->to(out.scalar_type()));
 }
 
+// From this many parameters per problem on, MKL's batched gemm beats the column dots (measured on
+// this project's 2-core AVX2 CPU, time of the column dots / torch.bmm, fp32: P = 20: 0.73,
+// 64: 0.98, 96: 0.86, 128: 1.35, 200: 1.58; fp64 within 0.86-1.23 from P = 48 on).
+constexpr int64_t kGemmFromParams = 112;
+
+// Large P: J^T J and J^T r by at::bmm in the math dtype (fp32 for the half types), as the
+// reference computes them (one gemm of J^T [J | r] instead measured 1.3-1.6x slower in fp64: its
+// P + 1 columns), J^T J's lower triangle mirrored so that it is exactly symmetric, as the
+// column-dot path makes it.
+std::tuple<at::Tensor, at::Tensor> batched_gram_by_bmm(const at::Tensor& jac, const at::Tensor& res) {
+  const auto math = jac.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor j = jac.to(math);
+  const at::Tensor jt = j.transpose(1, 2);
+  const at::Tensor lower = at::bmm(jt, j).tril_();
+  const at::Tensor jtj = lower.add(lower.tril(-1).transpose(1, 2));
+  const at::Tensor jtr = at::bmm(jt, res.to(math).unsqueeze(-1)).squeeze(-1);
+  return {jtj.to(jac.scalar_type()).contiguous(), jtr.to(jac.scalar_type()).contiguous()};
+}
+
 std::tuple<at::Tensor, at::Tensor> batched_gram_cpu(const at::Tensor& jac, const at::Tensor& res) {
   check_batched_gram(jac, res, c10::DeviceType::CPU);
   const int64_t batch = jac.size(0), n = jac.size(1), p = jac.size(2);
+  if (p >= kGemmFromParams && batch > 0 && n > 0) return batched_gram_by_bmm(jac, res);
   at::Tensor jtj = at::empty({batch, p, p}, jac.options());
   at::Tensor jtr = at::empty({batch, p}, jac.options());
   if (batch == 0 || p == 0) return {jtj, jtr};

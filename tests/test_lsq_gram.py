@@ -97,8 +97,9 @@ def test_triton_kernel_compiles_for_sm80_and_sm90():
 # -- backend "cpu": the C++ kernel of fastopt._C -------------------------------------------------------
 needs_cpu = pytest.mark.skipif(not backends.available("cpu", "batched_gram", "cpu", torch.float32),
                                reason=str(backends.why_not("cpu", "batched_gram", "cpu", torch.float32)))
-# P = 40 and 9 cross the kernel's 2 x 4 column blocks; N = 300 its 256-row chunks.
-CPU_SHAPES = SHAPES + [(3, 300, 7), (2, 1, 9)]
+# P = 40 and 9 cross the kernel's 2 x 4 column blocks; N = 300 its 256-row chunks; P = 130 takes
+# the gemm path of large problems (csrc/gram_cpu.cpp: kGemmFromParams).
+CPU_SHAPES = SHAPES + [(3, 300, 7), (2, 1, 9), (2, 50, 130)]
 
 
 @needs_cpu
