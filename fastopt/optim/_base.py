@@ -159,13 +159,13 @@ class LaplacianOptimizer(Optimizer):
         holds the step counts' increments and the backend's op calls.
         """
         if group is self.param_groups[0]:
-            self._validate_groups()
+            self._chosen = self._validate_groups()
         op = self._op(group)
         keys = self._state_keys(group)
         buckets = []
         with_grads = [p for p in group["params"] if p.grad is not None]
         for (device, dtype), bucket in _bucket_by_device_and_dtype(with_grads).items():
-            backend = backends.resolve(op, device, dtype, self._backend)
+            backend = self._chosen[(id(group), device, dtype)]
             _IMPLEMENTATIONS[(op, backend)] = backends.implementation(op, backend)
             step_device = device if backends.keeps_steps_on_device(backend) else torch.device("cpu")
             new = tuple(i for i, p in enumerate(bucket) if len(self.state[p]) == 0)
@@ -181,14 +181,18 @@ class LaplacianOptimizer(Optimizer):
             buckets.append((op, backend, start, len(params), new))
         return tuple(buckets)
 
-    def _validate_groups(self) -> None:
+    def _validate_groups(self) -> Dict[Tuple[int, torch.device, torch.dtype], str]:
+        """Check every group; return the backend of each (id(group), device, dtype) bucket, which
+        :meth:`_init_group` uses (resolving it there again would repeat the work every step)."""
+        chosen = {}
         for group in self.param_groups:
             v.check_all(self._CHECKS, group)
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 self._check_param_and_grad(p)
             for device, dtype in _bucket_by_device_and_dtype(params):
-                backends.resolve(self._op(group), device, dtype, self._backend)
+                chosen[(id(group), device, dtype)] = backends.resolve(self._op(group), device, dtype, self._backend)
+        return chosen
 
     def _check_param_and_grad(self, p: torch.Tensor) -> None:
         g = p.grad
