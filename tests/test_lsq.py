@@ -33,8 +33,13 @@ def test_minpack_problems_match_scipy(name):
     assert res.cost.item() <= ref.cost * (1 + 1e-9) + 1e-10, (res.cost.item(), ref.cost)
     if published is not None:   # the minimum of sum(f**2) printed in Moré, Garbow and Hillstrom (1981)
         assert 2 * res.cost.item() == pytest.approx(published, rel=1e-5)
-    # The reported cost is the cost at the reported x, in scipy's definition.
-    assert res.cost.item() == pytest.approx(_scipy_cost_at(fn, res.x.numpy()), rel=1e-12, abs=1e-30)
+    # The reported cost is the cost at the reported x, in scipy's definition. torch and numpy
+    # evaluate the residuals with their own exp/sin (an ulp apart, ~1e-16 on O(1) terms); at a
+    # zero-residual minimum that is a large relative error of f, so the cost, 0.5 ||f||^2, agrees
+    # to ||f|| * 1e-14 absolute rather than relatively (box_3d, cost 1e-20: with numpy 2.4.6 its exp
+    # and torch's differ by an ulp on ~5% of inputs).
+    scipy_cost = _scipy_cost_at(fn, res.x.numpy())
+    assert res.cost.item() == pytest.approx(scipy_cost, rel=1e-12, abs=(2 * scipy_cost) ** 0.5 * 1e-14)
     assert res.x.shape == (len(x0),) and res.fun.shape == fn(np.asarray(x0, float), np).shape
     assert res.message == TERMINATION_MESSAGES[int(res.status)]
 
