@@ -17,7 +17,10 @@ Problems (fp32 unless named otherwise, solve_method='cholesky'):
   numpy is installed, numpy's ``J.T @ J`` (its BLAS syrk).
 
 Each provider trains its own copy of the same model on the same data, and the providers step in
-turn (tlm, fastopt, tlm, ...), so that load from other processes hits them alike. Per problem
+turn (tlm, fastopt, tlm, ...), so that load from other processes hits them alike. A last row per
+problem, ``floor``, times only what an implementation taking tlm's steps cannot skip (the J^T J
+product and one Cholesky per attempt, see :func:`floor_step`): its ``tlm_time/time`` is the most
+any such implementation could gain on this machine. Per problem
 the table gives the median wall time of a step, the median CPU time (process time, all threads)
 and ``tlm_time/time`` (the ratio of the medians; higher = fastopt faster). Attempts per step are
 compared (``same_attempts``) and the largest parameter difference after the last step is
@@ -81,6 +84,35 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+FLOOR = "floor: J^T J op + attempts x Cholesky"
+
+
+def floor_step(n_rows: int, n_params: int, device: torch.device, dtype: torch.dtype, backend: str,
+               tlm_attempts: List[int]) -> Callable:
+    """What no implementation taking tlm's steps can skip, timed alone: the Gram product of a
+    random [J | r] of the problem's shape (J J^T when underdetermined) by fastopt's
+    ``jacobian_products`` op, and one Cholesky of the damped matrix per attempt of tlm's step in
+    this round. No Jacobian, no forward pass, no triangular solves: ``tlm_time/time`` of this row
+    bounds the speed-up any implementation with identical iterates can reach here."""
+    gen = torch.Generator().manual_seed(0)
+    over = n_rows >= n_params
+    a = torch.randn(n_rows, n_params + 1, generator=gen).to(device, dtype)
+    if not over:
+        a = a[:, :n_params].t().contiguous()  # rows: parameters, columns: residuals (J J^T)
+    size = n_params + 1 if over else n_rows
+    fn = backends.select("jacobian_products", device, dtype, backend)
+    out = flm._engine.Workspace().matrix("gram", size, size, dtype, device)
+    spd = torch.eye(size - 1 if over else size, dtype=dtype, device=device) * 2 + 1e-3
+
+    def step(x, y) -> int:
+        fn(a, out.zero_(), scale=1.0 / n_rows)
+        for _ in range(tlm_attempts[-1]):
+            torch.linalg.cholesky_ex(spd)
+        return tlm_attempts[-1]
+
+    return step
+
+
 def bench_problem(name: str, device: torch.device, dtype: torch.dtype, steps: int, backend: str) -> List[dict]:
     problem = PROBLEMS[name]
     x, y = sinc_data(problem["samples"], dtype=dtype, device=device)
@@ -88,6 +120,10 @@ def bench_problem(name: str, device: torch.device, dtype: torch.dtype, steps: in
     for pname, ctor in providers(problem, backend).items():
         step, params = ctor(tanh_mlp(problem["widths"]).to(device, dtype))
         runs[pname] = dict(step=step, params=params, wall=[], cpu=[], attempts=[])
+    n_params = sum(p.numel() for p in tanh_mlp(problem["widths"]).parameters())
+    tlm_attempts = runs["tlm.LevenbergMarquardtModule"]["attempts"]  # tlm steps first in each round
+    runs[FLOOR] = dict(step=floor_step(problem["samples"], n_params, device, dtype, backend, tlm_attempts),
+                       params=None, wall=[], cpu=[], attempts=[])
     for _ in range(steps + 1):  # the first round warms up (allocations, lazy imports) and is not timed
         for run in runs.values():
             _sync(device)
@@ -98,11 +134,10 @@ def bench_problem(name: str, device: torch.device, dtype: torch.dtype, steps: in
             run["cpu"].append(time.process_time() - c0)
             run["attempts"].append(attempts)
     ref = runs["tlm.LevenbergMarquardtModule"]
-    n_params = sum(p.numel() for p in tanh_mlp(problem["widths"]).parameters())
     rows = []
     for pname, run in runs.items():
         wall, cpu = run["wall"][1:], run["cpu"][1:]
-        diff = (run["params"]() - ref["params"]()).abs().max().item()
+        diff = (run["params"]() - ref["params"]()).abs().max().item() if run["params"] else float("nan")
         rows.append(dict(problem=name, params=n_params, samples=problem["samples"], dtype=str(dtype).replace("torch.", ""),
                          provider=pname, backend=backend if pname != "tlm.LevenbergMarquardtModule" else "-",
                          steps=len(wall), ms_wall_p50=1e3 * statistics.median(wall),
