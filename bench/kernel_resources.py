@@ -5,6 +5,7 @@ one the interpreter-run tests cannot see.
 
     python bench/kernel_resources.py                 # sm_90 (H100), the default launch settings
     python bench/kernel_resources.py --arch 80 --out bench/results/triton_kernel_resources.md
+    python bench/kernel_resources.py --lr-on-device  # the capturable variants (lr read in-kernel)
 
 Must run without TRITON_INTERPRET=1 (the kernels are compiled, not interpreted).
 """
@@ -41,12 +42,13 @@ POINTERS = {"tiles": "*i32", "meta": "*i64", "p_layouts": "*i64", "g_ptrs": "*i6
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_kernel(kernel, constexprs, arch: int, dtype: str, stencil: int, index_64: bool):
+def compile_kernel(kernel, constexprs, arch: int, dtype: str, stencil: int, index_64: bool, lr_on_device: bool = False):
     settings = _multi_tensor.settings()
     names = kernel.arg_names
     const = {"TILE": settings.tile, "BORDER_LANES": settings.border_lanes, "STENCIL": stencil,
-             "IDX": tl.int64 if index_64 else tl.int32, **constexprs}
-    signature = {n: POINTERS.get(n, f"*{dtype}" if n == "stash" else "fp32") for n in names if n not in const}
+             "IDX": tl.int64 if index_64 else tl.int32, "LR_ON_DEVICE": lr_on_device, **constexprs}
+    pointers = {**POINTERS, "lr": "*fp32"} if lr_on_device else POINTERS
+    signature = {n: pointers.get(n, f"*{dtype}" if n == "stash" else "fp32") for n in names if n not in const}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=const)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": settings.num_warps, "enable_fp_fusion": False})
@@ -72,18 +74,21 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--stencil", type=int, default=9, choices=[9, 5])
     parser.add_argument("--index-64", action="store_true", help="the 64-bit offsets variant")
+    parser.add_argument("--lr-on-device", action="store_true", help="the capturable variant (lr read in-kernel)")
     parser.add_argument("--only", nargs="+", default=None, choices=sorted(KERNELS))
     parser.add_argument("--out", default=None, help="Markdown file to append the table to")
     args = parser.parse_args(argv)
     s = _multi_tensor.settings()
     per_thread = s.tile // (32 * s.num_warps)
     title = (f"sm_{args.arch}, {args.dtype}, {args.stencil}-point, {'int64' if args.index_64 else 'int32'} offsets; "
-             f"{s.tile} lanes, {s.num_warps} warps ({per_thread} elements per thread); triton {triton.__version__}")
+             f"{s.tile} lanes, {s.num_warps} warps ({per_thread} elements per thread); triton {triton.__version__}"
+             + ("; lr read in-kernel (capturable)" if args.lr_on_device else ""))
     lines = [f"{'kernel':<24} {'registers':>9} {'stack B':>7} {'shared B':>8} {'SASS instr':>10} {'div.rn/elem':>11}"]
     for name, (kernel, constexprs) in KERNELS.items():
         if args.only and name not in args.only:
             continue
-        r = resources(compile_kernel(kernel, constexprs, args.arch, args.dtype, args.stencil, args.index_64))
+        r = resources(compile_kernel(kernel, constexprs, args.arch, args.dtype, args.stencil, args.index_64,
+                                     args.lr_on_device))
         lines.append(f"{name:<24} {r['registers']:>9} {r['stack']:>7} {r['shared']:>8} {r['sass']:>10} "
                      f"{r['divisions'] / per_thread:>11.1f}")
         print(lines[-1] if len(lines) > 2 else "\n".join([title] + lines), flush=True)

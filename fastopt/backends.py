@@ -35,7 +35,7 @@ from typing import Callable, Dict, FrozenSet, Optional, Tuple, Union
 import torch
 
 __all__ = ["BACKENDS", "CHOICES", "OPS", "BackendUnavailableError", "available", "why_not",
-           "resolve", "select", "validate_backend_name", "keeps_steps_on_device", "ENV_VAR"]
+           "resolve", "select", "validate_backend_name", "keeps_steps_on_device", "why_not_capturable", "ENV_VAR"]
 
 ENV_VAR = "FASTOPT_BACKEND"
 
@@ -57,14 +57,16 @@ class _Spec:
     devices: FrozenSet[str]           # device types it runs on (cpu for triton: see _device_reason)
     device_steps: bool                # keeps per-tensor step counts on the parameters' device
     needs: str                        # what an ImportError of ``module`` means, and how to fix it
+    capturable: bool = False          # its GPU steps read lr and steps in-kernel, with no host work to capture
 
 
 # Each module also declares DTYPES: {op: frozenset of the dtypes its implementation takes}.
 # Fused GPU backends read step counts in-kernel, so the optimizer keeps them on the device (as
-# torch.optim.Adam(fused=True) does); the others read them on the host.
+# torch.optim.Adam(fused=True) does); the others read them on the host. Only triton's GPU steps
+# can be captured into a CUDA graph (see why_not_capturable).
 _SPECS: Dict[str, _Spec] = {
     "triton": _Spec("fastopt.kernels", "triton", frozenset({"cuda", "cpu"}), True,
-                    'the triton package: pip install "fastopt[triton]"'),
+                    'the triton package: pip install "fastopt[triton]"', capturable=True),
     "cuda": _Spec("fastopt.extension", "cuda", frozenset({"cuda"}), True,
                   "the C++/CUDA extension fastopt._C built with CUDA: reinstall with "
                   "pip install --no-build-isolation . where torch has CUDA and nvcc is on PATH"),
@@ -159,6 +161,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def keeps_steps_on_device(backend: str) -> bool:
     """Whether the optimizer should keep step counts on the parameters' device for ``backend``."""
     return _SPECS[backend].device_steps
+
+
+def why_not_capturable(backend: str, device: Union[str, torch.device]) -> Optional[str]:
+    """Why a step of ``backend`` on ``device`` cannot be captured into a CUDA graph; None if it can.
+
+    Capturable steps (``capturable=True``) read the learning rate and step counts on the device and
+    do no host work per step once their tables exist: the triton backend. The cuda backend stages
+    its tile table through pinned host memory every step and the torch backend reads step counts
+    on the host. On the CPU there are no graphs to capture: every backend takes ``capturable=True``
+    and reads a tensor lr on the host (triton in its interpreter reads it in-kernel).
+    """
+    if torch.device(device).type == "cpu" or _SPECS[backend].capturable:
+        return None
+    able = [name for name, spec in _SPECS.items() if spec.capturable]
+    return (f"backend={backend!r} cannot be captured into a CUDA graph (it reads step counts or tile tables on "
+            f"the host); use backend={able[0]!r}")
 
 
 def available(backend: str, op: Optional[str] = None, device=None, dtype=None) -> bool:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _extension_build as build
+from .reference._amp import host_lr
 from .reference.batched_lsq import check_gram_inputs
 from .reference.lm import check_jacobian_products_args
 
@@ -114,7 +115,7 @@ def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     if not params:  # the dispatcher needs a tensor to pick the kernel by; nothing to do anyway
         return
     _OPS.ladam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps),
-                    [bool(u) for u in use_laps], lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+                    [bool(u) for u in use_laps], lr=host_lr(lr, params[0].device), beta1=float(beta1), beta2=float(beta2),
                     eps=float(eps), weight_decay=float(weight_decay), c2=float(c2), stencil=stencil,
                     grad_scale=grad_scale, found_inf=found_inf)
 
@@ -127,7 +128,7 @@ def ladagrad_step(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums:
     if not params:
         return
     _OPS.ladagrad_step(list(params), list(grads), list(state_sums), list(steps), [bool(u) for u in use_laps],
-                       lr=float(lr), lr_decay=float(lr_decay), eps=float(eps), weight_decay=float(weight_decay),
+                       lr=host_lr(lr, params[0].device), lr_decay=float(lr_decay), eps=float(eps), weight_decay=float(weight_decay),
                        c2=float(c2), stencil=stencil, grad_scale=grad_scale, found_inf=found_inf)
 
 
@@ -141,7 +142,7 @@ def lrmsprop_step(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs
         return
     buffers: List[Tensor] = list(momentum_buffers) if momentum > 0 and momentum_buffers is not None else []
     _OPS.lrmsprop_step(list(params), list(grads), list(square_avgs), buffers, list(steps),
-                       [bool(u) for u in use_laps], lr=float(lr), alpha=float(alpha), eps=float(eps),
+                       [bool(u) for u in use_laps], lr=host_lr(lr, params[0].device), alpha=float(alpha), eps=float(eps),
                        weight_decay=float(weight_decay), momentum=float(momentum), c2=float(c2), stencil=stencil,
                        grad_scale=grad_scale, found_inf=found_inf)
 

@@ -66,12 +66,13 @@ import contextlib
 import dataclasses
 import operator
 import weakref
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from fastopt.reference._amp import check_lr
 from fastopt.reference.laplacian import STENCILS, stencil_layout
 
 # -- the table's columns (int64) -------------------------------------------------------------------
@@ -383,6 +384,11 @@ class TensorTable:
             _check_same("grads", grads, self.device, self.dtype, self.shapes)
         ptrs = list(map(torch.Tensor.data_ptr, grads))
         if ptrs != self._grad_ptrs:
+            if _capturing(self.device):
+                raise RuntimeError(
+                    "fastopt (triton): the gradients moved in memory since the last step, and their new addresses "
+                    "would have to be uploaded inside a CUDA-graph capture. Keep them in place: run a step before "
+                    "capture and clear them with optimizer.zero_grad(set_to_none=False) between steps")
             pinned = self.device.type == "cuda"
             host = torch.tensor(ptrs, dtype=torch.int64, pin_memory=pinned)
             self._grad_ptr_table = host.to(self.device, non_blocking=pinned)
@@ -413,6 +419,9 @@ def table_for(params, states, steps, use_laps, *, scalars=None, stashed: int = 1
     if table is not None:
         _TABLES.move_to_end(key)
         return table
+    if _capturing(params[0].device):
+        raise RuntimeError("fastopt (triton): the first step of these tensors is being captured into a CUDA graph; "
+                           "run one step before capture (warm-up) so that their tile table exists")
     table = TensorTable(params, states, steps, scalars, [bool(u) for u in use_laps], stashed, _settings)
 
     def forget(_ref, key=key):
@@ -469,6 +478,21 @@ def _amp_input(t: Optional[torch.Tensor], default: float, name: str, device: tor
         raise ValueError(f"{name} must be a 1-element float32 tensor on {device} (the params' device); got "
                          f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
     return t
+
+
+def lr_and_decay(lr, weight_decay: float, device: torch.device) -> Tuple[Any, float, bool]:
+    """The kernels' ``lr`` and ``decay`` arguments and their ``LR_ON_DEVICE`` flag (see
+    :func:`learning_rate`) for an op's ``lr``: a float, or a 1-element float32 tensor on the
+    params' device that the kernel reads (so a step under CUDA-graph capture never reads it on the
+    host, and a replay sees the value written into it since)."""
+    if not isinstance(lr, torch.Tensor):
+        return lr, 1 - lr * weight_decay, False
+    check_lr(lr, device)
+    return lr, weight_decay, True
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def launch(kernel, table: TensorTable, grads, args: tuple, grad_scale: Optional[torch.Tensor] = None,
@@ -594,6 +618,17 @@ def store(ptrs, x, mask):
         tl.store(ptrs, half.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptrs, x.to(dtype), mask=mask)
+
+
+@triton.jit
+def learning_rate(lr, decay, LR_ON_DEVICE: tl.constexpr):
+    """``(lr, 1 - lr wd)`` as the kernel uses them. The launch passes both (:func:`lr_and_decay`),
+    or, with ``LR_ON_DEVICE``, a pointer to lr and wd itself in ``decay``: the product is then
+    formed here, in fp32 (the host forms it in fp64: they may differ by an ulp of ``decay``)."""
+    if LR_ON_DEVICE:
+        lr = tl.load(lr).to(tl.float32)
+        decay = 1.0 - lr * decay
+    return lr, decay
 
 
 @triton.jit

@@ -13,16 +13,18 @@ import triton
 import triton.language as tl
 
 from ._accumulator import smoothed_accumulator
-from ._multi_tensor import launch, load_tile, stencil_code, step_of, store, store_shared, table_for
+from ._multi_tensor import (learning_rate, launch, load_tile, lr_and_decay, stencil_code, step_of, store, store_shared,
+                            table_for)
 
 
 @triton.jit
 def _ladagrad_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
                           grad_scale, found_inf,
                           lr, lr_decay, eps, decay, c2,
-                          STENCIL: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+                          STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
+    lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
     geo, elem, (p_ptr, g_ptr, s_ptr, _, _), p_layout, g_layout, p_at, p, g, g_factor = load_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
     s, denom = smoothed_accumulator(geo, elem, s_ptr, g, g_ptr, g_layout, g_factor, 1.0, 1.0, eps, c2, STENCIL)
@@ -37,10 +39,12 @@ def ladagrad_step_triton(params, grads, state_sums, steps, use_laps, *, lr, lr_d
     """fastopt.reference.ladagrad_step_reference in one Triton launch (same signature and results).
 
     ``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.
+    ``lr``: a float, or a 1-element float32 tensor on the params' device, read in-kernel.
     """
     if not params:
         return
     code = stencil_code(stencil)
     table = table_for(params, (state_sums,), steps, use_laps, stashed=1)
-    launch(_ladagrad_step_kernel, table, grads, (lr, lr_decay, eps, 1 - lr * weight_decay, c2), grad_scale, found_inf,
-           STENCIL=code)
+    lr, decay, on_device = lr_and_decay(lr, weight_decay, table.device)
+    launch(_ladagrad_step_kernel, table, grads, (lr, lr_decay, eps, decay, c2), grad_scale, found_inf,
+           STENCIL=code, LR_ON_DEVICE=on_device)

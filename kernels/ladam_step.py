@@ -24,16 +24,17 @@ import triton.language as tl
 
 from ._accumulator import accumulated
 from ._adam import adam_launcher, adam_tile
-from ._multi_tensor import smoothed, store, store_shared
+from ._multi_tensor import learning_rate, smoothed, store, store_shared
 
 
 @triton.jit
 def _ladam_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
                        grad_scale, found_inf,
                        lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, c2,
-                       STENCIL: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+                       STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
+    lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
     geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2), g_factor = adam_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2,
         TILE, IDX)

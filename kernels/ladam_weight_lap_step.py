@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._adam import adam_direction, adam_launcher, adam_tile, direction_args, direction_at
-from ._multi_tensor import has_stencil, laplacian, offsets, store_shared
+from ._multi_tensor import has_stencil, laplacian, learning_rate, offsets, store_shared
 
 
 @triton.jit
@@ -33,10 +33,11 @@ def _adamw_at(flat, mask, args):
 def _ladam_weight_lap_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
                                   grad_scale, found_inf,
                                   lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, c2,
-                                  STENCIL: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr,
+                                  STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr,
                                   IDX: tl.constexpr):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
+    lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
     geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2), g_factor = adam_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2,
         TILE, IDX)

@@ -15,17 +15,18 @@ import triton
 import triton.language as tl
 
 from ._accumulator import smoothed_accumulator
-from ._multi_tensor import launch, load_tile, stencil_code, store, store_shared, table_for
+from ._multi_tensor import learning_rate, launch, load_tile, lr_and_decay, stencil_code, store, store_shared, table_for
 
 
 @triton.jit
 def _lrmsprop_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
                           grad_scale, found_inf,
                           lr, alpha, one_minus_alpha, eps, decay, momentum, c2,
-                          STENCIL: tl.constexpr, MOMENTUM: tl.constexpr, TILE: tl.constexpr,
+                          STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, MOMENTUM: tl.constexpr, TILE: tl.constexpr,
                           BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
+    lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
     geo, elem, (p_ptr, g_ptr, a_ptr, buf_ptr, _), p_layout, g_layout, p_at, p, g, g_factor = load_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
     flat, valid = elem[2], elem[3]
@@ -45,7 +46,8 @@ def lrmsprop_step_triton(params, grads, square_avgs, momentum_buffers, steps, us
                          weight_decay, momentum, c2, stencil, grad_scale=None, found_inf=None) -> None:
     """fastopt.reference.lrmsprop_step_reference in one Triton launch (same signature and results).
 
-    ``momentum_buffers`` is None when momentum is 0; ``steps`` are unused by the math.
+    ``momentum_buffers`` is None when momentum is 0; ``steps`` are unused by the math; ``lr``: a
+    float, or a 1-element float32 tensor on the params' device, read in-kernel.
     """
     if not params:
         return
@@ -55,6 +57,7 @@ def lrmsprop_step_triton(params, grads, square_avgs, momentum_buffers, steps, us
         raise ValueError(f"momentum={momentum} needs momentum_buffers (got None)")
     states = (square_avgs, momentum_buffers) if with_momentum else (square_avgs,)
     table = table_for(params, states, steps, use_laps, stashed=1)
+    lr, decay, on_device = lr_and_decay(lr, weight_decay, table.device)
     launch(_lrmsprop_step_kernel, table, grads,
-           (lr, alpha, 1 - alpha, eps, 1 - lr * weight_decay, momentum, c2), grad_scale, found_inf, STENCIL=code,
-           MOMENTUM=with_momentum)
+           (lr, alpha, 1 - alpha, eps, decay, momentum, c2), grad_scale, found_inf, STENCIL=code,
+           MOMENTUM=with_momentum, LR_ON_DEVICE=on_device)

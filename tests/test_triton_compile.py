@@ -14,10 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.skipif(backends.why_not("triton") is not None, reason=str(backends.why_not("triton")))
-def test_every_kernel_compiles_for_sm90():
+@pytest.mark.parametrize("variant", [[], ["--lr-on-device"]], ids=["lr_argument", "lr_on_device"])
+def test_every_kernel_compiles_for_sm90(variant):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_resources.py"), "--arch", "90"],
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_resources.py"), "--arch", "90",
+                           *variant],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
         pytest.skip(f"Triton's CUDA backend cannot compile here: {done.stderr[-300:]}")

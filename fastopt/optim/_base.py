@@ -14,6 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import backends
+from ..reference._amp import check_lr
 from . import _sharded, _validation as v
 
 
@@ -54,7 +55,8 @@ class _AmpInputs:
 class LaplacianOptimizer(Optimizer):
     """Base class of the LAdam family. Subclasses set:
 
-    * ``_CHECKS``: hyperparameter name -> check (see :mod:`._validation`);
+    * ``_CHECKS``: hyperparameter name -> check (see :mod:`._validation`), besides ``capturable``
+      which every subclass has;
     * ``_LADAM_STATE_KEYS``: ladam's state key -> ours, for loading ladam checkpoints;
     * ``_op(group)``: the backend op of the group;
     * ``_init_state(state, p, group)``: create the missing state tensors of ``p``;
@@ -67,9 +69,18 @@ class LaplacianOptimizer(Optimizer):
     _LADAM_STATE_KEYS: Dict[str, str] = {}
     _NAME = "LaplacianOptimizer"
 
-    def __init__(self, params, defaults: Dict[str, Any], backend: str = "auto"):
+    def __init__(self, params, defaults: Dict[str, Any], backend: str = "auto", capturable: bool = False):
         self.backend = backend
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "capturable": capturable})
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        """Check a group's hyperparameters. A capturable group's tensor lr is not read on the host
+        (that would synchronize every step): its device and dtype are checked per bucket, in
+        :meth:`_validate_groups`, its value is the user's business (as in torch's capturable Adam)."""
+        checks = {"capturable": v.flag, **self._CHECKS}
+        if group.get("capturable") is True and torch.is_tensor(group.get("lr")):
+            checks.pop("lr")
+        v.check_all(checks, group)
 
     # -- the backend is the optimizer's, not a group's: a checkpoint written on one backend must
     #    load on any other, and load_state_dict overwrites group entries with the saved ones.
@@ -101,7 +112,7 @@ class LaplacianOptimizer(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         merged = {**self.defaults, **{k: val for k, val in param_group.items() if k != "params"}}
-        v.check_all(self._CHECKS, merged)
+        self._check_group(merged)
         params = param_group["params"]
         if not isinstance(params, (torch.Tensor, set)):  # sets: torch's own error below
             params = param_group["params"] = list(params)
@@ -139,7 +150,9 @@ class LaplacianOptimizer(Optimizer):
             buckets = self._init_group(group, params, grads, steps, use_laps, s0, s1, s2, s3)
             plans.append((group, buckets, params, grads, steps, use_laps, (s0, s1, s2, s3)))
         for group, buckets, params, grads, steps, use_laps, states in plans:
-            hyper = {key: _host_value(group[key]) for key in group if key != "params"}
+            keep_lr = group["capturable"] and not torch.compiler.is_compiling()  # a tensor lr: read in-kernel
+            hyper = {key: val if key == "lr" and keep_lr else _host_value(val) for key, val in group.items()
+                     if key != "params"}
             for op, backend, start, end, new in buckets:
                 self._step_bucket(op, backend, hyper, params[start:end], grads[start:end], steps[start:end],
                                   use_laps[start:end], [s[start:end] for s in states if s], amp, new)
@@ -186,12 +199,18 @@ class LaplacianOptimizer(Optimizer):
         :meth:`_init_group` uses (resolving it there again would repeat the work every step)."""
         chosen = {}
         for group in self.param_groups:
-            v.check_all(self._CHECKS, group)
+            self._check_group(group)
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 self._check_param_and_grad(p)
             for device, dtype in _bucket_by_device_and_dtype(params):
-                chosen[(id(group), device, dtype)] = backends.resolve(self._op(group), device, dtype, self._backend)
+                backend = backends.resolve(self._op(group), device, dtype, self._backend)
+                if group["capturable"]:
+                    reason = backends.why_not_capturable(backend, device)
+                    if reason:
+                        raise ValueError(f"{self._NAME}: capturable=True: {reason}")
+                    check_lr(group["lr"], device)
+                chosen[(id(group), device, dtype)] = backend
         return chosen
 
     def _check_param_and_grad(self, p: torch.Tensor) -> None:
@@ -279,7 +298,7 @@ class LaplacianOptimizer(Optimizer):
         groups = []
         for saved, current in zip(saved_groups, self.param_groups):
             group = {**{k: val for k, val in current.items() if k != "params"}, **saved}
-            v.check_all(self._CHECKS, group)
+            self._check_group(group)
             groups.append(group)
         state_dict["param_groups"] = groups
         state_dict["state"] = {pid: self._translate_state(s) for pid, s in state_dict.get("state", {}).items()}

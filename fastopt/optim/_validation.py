@@ -81,6 +81,12 @@ def betas(name: str, value: Any) -> None:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
 
 
+def flag(name: str, value: Any) -> None:
+    """A check for a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+
+
 def e0_or_auto(name: str, value: Any) -> None:
     """wave_E0: a real >= 0, or "auto" (same as 0: the level is taken from the first gradient)."""
     if value == "auto":

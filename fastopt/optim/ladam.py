@@ -60,6 +60,14 @@ class LAdam(LaplacianOptimizer):
             friction in [0, 1]; used by ``mode='wave_variance'`` only. Defaults: 0.1, 0.1, 0.0, 0.5.
         backend (str): ``'auto'`` (default), ``'triton'``, ``'cuda'``, ``'cpu'`` or ``'torch'``;
             see :mod:`fastopt.backends`.
+        capturable (bool): the step does no host work that a CUDA graph could not capture: step
+            counts stay on the device and ``lr`` may be a 1-element float32 tensor on the params'
+            device, read by the kernel (change it in place, e.g. ``lr.fill_(x)``, between replays).
+            CUDA parameters need ``backend='triton'`` (or 'auto' picking it); run one step before
+            capture (it builds the tile tables) and keep the gradients in place
+            (``zero_grad(set_to_none=False)``). On CPU parameters every backend takes it and reads
+            a tensor lr on the host. Not combined with torch.compile (a tensor lr is read on the
+            host there). Default: False.
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``, ``exp_avg_sq``,
     ``use_lap``; with ``wave_variance`` also ``prev_exp_avg_sq`` and ``wave_e0_sq``. A state_dict
@@ -86,11 +94,11 @@ class LAdam(LaplacianOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, c2=1e-4,
                  mode="variance_lap", stencil="9point", min_spatial_size=16, wave_dt=0.1,
-                 wave_kappa=0.1, wave_E0=0.0, wave_damping=0.5, *, backend="auto"):
+                 wave_kappa=0.1, wave_E0=0.0, wave_damping=0.5, *, backend="auto", capturable=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, c2=c2, mode=mode,
                         stencil=stencil, min_spatial_size=min_spatial_size, wave_dt=wave_dt,
                         wave_kappa=wave_kappa, wave_E0=wave_E0, wave_damping=wave_damping)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, capturable)
 
     def _op(self, group):
         return _MODE_OPS[group["mode"]]

@@ -31,6 +31,7 @@ class LAdaGrad(LaplacianOptimizer):
         stencil (str): ``'9point'`` or ``'5point'``. Default: ``'9point'``.
         min_spatial_size (int): parameters with fewer elements get no Laplacian. Default: 16.
         backend (str): see :mod:`fastopt.backends`. Default: ``'auto'``.
+        capturable (bool): as :class:`fastopt.LAdam`'s (CUDA-graph capture). Default: False.
 
     State per parameter: ``step``, ``sum``, ``use_lap`` (ladam's and torch.optim.Adagrad's keys).
     """
@@ -43,10 +44,10 @@ class LAdaGrad(LaplacianOptimizer):
     }
 
     def __init__(self, params, lr=1e-2, lr_decay=0, eps=1e-10, weight_decay=0, c2=1e-4,
-                 stencil="9point", min_spatial_size=16, *, backend="auto"):
+                 stencil="9point", min_spatial_size=16, *, backend="auto", capturable=False):
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay, c2=c2,
                         stencil=stencil, min_spatial_size=min_spatial_size)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, capturable)
 
     def _op(self, group):
         return "ladagrad_step"
@@ -86,6 +87,7 @@ class LRMSProp(LaplacianOptimizer):
         stencil (str): ``'9point'`` or ``'5point'``. Default: ``'9point'``.
         min_spatial_size (int): parameters with fewer elements get no Laplacian. Default: 16.
         backend (str): see :mod:`fastopt.backends`. Default: ``'auto'``.
+        capturable (bool): as :class:`fastopt.LAdam`'s (CUDA-graph capture). Default: False.
 
     State per parameter: ``step``, ``square_avg``, ``use_lap`` and, with momentum,
     ``momentum_buffer`` (ladam's and torch.optim.RMSprop's keys).
@@ -99,10 +101,10 @@ class LRMSProp(LaplacianOptimizer):
     }
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, c2=1e-4,
-                 stencil="9point", min_spatial_size=16, *, backend="auto"):
+                 stencil="9point", min_spatial_size=16, *, backend="auto", capturable=False):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         c2=c2, stencil=stencil, min_spatial_size=min_spatial_size)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, capturable)
 
     def _op(self, group):
         return "lrmsprop_step"

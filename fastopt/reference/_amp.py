@@ -27,7 +27,21 @@ from torch import Tensor
 
 from ._precision import upcast
 
-__all__ = ["grad_factor", "amp_step"]
+__all__ = ["grad_factor", "amp_step", "check_lr", "host_lr"]
+
+
+def check_lr(lr, device: torch.device) -> None:
+    """An op's ``lr``: a float, or (capturable steps) a 1-element float32 tensor on the params'
+    device, which the triton backend reads in-kernel and the others read on the host."""
+    if isinstance(lr, Tensor) and (lr.dtype != torch.float32 or lr.numel() != 1 or lr.device != device):
+        raise ValueError(f"lr as a tensor must be a 1-element float32 tensor on {device} (the params' device); got "
+                         f"shape {tuple(lr.shape)} {lr.dtype} on {lr.device}")
+
+
+def host_lr(lr, device: torch.device) -> float:
+    """``lr`` (see :func:`check_lr`) read on the host."""
+    check_lr(lr, device)
+    return float(lr)
 
 
 def grad_factor(grad_scale: Tensor) -> Tensor:
@@ -42,10 +56,13 @@ def _unscaled(grads: Sequence[Tensor], grad_scale: Tensor) -> List[Tensor]:
 
 
 def amp_step(step: Callable) -> Callable:
-    """Give a reference op (params and grads first) the keywords ``grad_scale`` and ``found_inf``."""
+    """Give a reference op (params and grads first) the keywords ``grad_scale`` and ``found_inf``,
+    and an ``lr`` that may be a tensor (:func:`check_lr`; read on the host)."""
     @functools.wraps(step)
     def with_amp(params, grads, *args, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
                  **kwargs) -> None:
+        if len(params) and "lr" in kwargs:
+            kwargs["lr"] = host_lr(kwargs["lr"], params[0].device)
         if found_inf is not None and bool(found_inf != 0):
             return
         if grad_scale is not None and len(grads):
