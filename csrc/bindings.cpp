@@ -3,7 +3,8 @@
 // Registered as torch.ops.fastopt.<op>, the ops are visible to torch.compile (their fake
 // implementations are registered from Python, in fastopt/extension.py). The schemas mirror the
 // signatures of fastopt.reference: mutated lists are annotated (a!), hyperparameters keyword-only,
-// then the optional AMP inputs grad_scale and found_inf (fastopt/reference/_amp.py).
+// then the optional device scalars: the AMP inputs grad_scale and found_inf
+// (fastopt/reference/_amp.py) and lr_tensor, an lr read on the device (capturable steps).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -44,16 +45,16 @@ TORCH_LIBRARY(fastopt, m) {
   m.def(
       "ladam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor[] steps, bool[] use_laps, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "float c2, str stencil, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "float c2, str stencil, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
   m.def(
       "ladagrad_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor[] steps, "
       "bool[] use_laps, *, float lr, float lr_decay, float eps, float weight_decay, float c2, str stencil, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
   m.def(
       "lrmsprop_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
       "Tensor(c!)[] momentum_buffers, Tensor[] steps, bool[] use_laps, *, float lr, float alpha, float eps, "
       "float weight_decay, float momentum, float c2, str stencil, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
   // out[lower] += scale * a^T a (+ diag shift); only out is written.
   m.def("jacobian_products(Tensor a, Tensor(a!) out, *, float scale, Tensor? shift=None) -> ()");
   m.def("batched_gram(Tensor jac, Tensor res) -> (Tensor, Tensor)");

@@ -1,16 +1,22 @@
 // The host entries of the CUDA kernels (ladam_step_cuda, ...): check the tensors, build the tile
-// table, upload it, launch on the current stream. A thin layer: the kernels in *.cu take raw
-// pointers only. Compiled only where the extension is built with CUDA (FASTOPT_WITH_CUDA).
+// table, upload it (or find it uploaded), launch on the current stream. A thin layer: the kernels
+// in *.cu take raw pointers only. Compiled only where the extension is built with CUDA
+// (FASTOPT_WITH_CUDA).
 #ifdef FASTOPT_WITH_CUDA
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstring>
 #include <initializer_list>
+#include <list>
+#include <mutex>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_launch.h"
@@ -39,12 +45,46 @@ struct Launch {
   cuda::LaunchArgs args;
 };
 
-const float* amp_pointer(const std::optional<at::Tensor>& t) {
+const float* scalar_pointer(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
+// The device copy of a table, by content. A table's bytes are a function of the tensors'
+// addresses, grids and step-count addresses only, so equal bytes are an equal table whichever
+// step built them: a step whose tensors did not move (the usual case with
+// zero_grad(set_to_none=False), and every replay of a captured step) uploads nothing. That is
+// what makes a step capturable into a CUDA graph: an upload inside a capture would be replayed
+// from a pinned buffer the host allocator hands out again, so a miss there is refused.
+at::Tensor device_table(std::string bytes, const at::Device& device) {
+  constexpr size_t kMaxTables = 16;  // recent lists: a few per optimizer; the rest re-uploaded
+  static std::mutex mutex;
+  static std::list<std::pair<std::string, at::Tensor>> cache;  // most recent first
+  const int8_t index = device.index();
+  bytes.append(reinterpret_cast<const char*>(&index), sizeof(index));
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->first == bytes) {
+      cache.splice(cache.begin(), cache, it);
+      return cache.front().second;
+    }
+  }
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "fastopt (cuda): this step's tensors (or gradients) are not where the last step found them, and their "
+              "table would have to be uploaded inside a CUDA-graph capture. Run a step before capture and keep the "
+              "gradients in place: optimizer.zero_grad(set_to_none=False)");
+  // Staged in pinned memory so that the copy is asynchronous.
+  at::Tensor host = at::empty({static_cast<int64_t>(bytes.size())},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
+  at::Tensor table = host.to(device, /*non_blocking=*/true);
+  cache.emplace_front(std::move(bytes), table);
+  if (cache.size() > kMaxTables) cache.pop_back();
+  return table;
+}
+
 Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorList> states, at::TensorList steps,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& lr_tensor) {
   const size_t n = st.size();
   std::vector<cuda::TensorArgs> tensors(n);
   for (size_t i = 0; i < n; ++i) {
@@ -69,12 +109,11 @@ Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorLis
   const size_t tile_offset = (tensor_bytes + 15) / 16 * 16;
   const size_t bytes = tile_offset + plan.tiles.size() * sizeof(Tile);
   const at::Device device = st.params[0].device();
-  // Staged in pinned memory so that the copy is asynchronous.
-  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), tensors.data(), tensor_bytes);
-  std::memcpy(static_cast<char*>(host.data_ptr()) + tile_offset, plan.tiles.data(), plan.tiles.size() * sizeof(Tile));
+  std::string host(bytes, '\0');
+  std::memcpy(host.data(), tensors.data(), tensor_bytes);
+  std::memcpy(host.data() + tile_offset, plan.tiles.data(), plan.tiles.size() * sizeof(Tile));
   Launch launch;
-  launch.table = host.to(device, /*non_blocking=*/true);
+  launch.table = device_table(std::move(host), device);
   if (plan.halo_elems) {
     launch.halo = at::empty({plan.halo_elems * math_size}, at::TensorOptions().dtype(at::kByte).device(device));
   }
@@ -86,8 +125,8 @@ Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorLis
                                  smem_elems * math_size,
                                  dtype_code(st.dtype),
                                  c10::cuda::getCurrentCUDAStream(device.index()).stream(),
-                                 amp_pointer(grad_scale),
-                                 amp_pointer(found_inf)};
+                                 cuda::DeviceScalars{scalar_pointer(grad_scale), scalar_pointer(found_inf),
+                                                     scalar_pointer(lr_tensor)}};
   return launch;
 }
 
@@ -97,14 +136,15 @@ void ladam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList exp_avg_sqs, at::TensorList steps, const c10::List<bool>& use_laps, double lr,
                      double beta1, double beta2, double eps, double weight_decay, double c2,
                      c10::string_view stencil, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& lr_tensor) {
   StepTensors st = prepare_step("ladam_step", c10::DeviceType::CUDA, params, grads,
                                 {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps, use_laps, stencil,
                                 /*steps_on_device=*/true);
   if (st.size() == 0) return;
-  check_amp("ladam_step", grad_scale, found_inf, st.params[0].device());
+  check_device_scalars("ladam_step", grad_scale, found_inf, lr_tensor, st.params[0].device());
   const c10::cuda::CUDAGuard guard(st.params[0].device());
-  const Launch launch = prepare_launch(st, {exp_avgs, exp_avg_sqs}, steps, grad_scale, found_inf);
+  const Launch launch = prepare_launch(st, {exp_avgs, exp_avg_sqs}, steps, grad_scale, found_inf, lr_tensor);
   C10_CUDA_CHECK(cuda::launch_ladam_step(launch.args, lr, beta1, beta2, eps, weight_decay, c2));
   st.write_back();
 }
@@ -112,13 +152,14 @@ void ladam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 void ladagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
                         const c10::List<bool>& use_laps, double lr, double lr_decay, double eps, double weight_decay,
                         double c2, c10::string_view stencil, const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
+                        const std::optional<at::Tensor>& found_inf,
+                        const std::optional<at::Tensor>& lr_tensor) {
   StepTensors st = prepare_step("ladagrad_step", c10::DeviceType::CUDA, params, grads,
                                 {{"state_sums", state_sums}}, steps, use_laps, stencil, /*steps_on_device=*/true);
   if (st.size() == 0) return;
-  check_amp("ladagrad_step", grad_scale, found_inf, st.params[0].device());
+  check_device_scalars("ladagrad_step", grad_scale, found_inf, lr_tensor, st.params[0].device());
   const c10::cuda::CUDAGuard guard(st.params[0].device());
-  const Launch launch = prepare_launch(st, {state_sums}, steps, grad_scale, found_inf);
+  const Launch launch = prepare_launch(st, {state_sums}, steps, grad_scale, found_inf, lr_tensor);
   C10_CUDA_CHECK(cuda::launch_ladagrad_step(launch.args, lr, lr_decay, eps, weight_decay, c2));
   st.write_back();
 }
@@ -127,7 +168,8 @@ void lrmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                         at::TensorList momentum_buffers, at::TensorList steps, const c10::List<bool>& use_laps,
                         double lr, double alpha, double eps, double weight_decay, double momentum, double c2,
                         c10::string_view stencil, const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
+                        const std::optional<at::Tensor>& found_inf,
+                        const std::optional<at::Tensor>& lr_tensor) {
   const bool with_momentum = momentum > 0;
   StepTensors st =
       with_momentum
@@ -137,11 +179,11 @@ void lrmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
           : prepare_step("lrmsprop_step", c10::DeviceType::CUDA, params, grads, {{"square_avgs", square_avgs}}, steps,
                          use_laps, stencil, /*steps_on_device=*/true);
   if (st.size() == 0) return;
-  check_amp("lrmsprop_step", grad_scale, found_inf, st.params[0].device());
+  check_device_scalars("lrmsprop_step", grad_scale, found_inf, lr_tensor, st.params[0].device());
   const c10::cuda::CUDAGuard guard(st.params[0].device());
   const Launch launch = with_momentum
-                            ? prepare_launch(st, {square_avgs, momentum_buffers}, steps, grad_scale, found_inf)
-                            : prepare_launch(st, {square_avgs}, steps, grad_scale, found_inf);
+                            ? prepare_launch(st, {square_avgs, momentum_buffers}, steps, grad_scale, found_inf, lr_tensor)
+                            : prepare_launch(st, {square_avgs}, steps, grad_scale, found_inf, lr_tensor);
   C10_CUDA_CHECK(cuda::launch_lrmsprop_step(launch.args, lr, alpha, eps, weight_decay, momentum, c2));
   st.write_back();
 }

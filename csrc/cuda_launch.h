@@ -35,6 +35,16 @@ struct TensorArgs {
   TensorGrid grid;
 };
 
+// The step's scalars in device memory, read in-kernel; nullptr when the step has none. AMP
+// (fastopt/reference/_amp.py): the loss scale, and whether some gradient was inf/NaN (nonzero:
+// every kernel returns at once). lr: the learning rate of a capturable step, replacing the one the
+// launch was given.
+struct DeviceScalars {
+  const float* grad_scale;
+  const float* found_inf;
+  const float* lr;
+};
+
 // One launch: device pointers to the tensor table, the tiles and the halo scratch.
 struct LaunchArgs {
   const TensorArgs* tensors;
@@ -44,10 +54,7 @@ struct LaunchArgs {
   int64_t smem_bytes;   // shared memory per block
   DType dtype;
   cudaStream_t stream;
-  // AMP (fastopt/reference/_amp.py), read in-kernel: the loss scale, and whether some gradient was
-  // inf/NaN (nonzero: every kernel returns at once); nullptr when the step has none.
-  const float* grad_scale;
-  const float* found_inf;
+  DeviceScalars scalars;
 };
 
 // Each returns cudaGetLastError() after its launches.

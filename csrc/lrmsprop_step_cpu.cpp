@@ -13,29 +13,30 @@ void lrmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList momentum_buffers, at::TensorList steps, const c10::List<bool>& use_laps,
                        double lr, double alpha, double eps, double weight_decay, double momentum, double c2,
                        c10::string_view stencil,
-                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::Tensor>& lr_tensor) {
   // The reference passes momentum_buffers=None without momentum; here that is an empty list.
   if (momentum > 0) {
     const StepTensors st = prepare_step("lrmsprop_step", c10::DeviceType::CPU, params, grads,
                                         {{"square_avgs", square_avgs}, {"momentum_buffers", momentum_buffers}},
                                         steps, use_laps, stencil, /*steps_on_device=*/false);
-    const HostAmp amp = read_amp("lrmsprop_step", st, grad_scale, found_inf);
-    if (amp.skip) return;  // a non-finite gradient under AMP: the step is a no-op
+    const HostInputs in = read_inputs("lrmsprop_step", st, grad_scale, found_inf, lr_tensor, lr);
+    if (in.skip) return;  // a non-finite gradient under AMP: the step is a no-op
     FASTOPT_DISPATCH_FLOATING(
         st.dtype, "lrmsprop_step",
-        cpu::run_step(LRMSPropStepFunctor<scalar_t, math_t, true>(lr, alpha, eps, weight_decay, momentum), c2, st,
-                      {square_avgs, momentum_buffers}, steps, amp.grad_factor));
+        cpu::run_step(LRMSPropStepFunctor<scalar_t, math_t, true>(in.lr, alpha, eps, weight_decay, momentum), c2, st,
+                      {square_avgs, momentum_buffers}, steps, in.grad_factor));
     st.write_back();
   } else {
     const StepTensors st = prepare_step("lrmsprop_step", c10::DeviceType::CPU, params, grads,
                                         {{"square_avgs", square_avgs}}, steps, use_laps, stencil,
                                         /*steps_on_device=*/false);
-    const HostAmp amp = read_amp("lrmsprop_step", st, grad_scale, found_inf);
-    if (amp.skip) return;  // a non-finite gradient under AMP: the step is a no-op
+    const HostInputs in = read_inputs("lrmsprop_step", st, grad_scale, found_inf, lr_tensor, lr);
+    if (in.skip) return;  // a non-finite gradient under AMP: the step is a no-op
     FASTOPT_DISPATCH_FLOATING(
         st.dtype, "lrmsprop_step",
-        cpu::run_step(LRMSPropStepFunctor<scalar_t, math_t, false>(lr, alpha, eps, weight_decay, momentum), c2, st,
-                      {square_avgs}, steps, amp.grad_factor));
+        cpu::run_step(LRMSPropStepFunctor<scalar_t, math_t, false>(in.lr, alpha, eps, weight_decay, momentum), c2, st,
+                      {square_avgs}, steps, in.grad_factor));
     st.write_back();
   }
 }

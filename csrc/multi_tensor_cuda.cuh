@@ -59,23 +59,24 @@ struct DeviceTensor {
   }
 };
 
-// AMP, at the start of every kernel: false when the step is skipped (found_inf nonzero), else
-// sets the functor's gradient factor to GradScaler.unscale_'s float32(1 / scale).
+// The device scalars, at the start of every kernel: false when the step is skipped (found_inf
+// nonzero), else sets the functor's gradient factor to GradScaler.unscale_'s float32(1 / scale)
+// and, for capturable steps, its learning rate to the one in device memory.
 template <class Op>
-__device__ __forceinline__ bool take_amp(Op& op, const float* grad_scale, const float* found_inf) {
-  if (found_inf != nullptr && *found_inf != 0.0f) return false;
-  if (grad_scale != nullptr) {
-    op.grad_factor = typename Op::Math(static_cast<float>(1.0 / static_cast<double>(*grad_scale)));
+__device__ __forceinline__ bool take_device_scalars(Op& op, const DeviceScalars& d) {
+  if (d.found_inf != nullptr && *d.found_inf != 0.0f) return false;
+  if (d.grad_scale != nullptr) {
+    op.grad_factor = typename Op::Math(static_cast<float>(1.0 / static_cast<double>(*d.grad_scale)));
   }
+  if (d.lr != nullptr) op.set_lr(static_cast<double>(*d.lr));
   return true;
 }
 
 template <class Op>
 __global__ void __launch_bounds__(kThreads)
-    halo_kernel(Op op, const TensorArgs* tensors, const Tile* tiles, typename Op::Math* halo, const float* grad_scale,
-                const float* found_inf) {
+    halo_kernel(Op op, const TensorArgs* tensors, const Tile* tiles, typename Op::Math* halo, DeviceScalars scalars) {
   using M = typename Op::Math;
-  if (!take_amp(op, grad_scale, found_inf)) return;
+  if (!take_device_scalars(op, scalars)) return;
   const Tile tile = tiles[blockIdx.x];
   if (tile.halo < 0) return;
   const TensorGrid g = tensors[tile.tensor].grid;
@@ -119,10 +120,9 @@ __device__ __forceinline__ void update_tile(const Op& op, const Coupling<M>& c, 
 template <class Op>
 __global__ void __launch_bounds__(kThreads) step_kernel(Op op, Coupling<typename Op::Math> coupling,
                                                         const TensorArgs* tensors, const Tile* tiles,
-                                                        const typename Op::Math* halo, const float* grad_scale,
-                                                        const float* found_inf) {
+                                                        const typename Op::Math* halo, DeviceScalars scalars) {
   using M = typename Op::Math;
-  if (!take_amp(op, grad_scale, found_inf)) return;  // uniform over the block: before any barrier
+  if (!take_device_scalars(op, scalars)) return;  // uniform over the block: before any barrier
   extern __shared__ __align__(16) unsigned char smem[];
   M* acc = reinterpret_cast<M*>(smem);  // the tile's stencil input, padded by its halo
   const Tile tile = tiles[blockIdx.x];
@@ -191,12 +191,10 @@ cudaError_t launch(const Op& op, double c2, const LaunchArgs& a) {
   if (a.n_tiles == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(a.n_tiles);
   if (a.halo) {
-    halo_kernel<Op><<<blocks, kThreads, 0, a.stream>>>(op, a.tensors, a.tiles, static_cast<M*>(a.halo), a.grad_scale,
-                                                       a.found_inf);
+    halo_kernel<Op><<<blocks, kThreads, 0, a.stream>>>(op, a.tensors, a.tiles, static_cast<M*>(a.halo), a.scalars);
   }
   step_kernel<Op><<<blocks, kThreads, a.smem_bytes, a.stream>>>(op, Coupling<M>(c2), a.tensors, a.tiles,
-                                                               static_cast<const M*>(a.halo), a.grad_scale,
-                                                               a.found_inf);
+                                                               static_cast<const M*>(a.halo), a.scalars);
   return cudaGetLastError();
 }
 

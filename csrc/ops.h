@@ -12,23 +12,26 @@
 
 namespace fastopt {
 
-// The optional AMP inputs of every op (fastopt/reference/_amp.py): 0-dim float32 tensors on the
-// params' device (CPU kernels read them on the host, CUDA kernels in-kernel).
-#define FASTOPT_AMP_ARGS \
-  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf
+// The optional device scalars of every step op: the AMP inputs grad_scale and found_inf
+// (fastopt/reference/_amp.py) and lr_tensor, a learning rate that replaces ``lr`` (capturable
+// steps); each a 1-element float32 tensor on the params' device (CPU kernels read them on the
+// host, CUDA kernels in-kernel).
+#define FASTOPT_DEVICE_SCALARS                                                              \
+  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, \
+      const std::optional<at::Tensor>& lr_tensor
 #define FASTOPT_LADAM_STEP_ARGS                                                                            \
   at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,       \
       at::TensorList steps, const c10::List<bool>& use_laps, double lr, double beta1, double beta2,       \
-      double eps, double weight_decay, double c2, c10::string_view stencil, FASTOPT_AMP_ARGS
+      double eps, double weight_decay, double c2, c10::string_view stencil, FASTOPT_DEVICE_SCALARS
 #define FASTOPT_LADAGRAD_STEP_ARGS                                                                         \
   at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,           \
       const c10::List<bool>& use_laps, double lr, double lr_decay, double eps, double weight_decay,       \
-      double c2, c10::string_view stencil, FASTOPT_AMP_ARGS
+      double c2, c10::string_view stencil, FASTOPT_DEVICE_SCALARS
 #define FASTOPT_LRMSPROP_STEP_ARGS                                                                         \
   at::TensorList params, at::TensorList grads, at::TensorList square_avgs,                                \
       at::TensorList momentum_buffers, at::TensorList steps, const c10::List<bool>& use_laps, double lr,  \
       double alpha, double eps, double weight_decay, double momentum, double c2, c10::string_view stencil,  \
-      FASTOPT_AMP_ARGS
+      FASTOPT_DEVICE_SCALARS
 
 void ladam_step_cpu(FASTOPT_LADAM_STEP_ARGS);
 void ladagrad_step_cpu(FASTOPT_LADAGRAD_STEP_ARGS);

@@ -10,7 +10,8 @@
 //            momentum buffer, for LRMSProp with momentum).
 // A functor declares how many state tensors each half reads and writes (kAdvanceStates,
 // kUpdateStates: the op's state lists in the order of its signature), its Laplacian floor, and
-// the per-tensor values it derives from the step count (TensorScalars).
+// the per-tensor values it derives from the step count (TensorScalars). ``set_lr`` sets what the
+// learning rate enters (its constructor calls it; capturable CUDA steps call it again in-kernel).
 // Operation order follows fastopt/reference, one rounding per torch op, so fp32 agrees with the
 // reference to round-off; bias corrections are multiplied by their reciprocal.
 #pragma once
@@ -55,12 +56,20 @@ struct LAdamStepFunctor : GradUnscale<MATH_T> {
   };
 
   double beta1_, beta2_;  // for the bias corrections, in double as the reference computes them
+  double weight_decay_;
   MATH_T beta1, one_minus_beta1, beta2, one_minus_beta2, decay, neg_lr, eps;
 
   LAdamStepFunctor(double lr, double b1, double b2, double eps_, double weight_decay)
-      : beta1_(b1), beta2_(b2), beta1(MATH_T(b1)), one_minus_beta1(MATH_T(1.0 - b1)), beta2(MATH_T(b2)),
-        one_minus_beta2(MATH_T(1.0 - b2)), decay(MATH_T(1.0 - lr * weight_decay)), neg_lr(MATH_T(-lr)),
-        eps(MATH_T(eps_)) {}
+      : beta1_(b1), beta2_(b2), weight_decay_(weight_decay), beta1(MATH_T(b1)), one_minus_beta1(MATH_T(1.0 - b1)),
+        beta2(MATH_T(b2)), one_minus_beta2(MATH_T(1.0 - b2)), eps(MATH_T(eps_)) {
+    set_lr(lr);
+  }
+
+  // Also called in-kernel with an lr read from device memory (capturable steps).
+  FASTOPT_HD void set_lr(double lr) {
+    decay = MATH_T(1.0 - lr * weight_decay_);
+    neg_lr = MATH_T(-lr);
+  }
 
   FASTOPT_HD MATH_T floor() const { return eps; }
 
@@ -102,11 +111,19 @@ struct LAdaGradStepFunctor : GradUnscale<MATH_T> {
     MATH_T neg_clr;
   };
 
-  double lr_, lr_decay_;
+  double lr_, lr_decay_, weight_decay_;
   MATH_T decay, eps;
 
   LAdaGradStepFunctor(double lr, double lr_decay, double eps_, double weight_decay)
-      : lr_(lr), lr_decay_(lr_decay), decay(MATH_T(1.0 - lr * weight_decay)), eps(MATH_T(eps_)) {}
+      : lr_decay_(lr_decay), weight_decay_(weight_decay), eps(MATH_T(eps_)) {
+    set_lr(lr);
+  }
+
+  // Also called in-kernel with an lr read from device memory (capturable steps), before scalars().
+  FASTOPT_HD void set_lr(double lr) {
+    lr_ = lr;
+    decay = MATH_T(1.0 - lr * weight_decay_);
+  }
 
   FASTOPT_HD MATH_T floor() const { return MATH_T(0); }
 
@@ -142,11 +159,20 @@ struct LRMSPropStepFunctor : GradUnscale<MATH_T> {
   static constexpr AuxSource kAux = AuxSource::kGradient;
   struct TensorScalars {};
 
+  double weight_decay_;
   MATH_T alpha, one_minus_alpha, decay, neg_lr, eps, momentum;
 
   LRMSPropStepFunctor(double lr, double alpha_, double eps_, double weight_decay, double momentum_)
-      : alpha(MATH_T(alpha_)), one_minus_alpha(MATH_T(1.0 - alpha_)), decay(MATH_T(1.0 - lr * weight_decay)),
-        neg_lr(MATH_T(-lr)), eps(MATH_T(eps_)), momentum(MATH_T(momentum_)) {}
+      : weight_decay_(weight_decay), alpha(MATH_T(alpha_)), one_minus_alpha(MATH_T(1.0 - alpha_)), eps(MATH_T(eps_)),
+        momentum(MATH_T(momentum_)) {
+    set_lr(lr);
+  }
+
+  // Also called in-kernel with an lr read from device memory (capturable steps).
+  FASTOPT_HD void set_lr(double lr) {
+    decay = MATH_T(1.0 - lr * weight_decay_);
+    neg_lr = MATH_T(-lr);
+  }
 
   FASTOPT_HD MATH_T floor() const { return MATH_T(0); }
   FASTOPT_HD TensorScalars scalars(double) const { return TensorScalars{}; }

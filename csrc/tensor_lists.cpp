@@ -87,9 +87,11 @@ StepTensors prepare_step(const char* op, c10::DeviceType device_type, at::Tensor
   return out;
 }
 
-void check_amp(const char* op, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               const at::Device& device) {
-  for (const auto& [name, t] : {std::make_pair("grad_scale", &grad_scale), std::make_pair("found_inf", &found_inf)}) {
+void check_device_scalars(const char* op, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
+                          const at::Device& device) {
+  for (const auto& [name, t] : {std::make_pair("grad_scale", &grad_scale), std::make_pair("found_inf", &found_inf),
+                                std::make_pair("lr_tensor", &lr_tensor)}) {
     if (!t->has_value()) continue;
     const at::Tensor& x = **t;
     TORCH_CHECK(x.defined() && x.numel() == 1 && x.scalar_type() == at::kFloat, op, ": ", name,
@@ -98,11 +100,14 @@ void check_amp(const char* op, const std::optional<at::Tensor>& grad_scale, cons
   }
 }
 
-HostAmp read_amp(const char* op, const StepTensors& st, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
-  HostAmp amp;
+HostInputs read_inputs(const char* op, const StepTensors& st, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
+                       double lr) {
+  HostInputs amp;
+  amp.lr = lr;
   if (st.size() == 0) return amp;
-  check_amp(op, grad_scale, found_inf, st.params[0].device());
+  check_device_scalars(op, grad_scale, found_inf, lr_tensor, st.params[0].device());
+  if (lr_tensor.has_value()) amp.lr = *reinterpret_cast<const float*>(lr_tensor->const_data_ptr());
   // One element each (check_amp): read in place, strides do not matter.
   if (found_inf.has_value()) amp.skip = *reinterpret_cast<const float*>(found_inf->const_data_ptr()) != 0.0f;
   if (grad_scale.has_value()) {

@@ -42,19 +42,24 @@ StepTensors prepare_step(const char* op, c10::DeviceType device_type, at::Tensor
                          std::initializer_list<NamedList> states, at::TensorList steps,
                          const c10::List<bool>& use_laps, c10::string_view stencil, bool steps_on_device);
 
-// The AMP inputs of a step (fastopt/reference/_amp.py), each absent or a float32 tensor of one
-// element on ``device`` (checked by check_amp, before anything is written; read_amp checks too).
-void check_amp(const char* op, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               const at::Device& device);
+// The device scalars of a step (ops.h: grad_scale, found_inf, lr_tensor), each absent or a
+// float32 tensor of one element on ``device`` (checked before anything is written; read_inputs
+// checks too).
+void check_device_scalars(const char* op, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
+                          const at::Device& device);
 
-// The AMP inputs of a CPU step, read on the host: whether to skip the step (found_inf nonzero) and
-// the factor gradients are multiplied by (GradScaler.unscale_'s float32(1 / scale); 1 without one).
-struct HostAmp {
+// The device scalars of a CPU step, read on the host: whether to skip the step (found_inf
+// nonzero), the factor gradients are multiplied by (GradScaler.unscale_'s float32(1 / scale); 1
+// without one) and the learning rate (lr_tensor's value, else the op's ``lr``).
+struct HostInputs {
   bool skip = false;
   float grad_factor = 1.0f;
+  double lr = 0.0;
 };
-HostAmp read_amp(const char* op, const StepTensors& st, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf);
+HostInputs read_inputs(const char* op, const StepTensors& st, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
+                       double lr);
 
 // The step counts of CPU steps, as the reference reads them (float(step)).
 std::vector<double> step_counts(at::TensorList steps);

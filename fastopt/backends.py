@@ -62,14 +62,14 @@ class _Spec:
 
 # Each module also declares DTYPES: {op: frozenset of the dtypes its implementation takes}.
 # Fused GPU backends read step counts in-kernel, so the optimizer keeps them on the device (as
-# torch.optim.Adam(fused=True) does); the others read them on the host. Only triton's GPU steps
-# can be captured into a CUDA graph (see why_not_capturable).
+# torch.optim.Adam(fused=True) does); the others read them on the host. Only their GPU steps can
+# be captured into a CUDA graph (see why_not_capturable).
 _SPECS: Dict[str, _Spec] = {
     "triton": _Spec("fastopt.kernels", "triton", frozenset({"cuda", "cpu"}), True,
                     'the triton package: pip install "fastopt[triton]"', capturable=True),
     "cuda": _Spec("fastopt.extension", "cuda", frozenset({"cuda"}), True,
                   "the C++/CUDA extension fastopt._C built with CUDA: reinstall with "
-                  "pip install --no-build-isolation . where torch has CUDA and nvcc is on PATH"),
+                  "pip install --no-build-isolation . where torch has CUDA and nvcc is on PATH", capturable=True),
     "cpu": _Spec("fastopt.extension", "cpu", frozenset({"cpu"}), False,
                  "the C++ extension fastopt._C: reinstall with pip install --no-build-isolation . "
                  "(needs a C++ compiler), or install ninja so that it builds on first use"),
@@ -167,16 +167,16 @@ def why_not_capturable(backend: str, device: Union[str, torch.device]) -> Option
     """Why a step of ``backend`` on ``device`` cannot be captured into a CUDA graph; None if it can.
 
     Capturable steps (``capturable=True``) read the learning rate and step counts on the device and
-    do no host work per step once their tables exist: the triton backend. The cuda backend stages
-    its tile table through pinned host memory every step and the torch backend reads step counts
-    on the host. On the CPU there are no graphs to capture: every backend takes ``capturable=True``
-    and reads a tensor lr on the host (triton in its interpreter reads it in-kernel).
+    upload nothing once their tile tables exist (both are cached by the tensors' addresses): the
+    triton and cuda backends. The torch backend reads step counts on the host. On the CPU there
+    are no graphs to capture: every backend takes ``capturable=True`` and reads a tensor lr on the
+    host (triton in its interpreter reads it in-kernel).
     """
     if torch.device(device).type == "cpu" or _SPECS[backend].capturable:
         return None
     able = [name for name, spec in _SPECS.items() if spec.capturable]
-    return (f"backend={backend!r} cannot be captured into a CUDA graph (it reads step counts or tile tables on "
-            f"the host); use backend={able[0]!r}")
+    return (f"backend={backend!r} cannot be captured into a CUDA graph (it reads step counts on the host); use "
+            + " or ".join(f"backend={name!r}" for name in able))
 
 
 def available(backend: str, op: Optional[str] = None, device=None, dtype=None) -> bool:

@@ -4,8 +4,9 @@ The extension registers ``torch.ops.fastopt.ladam_step``, ``ladagrad_step``, ``l
 and the Gram-matrix ops ``jacobian_products`` and ``batched_gram`` (schemas with TORCH_LIBRARY, kernels per dispatch key: CPU, and CUDA where it
 was built with CUDA). This module wraps them in functions with the signatures of
 :mod:`fastopt.reference` (``ladam_step_cpu``, ``ladam_step_cuda``, ...) and registers their fake
-implementations, so that torch.compile can trace through an optimizer step. Every op takes the
-optional AMP inputs ``grad_scale`` and ``found_inf`` (:mod:`fastopt.reference._amp`).
+implementations, so that torch.compile can trace through an optimizer step. Every step op takes
+the optional AMP inputs ``grad_scale`` and ``found_inf`` (:mod:`fastopt.reference._amp`) and an
+``lr`` that may be a device tensor (capturable steps: read in-kernel on CUDA).
 
 Loading, once per process:
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _extension_build as build
-from .reference._amp import host_lr
+from .reference._amp import check_lr
 from .reference.batched_lsq import check_gram_inputs
 from .reference.lm import check_jacobian_products_args
 
@@ -106,6 +107,15 @@ UNAVAILABLE = {} if "cuda" in _INFO.split() else {
             "missing when it was compiled"}
 
 
+def _lr_args(lr, device: torch.device) -> dict:
+    """The C++ ops' ``lr`` and ``lr_tensor`` for an op's ``lr``: a float, or a 1-element float32
+    tensor on the params' device (:func:`fastopt.reference._amp.check_lr`), which the CUDA kernels
+    read in-kernel and the CPU ones on the host. With a tensor, ``lr`` is NaN: unused, and visible
+    if it ever were."""
+    check_lr(lr, device)
+    return dict(lr=float("nan"), lr_tensor=lr) if isinstance(lr, Tensor) else dict(lr=float(lr), lr_tensor=None)
+
+
 def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], use_laps: Sequence[bool], *, lr: float,
                beta1: float, beta2: float, eps: float, weight_decay: float, c2: float, stencil: str,
@@ -115,9 +125,9 @@ def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     if not params:  # the dispatcher needs a tensor to pick the kernel by; nothing to do anyway
         return
     _OPS.ladam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps),
-                    [bool(u) for u in use_laps], lr=host_lr(lr, params[0].device), beta1=float(beta1), beta2=float(beta2),
-                    eps=float(eps), weight_decay=float(weight_decay), c2=float(c2), stencil=stencil,
-                    grad_scale=grad_scale, found_inf=found_inf)
+                    [bool(u) for u in use_laps], **_lr_args(lr, params[0].device), beta1=float(beta1),
+                    beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay), c2=float(c2),
+                    stencil=stencil, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def ladagrad_step(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
@@ -128,8 +138,9 @@ def ladagrad_step(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums:
     if not params:
         return
     _OPS.ladagrad_step(list(params), list(grads), list(state_sums), list(steps), [bool(u) for u in use_laps],
-                       lr=host_lr(lr, params[0].device), lr_decay=float(lr_decay), eps=float(eps), weight_decay=float(weight_decay),
-                       c2=float(c2), stencil=stencil, grad_scale=grad_scale, found_inf=found_inf)
+                       **_lr_args(lr, params[0].device), lr_decay=float(lr_decay), eps=float(eps),
+                       weight_decay=float(weight_decay), c2=float(c2), stencil=stencil, grad_scale=grad_scale,
+                       found_inf=found_inf)
 
 
 def lrmsprop_step(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
@@ -142,9 +153,9 @@ def lrmsprop_step(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs
         return
     buffers: List[Tensor] = list(momentum_buffers) if momentum > 0 and momentum_buffers is not None else []
     _OPS.lrmsprop_step(list(params), list(grads), list(square_avgs), buffers, list(steps),
-                       [bool(u) for u in use_laps], lr=host_lr(lr, params[0].device), alpha=float(alpha), eps=float(eps),
-                       weight_decay=float(weight_decay), momentum=float(momentum), c2=float(c2), stencil=stencil,
-                       grad_scale=grad_scale, found_inf=found_inf)
+                       [bool(u) for u in use_laps], **_lr_args(lr, params[0].device), alpha=float(alpha),
+                       eps=float(eps), weight_decay=float(weight_decay), momentum=float(momentum), c2=float(c2),
+                       stencil=stencil, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def jacobian_products(a: Tensor, out: Tensor, *, scale: float, shift: Optional[Tensor] = None) -> Tensor:

@@ -3,10 +3,11 @@ tensor that the kernel reads, so a step can be captured into a CUDA graph and re
 learning rate changed in place in between (as torch.optim.Adam(capturable=True)).
 
 On the CPU (here): every backend takes the mode and gives the reference's result for a learning
-rate that changes between steps (triton reads the tensor in-kernel, in the interpreter; cpu and
-torch read it on the host), the triton path never reads it on the host, and bad input fails before
-anything changes. With a GPU: a captured step replayed gives the eager result, and the backends
-that cannot be captured are refused.
+rate that changes between steps (triton reads the tensor in-kernel, in the interpreter; the C++
+ops take it as ``lr_tensor`` and their functors' ``set_lr``, which the CUDA kernels call in-kernel,
+runs on the host; torch reads it on the host), the triton path never reads it on the host, and bad
+input fails before anything changes. With a GPU: a captured step replayed gives the eager result
+on triton and cuda, and the torch backend is refused.
 """
 import copy
 
@@ -132,11 +133,42 @@ def test_capturable_must_be_a_bool():
 def test_which_backends_can_be_captured():
     """The rule lives in fastopt.backends (no GPU needed to ask)."""
     assert backends.why_not_capturable("triton", "cuda") is None
-    for backend in ("cuda", "torch"):
-        reason = backends.why_not_capturable(backend, "cuda")
-        assert reason is not None and "backend='triton'" in reason
+    assert backends.why_not_capturable("cuda", "cuda") is None
+    reason = backends.why_not_capturable("torch", "cuda")
+    assert reason is not None and "backend='triton' or backend='cuda'" in reason
     for backend in backends.BACKENDS:  # no graphs on the CPU: nothing to refuse
         assert backends.why_not_capturable(backend, "cpu") is None
+
+
+@pytest.mark.parametrize("op", ["ladam_step", "ladagrad_step", "lrmsprop_step"])
+def test_cpp_ops_take_the_lr_as_a_tensor(op):
+    """The C++ ops' ``lr_tensor`` (what the cuda backend reads in-kernel) gives the float lr's
+    result bit for bit on CPU, and a bad one is refused by the op itself, naming it."""
+    _skip_unless("cpu", op)
+    from fastopt import extension
+
+    hyper = {"ladam_step": dict(beta1=0.9, beta2=0.999), "ladagrad_step": dict(lr_decay=0.01),
+             "lrmsprop_step": dict(alpha=0.99, momentum=0.9)}[op]
+    n_states = {"ladam_step": 2, "ladagrad_step": 1, "lrmsprop_step": 2}[op]
+    results = []
+    for lr in (2.0 ** -7, torch.tensor(2.0 ** -7)):
+        params = [p.detach() for p in make_params(torch.float32, ["many", "1d_17"])]
+        grads = [torch.randn_like(p) for p in params]
+        states = [[torch.zeros_like(p) for p in params] for _ in range(n_states)]
+        steps = [torch.ones(()) for _ in params]
+        fn = getattr(extension, f"{op}_cpu")
+        fn(params, grads, *states, steps, [True, True], lr=lr, eps=1e-8, weight_decay=0.1, c2=1e-2,
+           stencil="9point", **hyper)
+        results.append(params)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    params = [torch.zeros(5, 5)]
+    raw = getattr(torch.ops.fastopt, op)
+    args = [params, [torch.ones(5, 5)]] + [[torch.zeros(5, 5)] for _ in range(n_states)]
+    with pytest.raises(RuntimeError, match="lr_tensor must be a float32 tensor of one element"):
+        raw(*args, [torch.ones(())], [True], lr=0.1, eps=1e-8, weight_decay=0.0, c2=0.0, stencil="9point",
+            lr_tensor=torch.ones((), dtype=torch.float64), **hyper)
+    assert torch.equal(params[0], torch.zeros(5, 5))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -163,15 +195,19 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("label,cls_name,kw,op", CHECKS, ids=[c[0] for c in CHECKS])
-def test_captured_step_replayed_matches_eager(label, cls_name, kw, op):
-    _skip_unless("triton", op, "cuda")
+def test_captured_step_replayed_matches_eager(backend, label, cls_name, kw, op):
+    _skip_unless(backend, op, "cuda")
     kwargs = {**COMMON, **kw}
-    params = make_params(torch.float32, SHAPES, device="cuda")
+    # The cuda backend steps non-contiguous parameters through contiguous copies, new every step:
+    # not capturable (documented); contiguous shapes only there.
+    shapes = SHAPES if backend == "triton" else ["many", "1d_17", "3d", "rows2"]
+    params = make_params(torch.float32, shapes, device="cuda")
     expected = clone_params(params)
     lr = torch.tensor(LRS[0], device="cuda")
-    opt = getattr(fastopt, cls_name)(params, lr=lr, backend="triton", capturable=True, **kwargs)
-    ref = getattr(fastopt, cls_name)(expected, lr=LRS[0], backend="triton", **kwargs)
+    opt = getattr(fastopt, cls_name)(params, lr=lr, backend=backend, capturable=True, **kwargs)
+    ref = getattr(fastopt, cls_name)(expected, lr=LRS[0], backend=backend, **kwargs)
     grads = list(grad_stream(params, len(LRS) + 1, none_every=0))
     for p in params:
         p.grad = torch.zeros_like(p)  # static gradients: the captured step reads these addresses
@@ -196,13 +232,13 @@ def test_captured_step_replayed_matches_eager(label, cls_name, kw, op):
         ref.param_groups[0]["lr"] = lr_now
         ref.step()
     torch.cuda.synchronize()
-    assert_all_close(params, expected, **TOLERANCES[torch.float32], what=f"captured {label}")
+    assert_all_close(params, expected, **TOLERANCES[torch.float32], what=f"captured {backend} {label}")
     assert all(float(opt.state[p]["step"]) == len(LRS) + 1 for p in params)
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["cuda", "torch"])
-def test_uncapturable_backends_are_refused_on_cuda(backend):
+def test_the_torch_backend_is_refused_on_cuda():
+    backend = "torch"
     _skip_unless(backend, "ladam_step", "cuda")
     params = make_params(torch.float32, ["many"], device="cuda")
     set_grads(params, next(grad_stream(params, 1, none_every=0)))
@@ -213,10 +249,11 @@ def test_uncapturable_backends_are_refused_on_cuda(backend):
 
 
 @needs_cuda
-def test_gradients_that_move_during_capture_are_refused():
-    _skip_unless("triton", "ladam_step", "cuda")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gradients_that_move_during_capture_are_refused(backend):
+    _skip_unless(backend, "ladam_step", "cuda")
     params = make_params(torch.float32, ["many"], device="cuda")
-    opt = fastopt.LAdam(params, lr=torch.tensor(1e-2, device="cuda"), backend="triton", capturable=True)
+    opt = fastopt.LAdam(params, lr=torch.tensor(1e-2, device="cuda"), backend=backend, capturable=True)
     set_grads(params, next(grad_stream(params, 1, none_every=0)))
     opt.step()
     torch.cuda.synchronize()

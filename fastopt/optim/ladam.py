@@ -63,11 +63,11 @@ class LAdam(LaplacianOptimizer):
         capturable (bool): the step does no host work that a CUDA graph could not capture: step
             counts stay on the device and ``lr`` may be a 1-element float32 tensor on the params'
             device, read by the kernel (change it in place, e.g. ``lr.fill_(x)``, between replays).
-            CUDA parameters need ``backend='triton'`` (or 'auto' picking it); run one step before
-            capture (it builds the tile tables) and keep the gradients in place
-            (``zero_grad(set_to_none=False)``). On CPU parameters every backend takes it and reads
-            a tensor lr on the host. Not combined with torch.compile (a tensor lr is read on the
-            host there). Default: False.
+            CUDA parameters need backend 'triton' or 'cuda' ('auto' picks triton); run one step
+            before capture (it uploads the tile tables) and keep parameters and gradients in place
+            (``zero_grad(set_to_none=False)``; the cuda backend also needs them contiguous). On CPU
+            parameters every backend takes it and reads a tensor lr on the host. Not combined with
+            torch.compile (a tensor lr is read on the host there). Default: False.
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``, ``exp_avg_sq``,
     ``use_lap``; with ``wave_variance`` also ``prev_exp_avg_sq`` and ``wave_e0_sq``. A state_dict
