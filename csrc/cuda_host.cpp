@@ -50,34 +50,58 @@ const float* scalar_pointer(const std::optional<at::Tensor>& t) {
 }
 
 // The device copy of a table, by content. A table's bytes are a function of the tensors'
-// addresses, grids and step-count addresses only, so equal bytes are an equal table whichever
-// step built them: a step whose tensors did not move (the usual case with
-// zero_grad(set_to_none=False), and every replay of a captured step) uploads nothing. That is
-// what makes a step capturable into a CUDA graph: an upload inside a capture would be replayed
-// from a pinned buffer the host allocator hands out again, so a miss there is refused.
+// addresses, grids and step-count addresses only (every byte set: TensorGrid's padding is an
+// explicit 0), so equal bytes are an equal table whichever step built them: a step whose tensors
+// did not move (the usual case with zero_grad(set_to_none=False), and every replay of a captured
+// step) uploads nothing. That is what makes a step capturable into a CUDA graph: an upload inside
+// a capture would be replayed from a pinned buffer the host allocator hands out again, so a miss
+// there is refused.
+//
+// Lifetimes: a table is used on the stream it was uploaded on (a hit from another stream uploads
+// anew), so the caching allocator's stream order covers its reuse once evicted; a table a capture
+// used is also kept for the rest of the process, since the graph reads its address at every replay.
+struct CachedTable {
+  std::string key;
+  at::Tensor table;
+  cudaStream_t stream;
+};
+
 at::Tensor device_table(std::string bytes, const at::Device& device) {
-  constexpr size_t kMaxTables = 16;  // recent lists: a few per optimizer; the rest re-uploaded
+  constexpr size_t kMaxTables = 64;  // recent lists: one per (group, dtype) bucket of each optimizer
   static std::mutex mutex;
-  static std::list<std::pair<std::string, at::Tensor>> cache;  // most recent first
+  static std::list<CachedTable> cache;      // most recent first
+  static std::vector<at::Tensor> captured;  // read by captured graphs: never freed
   const int8_t index = device.index();
   bytes.append(reinterpret_cast<const char*>(&index), sizeof(index));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const std::lock_guard<std::mutex> lock(mutex);
   for (auto it = cache.begin(); it != cache.end(); ++it) {
-    if (it->first == bytes) {
-      cache.splice(cache.begin(), cache, it);
-      return cache.front().second;
+    if (it->key != bytes) continue;
+    if (capturing) {
+      // Uploaded before the capture on whatever stream (torch.cuda.graph synchronizes on entry).
+      const void* address = it->table.data_ptr();
+      if (std::none_of(captured.begin(), captured.end(), [&](const at::Tensor& t) { return t.data_ptr() == address; })) {
+        captured.push_back(it->table);
+      }
+    } else if (it->stream != stream) {
+      cache.erase(it);
+      break;
     }
+    cache.splice(cache.begin(), cache, it);
+    return cache.front().table;
   }
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              "fastopt (cuda): this step's tensors (or gradients) are not where the last step found them, and their "
-              "table would have to be uploaded inside a CUDA-graph capture. Run a step before capture and keep the "
-              "gradients in place: optimizer.zero_grad(set_to_none=False)");
+  TORCH_CHECK(!capturing,
+              "fastopt (cuda): this step's tensors (or gradients) are not where the last step found them, so their "
+              "table would have to be uploaded inside a CUDA-graph capture. Run a step before capture, keep the "
+              "gradients in place (optimizer.zero_grad(set_to_none=False)) and parameters and gradients contiguous "
+              "(non-contiguous ones are stepped through new contiguous copies)");
   // Staged in pinned memory so that the copy is asynchronous.
   at::Tensor host = at::empty({static_cast<int64_t>(bytes.size())},
                               at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
   at::Tensor table = host.to(device, /*non_blocking=*/true);
-  cache.emplace_front(std::move(bytes), table);
+  cache.push_front(CachedTable{std::move(bytes), table, stream});
   if (cache.size() > kMaxTables) cache.pop_back();
   return table;
 }

@@ -44,6 +44,7 @@ struct TensorGrid {
   int64_t rows;
   int64_t cols;
   Smooth smooth;
+  int32_t pad = 0;  // explicit: CUDA tile tables are compared byte for byte (cuda_host.cpp), padding included
 };
 
 // ladam 0.4.1's layout rules (fastopt/reference/laplacian.py::stencil_layout) and use_lap:

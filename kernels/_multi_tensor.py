@@ -373,6 +373,12 @@ class TensorTable:
             raise ValueError(f"got {len(grads)} grads for {self.n} params")
         # map() over unbound methods: half the time of a comprehension, for ~1000 tensors a step.
         strides = list(map(torch.Tensor.stride, grads))
+        ptrs = list(map(torch.Tensor.data_ptr, grads))
+        if (strides != self._grad_strides or ptrs != self._grad_ptrs) and _capturing(self.device):
+            raise RuntimeError(
+                "fastopt (triton): the gradients moved in memory since the last step, and their new addresses "
+                "would have to be uploaded inside a CUDA-graph capture. Keep them in place: run a step before "
+                "capture and clear them with optimizer.zero_grad(set_to_none=False) between steps")
         if strides != self._grad_strides:
             _check_same("grads", grads, self.device, self.dtype, self.shapes)
             rows, extents = zip(*(_layout(g) for g in grads))
@@ -382,13 +388,7 @@ class TensorTable:
         elif (list(map(_shape, grads)) != self.shapes or set(map(_dtype, grads)) != {self.dtype}
               or set(map(torch.Tensor.get_device, grads)) != {self._device_index}):
             _check_same("grads", grads, self.device, self.dtype, self.shapes)
-        ptrs = list(map(torch.Tensor.data_ptr, grads))
         if ptrs != self._grad_ptrs:
-            if _capturing(self.device):
-                raise RuntimeError(
-                    "fastopt (triton): the gradients moved in memory since the last step, and their new addresses "
-                    "would have to be uploaded inside a CUDA-graph capture. Keep them in place: run a step before "
-                    "capture and clear them with optimizer.zero_grad(set_to_none=False) between steps")
             pinned = self.device.type == "cuda"
             host = torch.tensor(ptrs, dtype=torch.int64, pin_memory=pinned)
             self._grad_ptr_table = host.to(self.device, non_blocking=pinned)
@@ -402,6 +402,10 @@ class TensorTable:
 
 _TABLES: "collections.OrderedDict[tuple, TensorTable]" = collections.OrderedDict()
 _MAX_TABLES = 64  # lists seen recently: a few per param group (grads that are None change the list)
+# Tables a CUDA-graph capture used: every replay reads their device arrays (and counters), so they
+# are kept for the rest of the process and taken out of _TABLES, so that no eager step changes
+# their gradient table or shares their counters with a replay.
+_CAPTURED: dict = {}
 
 
 def table_for(params, states, steps, use_laps, *, scalars=None, stashed: int = 1) -> TensorTable:
@@ -415,13 +419,17 @@ def table_for(params, states, steps, use_laps, *, scalars=None, stashed: int = 1
     key = (_settings, stashed, tuple(map(torch.Tensor.data_ptr, params)), *(tuple(map(id, s)) for s in states),
            tuple(map(id, steps)), tuple(map(id, scalars)) if scalars is not None else None,
            tuple(map(bool, use_laps)))
+    if _capturing(params[0].device):
+        table = _CAPTURED.get(key) or _TABLES.pop(key, None)
+        if table is None:
+            raise RuntimeError("fastopt (triton): these tensors have no tile table yet and one cannot be built inside a "
+                               "CUDA-graph capture; run one step before capture (warm-up)")
+        _CAPTURED[key] = table
+        return table
     table = _TABLES.get(key)
     if table is not None:
         _TABLES.move_to_end(key)
         return table
-    if _capturing(params[0].device):
-        raise RuntimeError("fastopt (triton): the first step of these tensors is being captured into a CUDA graph; "
-                           "run one step before capture (warm-up) so that their tile table exists")
     table = TensorTable(params, states, steps, scalars, [bool(u) for u in use_laps], stashed, _settings)
 
     def forget(_ref, key=key):

@@ -190,6 +190,33 @@ def test_capturable_round_trips_through_state_dict(backend):
     assert third.param_groups[0]["capturable"] is True
 
 
+def test_an_optimizer_pickled_before_the_option_steps():
+    """A pickle (or torch.save of the optimizer) from before ``capturable`` existed lacks the key."""
+    params = make_params(torch.float32, ["many"])
+    opt = fastopt.LAdam(params, **COMMON)
+    state = opt.__getstate__()
+    del state["defaults"]["capturable"]
+    for group in state["param_groups"]:
+        del group["capturable"]
+    old = fastopt.LAdam.__new__(fastopt.LAdam)
+    old.__setstate__(state)
+    assert old.param_groups[0]["capturable"] is False and old.defaults["capturable"] is False
+    set_grads(params, next(grad_stream(params, 1, none_every=0)))
+    old.step()
+
+
+def test_chi_anneal_fills_a_tensor_lr_in_place():
+    """A schedule must write into the tensor a capturable step (or a captured graph) reads."""
+    params = make_params(torch.float32, ["many"])
+    lr = torch.tensor(1e-2)
+    opt = fastopt.LAdam(params, lr=lr, capturable=True)
+    sched = fastopt.ChiAnnealScheduler(opt, total_steps=10, warmup_frac=0.5)
+    sched.step()
+    assert opt.param_groups[0]["lr"] is lr
+    assert float(lr) == pytest.approx(1e-2 * 1 / 5)
+    assert sched.get_last_lr() == [float(lr)]
+
+
 # -- on a GPU ------------------------------------------------------------------------------------
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA-graph capture)")
 

@@ -148,6 +148,8 @@ def _ladam_on_dtensor(rank):
         by_columns.grad = distribute_tensor(plain.grad.clone(), mesh, [Shard(1)])
         with pytest.raises(NotImplementedError, match=r"Shard\(dim=1\)"):
             fastopt.LAdam([by_columns], c2=1e-2).step()
+        with pytest.raises(ValueError, match="capturable=True does not take FSDP2-sharded"):
+            fastopt.LAdam([sharded[0]], c2=1e-2, capturable=True).step()
         dist.destroy_process_group()
 
 

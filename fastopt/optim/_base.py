@@ -107,6 +107,10 @@ class LaplacianOptimizer(Optimizer):
         if "_backend" not in state:
             state["_backend"] = self.__dict__.get("_backend", "auto")
         super().__setstate__(state)
+        # Pickled before the option existed.
+        self.defaults.setdefault("capturable", False)
+        for group in self.param_groups:
+            group.setdefault("capturable", False)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
@@ -203,6 +207,9 @@ class LaplacianOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 self._check_param_and_grad(p)
+            if group["capturable"] and any(_sharded.is_dtensor(p) for p in params):
+                raise ValueError(f"{self._NAME}: capturable=True does not take FSDP2-sharded (DTensor) parameters: "
+                                 "their halo exchange runs collectives and host reads in the step")
             for device, dtype in _bucket_by_device_and_dtype(params):
                 backend = backends.resolve(self._op(group), device, dtype, self._backend)
                 if group["capturable"]:

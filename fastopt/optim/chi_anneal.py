@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List
 
+import torch
 from torch.optim import Optimizer
 
 # c2 per architecture, ladam 0.4.1's recommendations (its README gives the sweeps behind them).
@@ -69,7 +70,7 @@ class ChiAnnealScheduler:
         self.total_steps = total_steps
         self.warmup_steps = int(total_steps * warmup_frac)
         self.settle_start = int(total_steps * (1.0 - settle_frac))
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self.step_count = 0
 
     def lr_at(self, t: int, base_lr: float) -> float:
@@ -85,11 +86,15 @@ class ChiAnnealScheduler:
         """Advance one step and set each group's learning rate."""
         self.step_count += 1
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self.lr_at(self.step_count, base_lr)
+            lr = self.lr_at(self.step_count, base_lr)
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)  # in place: a capturable step (or a captured graph) reads this tensor
+            else:
+                group["lr"] = lr
 
     def get_last_lr(self) -> List[float]:
         """The learning rate of each parameter group."""
-        return [g["lr"] for g in self.optimizer.param_groups]
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step_count": self.step_count, "base_lrs": list(self.base_lrs)}
