@@ -361,6 +361,8 @@ class TensorTable:
         self._grad_layouts: Optional[torch.Tensor] = None
         self._grad_index_64 = False
         self._refs: List[weakref.ref] = []
+        # The stream that uploaded the arrays and last used them (CUDA): see grads().
+        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def grads(self, grads: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         """(address table, layout table, needs 64-bit offsets) of this step's gradients.
@@ -374,7 +376,16 @@ class TensorTable:
         # map() over unbound methods: half the time of a comprehension, for ~1000 tensors a step.
         strides = list(map(torch.Tensor.stride, grads))
         ptrs = list(map(torch.Tensor.data_ptr, grads))
-        if (strides != self._grad_strides or ptrs != self._grad_ptrs) and _capturing(self.device):
+        capturing = _capturing(self.device)
+        if self._stream is not None and not capturing:
+            # Uploads (and the counters' last use) are ordered on the stream that made them: a step
+            # on another stream waits for that one first. (A capture's stream needs no wait:
+            # torch.cuda.graph synchronizes the device on entry.)
+            stream = torch.cuda.current_stream(self.device)
+            if stream != self._stream:
+                stream.wait_stream(self._stream)
+                self._stream = stream
+        if (strides != self._grad_strides or ptrs != self._grad_ptrs) and capturing:
             raise RuntimeError(
                 "fastopt (triton): the gradients moved in memory since the last step, and their new addresses "
                 "would have to be uploaded inside a CUDA-graph capture. Keep them in place: run a step before "

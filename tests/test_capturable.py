@@ -289,3 +289,26 @@ def test_gradients_that_move_during_capture_are_refused(backend):
     with pytest.raises(RuntimeError, match="zero_grad\\(set_to_none=False\\)"):
         with torch.cuda.graph(graph):
             opt.step()
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_steps_on_alternating_streams_match_one_stream(backend):
+    """Cached tables are uploaded on one stream and may be used on another: each switch waits
+    (triton) or uploads anew (cuda), so the result is that of a single stream."""
+    _skip_unless(backend, "ladam_step", "cuda")
+    params = make_params(torch.float32, ["many", "1d_17", "3d"], device="cuda")
+    expected = clone_params(params)
+    opt = fastopt.LAdam(params, backend=backend, **COMMON)
+    ref = fastopt.LAdam(expected, backend=backend, **COMMON)
+    side = torch.cuda.Stream()
+    for i, grads in enumerate(grad_stream(params, 6, none_every=0)):
+        set_grads(params, grads)
+        set_grads(expected, grads)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
+            opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        ref.step()
+    torch.cuda.synchronize()
+    assert_all_close(params, expected, **TOLERANCES[torch.float32], what=f"{backend} on two streams")
