@@ -4,10 +4,10 @@
 # machine start included). Two stages, each one `run` call (timeout_s 420) whose steps are capped
 # at 6 minutes together, so that both fit one lease with a minute or two to spare:
 #
-#   bash bench/gpu_checks.sh a   # triton backend: GPU parity, capturable (CUDA-graph capture and
-#                                # replay), AMP, LM kernel tests; bench_ladam and LM products on CUDA
+#   bash bench/gpu_checks.sh a   # triton backend: parity on many-tile shapes, capturable (CUDA-graph
+#                                # capture and replay), AMP, LM kernel tests; bench_ladam, LM products
 #   bash bench/gpu_checks.sh b   # fastopt._C built with its CUDA kernels (at first import), then the
-#                                # cuda backend's tests (capture included) and bench_ladam rows
+#                                # cuda backend's parity, capture, LM kernel tests and bench_ladam rows
 #
 # Before the session, here (pure-Python packages the image lacks, as wheels; ninja for stage b if
 # the image's is missing):
@@ -48,15 +48,24 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.ve
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
 EOF
 
+# pytests in groups, most telling first, each with its own limit: a group cut short loses only its
+# own summary (-rfEs: failures, errors and skip reasons; JUnit XML per group).
+tests() {
+  local limit=$1 name=$2
+  shift 2
+  step "$limit" python3 -m pytest -q -p no:cacheprovider -rfEs --junitxml "$OUT/tests_${stage}_$name.xml" "$@"
+}
+
 case "$stage" in
   a)
     export FASTOPT_JIT_BUILD=0  # no C++ build in this stage: the cpu/cuda cases skip with that reason
-    step 200 python3 -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/tests_a.xml" \
-      tests/test_capturable.py tests/test_triton_kernels.py tests/test_amp.py tests/test_reliability.py \
-      tests/test_lm_kernels.py tests/test_backends.py tests/test_optim_api.py
-    step 100 python3 bench/bench_ladam.py --device cuda --workloads 4x4096x4096 resnet50 1000x1K-64K \
+    tests 90 parity tests/test_gpu_parity.py -k triton
+    tests 60 capturable tests/test_capturable.py
+    tests 80 rest tests/test_triton_kernels.py tests/test_amp.py tests/test_reliability.py tests/test_lm_kernels.py \
+      tests/test_backends.py tests/test_optim_api.py
+    step 80 python3 bench/bench_ladam.py --device cuda --workloads 4x4096x4096 resnet50 1000x1K-64K \
       --dtypes float32 --min-time 0.3 --out "$OUT/ladam_cuda.csv"
-    step 50 python3 bench/bench_lm.py --device cuda --problems products --out "$OUT/lm_cuda.csv"
+    step 40 python3 bench/bench_lm.py --device cuda --problems products --out "$OUT/lm_cuda.csv"
     ;;
   b)
     if ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}" ]; then
@@ -68,12 +77,12 @@ case "$stage" in
 import fastopt.extension as e
 print(e.BUILD, e._INFO)
 assert 'cuda' in e._INFO.split(), 'built without CUDA kernels'" || { log "build failed; stopping"; exit 4; }
-    # Capture first; the run-time-build and nvcc-compile tests are CPU-side checks that would
-    # rebuild the extension twice here.
-    step 110 python3 -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/tests_b.xml" \
-      tests/test_capturable.py tests/test_lm_kernels.py tests/test_reliability.py tests/test_extension.py \
+    tests 50 parity tests/test_gpu_parity.py -k cuda
+    # The run-time-build and nvcc-compile tests are CPU-side checks that would rebuild the
+    # extension twice here.
+    tests 70 rest tests/test_capturable.py tests/test_lm_kernels.py tests/test_reliability.py tests/test_extension.py \
       -k "not built_at_run_time and not compile_with_nvcc and not host_code_compiles"
-    step 40 python3 bench/bench_ladam.py --device cuda --workloads 4x4096x4096 --dtypes float32 \
+    step 30 python3 bench/bench_ladam.py --device cuda --workloads 4x4096x4096 --dtypes float32 \
       --only cuda fused --min-time 0.3 --out "$OUT/ladam_cuda_backend.csv"
     ;;
   *)
