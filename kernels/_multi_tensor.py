@@ -384,6 +384,10 @@ class TensorTable:
             stream = torch.cuda.current_stream(self.device)
             if stream != self._stream:
                 stream.wait_stream(self._stream)
+                # ... and the allocator must not hand these arrays to the old stream's next
+                # allocations while this stream may still read them (when they are freed).
+                for array in self._device_arrays():
+                    array.record_stream(stream)
                 self._stream = stream
         if (strides != self._grad_strides or ptrs != self._grad_ptrs) and capturing:
             raise RuntimeError(
@@ -406,6 +410,10 @@ class TensorTable:
             self._grad_ptrs = ptrs
         return self._grad_ptr_table, self._grad_layouts, self.index_64 or self._grad_index_64
 
+    def _device_arrays(self) -> List[torch.Tensor]:
+        return [t for t in (self.tiles, self.meta, self.p_layouts, self.counters, self.tensor_counters,
+                            self._grad_ptr_table, self._grad_layouts) if t is not None]
+
     def stash(self) -> torch.Tensor:
         """Scratch for the borders, for the length of one launch (never read across launches)."""
         return torch.empty(max(self.stash_len, 1), dtype=self.dtype, device=self.device)
@@ -417,6 +425,7 @@ _MAX_TABLES = 64  # lists seen recently: a few per param group (grads that are N
 # are kept for the rest of the process and taken out of _TABLES, so that no eager step changes
 # their gradient table or shares their counters with a replay.
 _CAPTURED: dict = {}
+_KEPT_FOR_GRAPHS: List["TensorTable"] = []  # every table a capture used, even once replaced in _CAPTURED
 
 
 def table_for(params, states, steps, use_laps, *, scalars=None, stashed: int = 1) -> TensorTable:
@@ -431,10 +440,18 @@ def table_for(params, states, steps, use_laps, *, scalars=None, stashed: int = 1
            tuple(map(id, steps)), tuple(map(id, scalars)) if scalars is not None else None,
            tuple(map(bool, use_laps)))
     if _capturing(params[0].device):
-        table = _CAPTURED.get(key) or _TABLES.pop(key, None)
+        # The warm-up's table first: a captured one of the same key may be stale (its tensors died
+        # and a new optimizer's recycled addresses and ids rebuilt the key).
+        table = _TABLES.pop(key, None)
+        if table is None:
+            table = _CAPTURED.get(key)
+            if table is not None and any(ref() is None for ref in table._refs):
+                table = None
         if table is None:
             raise RuntimeError("fastopt (triton): these tensors have no tile table yet and one cannot be built inside a "
                                "CUDA-graph capture; run one step before capture (warm-up)")
+        if not any(kept is table for kept in _KEPT_FOR_GRAPHS):
+            _KEPT_FOR_GRAPHS.append(table)
         _CAPTURED[key] = table
         return table
     table = _TABLES.get(key)
@@ -442,6 +459,10 @@ def table_for(params, states, steps, use_laps, *, scalars=None, stashed: int = 1
         _TABLES.move_to_end(key)
         return table
     table = TensorTable(params, states, steps, scalars, [bool(u) for u in use_laps], stashed, _settings)
+    # The AMP defaults exist before any capture (made inside one, they would hold nothing until
+    # the first replay): a capture needs a table, which is only built here, outside captures.
+    _amp_input(None, 1.0, "grad_scale", table.device)
+    _amp_input(None, 0.0, "found_inf", table.device)
 
     def forget(_ref, key=key):
         _TABLES.pop(key, None)
@@ -510,6 +531,12 @@ def lr_and_decay(lr, weight_decay: float, device: torch.device) -> Tuple[Any, fl
     return lr, weight_decay, True
 
 
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one for the launch (as
+    torch's fused optimizers do); nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -527,10 +554,8 @@ def launch(kernel, table: TensorTable, grads, args: tuple, grad_scale: Optional[
     _check_mode(kernel, table.device)
     grad_ptrs, grad_layouts, index_64 = table.grads(grads)
     s = table.settings
-    # Triton launches on the current CUDA device: make it the tensors' one (as torch's fused optimizers do).
-    guard = torch.cuda.device(table.device) if table.device.type == "cuda" else contextlib.nullcontext()
     try:
-        with guard:
+        with on_device(table.device):
             kernel[(table.n_tiles,)](
                 table.tiles, table.meta, table.p_layouts, grad_ptrs, grad_layouts, table.counters,
                 table.tensor_counters, table.stash(), grad_scale, found_inf, *args,

@@ -17,6 +17,8 @@ import triton.language as tl
 
 from fastopt.reference.batched_lsq import check_gram_inputs
 
+from ._multi_tensor import on_device
+
 __all__ = ["batched_gram_triton", "BATCHED_GRAM_DTYPES"]
 
 BATCHED_GRAM_DTYPES = frozenset({torch.float32, torch.float64})
@@ -27,13 +29,14 @@ def _batched_gram_kernel(j_ptr, r_ptr, a_ptr, g_ptr, N, P,
                          stride_jb, stride_jn, stride_jp, stride_rb, stride_rn,
                          stride_ab, stride_ap, stride_aq, stride_gb, stride_gp,
                          BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
-    # 64-bit problem offsets: B * N * P passes 2**31 at a few million problems.
+    # 64-bit offsets: B * N * P passes 2**31 at a few million problems, and with any strides (a
+    # view whose batch dimension is not outermost) so can n * stride_jn and rows * stride_jp.
     b = tl.program_id(0).to(tl.int64)
     tile_i = tl.program_id(1)
     tile_j = tl.program_id(2)
-    rows = tile_i * BLOCK_P + tl.arange(0, BLOCK_P)
-    cols = tile_j * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
+    rows = tile_i.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tile_j.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     j_base = j_ptr + b * stride_jb
     r_base = r_ptr + b * stride_rb
     acc_dtype = j_ptr.dtype.element_ty
@@ -46,7 +49,8 @@ def _batched_gram_kernel(j_ptr, r_ptr, a_ptr, g_ptr, N, P,
                          mask=n_ok[:, None] & (rows[None, :] < P), other=0.0)
         j_cols = tl.load(j_base + n[:, None] * stride_jn + cols[None, :] * stride_jp,
                          mask=n_ok[:, None] & (cols[None, :] < P), other=0.0)
-        acc = tl.dot(tl.trans(j_rows), j_cols, acc, input_precision="ieee")
+        # out_dtype named: triton 3.6 defaults it to float32 and refuses an fp64 accumulator.
+        acc = tl.dot(tl.trans(j_rows), j_cols, acc, input_precision="ieee", out_dtype=acc_dtype)
         if tile_j == 0:
             r = tl.load(r_base + n * stride_rn, mask=n_ok, other=0.0)
             acc_g += tl.sum(j_rows * r[:, None], axis=0)
@@ -77,9 +81,10 @@ def batched_gram_triton(jac: torch.Tensor, res: torch.Tensor) -> Tuple[torch.Ten
         return jtj, jtr
     block_n, block_p = _launch_settings(n, p)
     tiles = triton.cdiv(p, block_p)
-    _batched_gram_kernel[(batch, tiles, tiles)](
-        jac, res, jtj, jtr, n, p,
-        jac.stride(0), jac.stride(1), jac.stride(2), res.stride(0), res.stride(1),
-        jtj.stride(0), jtj.stride(1), jtj.stride(2), jtr.stride(0), jtr.stride(1),
-        BLOCK_N=block_n, BLOCK_P=block_p, num_warps=2)
+    with on_device(jac.device):
+        _batched_gram_kernel[(batch, tiles, tiles)](
+            jac, res, jtj, jtr, n, p,
+            jac.stride(0), jac.stride(1), jac.stride(2), res.stride(0), res.stride(1),
+            jtj.stride(0), jtj.stride(1), jtj.stride(2), jtr.stride(0), jtr.stride(1),
+            BLOCK_N=block_n, BLOCK_P=block_p, num_warps=2)
     return jtj, jtr

@@ -16,6 +16,8 @@ import triton.language as tl
 
 from fastopt.reference.lm import check_jacobian_products_args
 
+from ._multi_tensor import on_device
+
 # bf16/fp16 inputs accumulate into an fp32 output; fp32 and fp64 into their own dtype.
 JACOBIAN_PRODUCTS_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
@@ -85,7 +87,8 @@ def jacobian_products_triton(a: torch.Tensor, out: torch.Tensor, *, scale: float
     shift_arg = shift.to(out.dtype).contiguous() if shift is not None else out  # unused when HAS_SHIFT=False
     scale_arg = torch.full((1,), scale, dtype=out.dtype, device=out.device)
     grid = (tiles * (tiles + 1) // 2,)
-    _jacobian_products_kernel[grid](a, out, shift_arg, scale_arg, K, M, a.stride(0), a.stride(1), out.stride(0),
-                                    out.stride(1), HAS_SHIFT=shift is not None, BLOCK_M=block_m, BLOCK_K=block_k,
-                                    num_warps=num_warps)
+    with on_device(a.device):
+        _jacobian_products_kernel[grid](a, out, shift_arg, scale_arg, K, M, a.stride(0), a.stride(1), out.stride(0),
+                                        out.stride(1), HAS_SHIFT=shift is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+                                        num_warps=num_warps)
     return out

@@ -25,8 +25,9 @@ def _ladagrad_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, t
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
-    geo, elem, (p_ptr, g_ptr, s_ptr, _, _), p_layout, g_layout, p_at, p, g, g_factor = load_tile(
+    geo, elem, pointers, p_layout, g_layout, p_at, p, g, g_factor = load_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
+    p_ptr, g_ptr, s_ptr = pointers[0], pointers[1], pointers[2]
     s, denom = smoothed_accumulator(geo, elem, s_ptr, g, g_ptr, g_layout, g_factor, 1.0, 1.0, eps, c2, STENCIL)
     clr = tl.div_rn(lr, 1.0 + (step_of(geo) - 1.0) * lr_decay)
     p = p * decay - clr * tl.div_rn(g, denom)

@@ -35,9 +35,11 @@ def _ladam_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tens
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
-    geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2), g_factor = adam_tile(
+    geo, elem, pointers, p_layout, g_layout, p_at, values, bias, g_factor = adam_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2,
         TILE, IDX)
+    p, g, m, v = values  # flat unpacking only: triton 3.6 cannot hash nested assignment targets
+    bias1, bias2 = bias
     p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
     args = (v_ptr, g_ptr, g_layout, tl.load(g_layout) != 0, g_factor, beta2, one_minus_beta2)
     v_hat = smoothed(accumulated, args, v, geo, elem, bias2, c2, eps, STENCIL, True)

@@ -62,8 +62,9 @@ def _ladam_wave_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters,
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
-    geo, elem, (p_ptr, g_ptr, m_ptr, v_ptr, prev_ptr), p_layout, g_layout, p_at, p, g, _ = load_tile(
+    geo, elem, pointers, p_layout, g_layout, p_at, p, g, _ = load_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
+    p_ptr, g_ptr, m_ptr, v_ptr, prev_ptr = pointers  # flat: triton 3.6 cannot hash nested assignment targets
     flat, valid = elem[2], elem[3]
     dtype = stash.dtype.element_ty
     step = step_of(geo)

@@ -27,8 +27,9 @@ def _lrmsprop_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, t
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
-    geo, elem, (p_ptr, g_ptr, a_ptr, buf_ptr, _), p_layout, g_layout, p_at, p, g, g_factor = load_tile(
+    geo, elem, pointers, p_layout, g_layout, p_at, p, g, g_factor = load_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
+    p_ptr, g_ptr, a_ptr, buf_ptr = pointers[0], pointers[1], pointers[2], pointers[3]
     flat, valid = elem[2], elem[3]
     a, denom = smoothed_accumulator(geo, elem, a_ptr, g, g_ptr, g_layout, g_factor, alpha, one_minus_alpha, eps, c2,
                                     STENCIL)

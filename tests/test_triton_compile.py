@@ -27,3 +27,27 @@ def test_every_kernel_compiles_for_sm90(variant):
     for op in ("ladam_step", "ladam_update_lap_step", "ladam_weight_lap_step", "ladam_wave_step", "ladagrad_step",
                "lrmsprop_step"):
         assert f"\n{op} " in done.stdout, done.stdout
+
+
+def test_kernels_unpack_only_flat_tuples():
+    """triton 3.6 (on this project's GPU machines) computes a kernel's cache key with
+    ``set(target)`` over each assignment target and fails at the first launch on a nested one
+    (``a, (b, c) = f()``: unhashable list); 3.8+ accepts it, so neither the interpreter nor the
+    sm_90 compile here would show it. Every @triton.jit function must unpack flat."""
+    import ast
+    import glob
+
+    nested = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "kernels", "*.py"))):
+        tree = ast.parse(open(path).read(), path)
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef) or not any("jit" in ast.unparse(d) for d in fn.decorator_list):
+                continue
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else (
+                    [node.target] if isinstance(node, (ast.For, ast.AugAssign, ast.AnnAssign)) else [])
+                for target in targets:
+                    if isinstance(target, (ast.Tuple, ast.List)) and any(
+                            isinstance(e, (ast.Tuple, ast.List, ast.Starred)) for e in target.elts):
+                        nested.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} in {fn.name}")
+    assert not nested, "nested tuple targets in Triton kernels: " + ", ".join(nested)
