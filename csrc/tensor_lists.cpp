@@ -103,18 +103,18 @@ void check_device_scalars(const char* op, const std::optional<at::Tensor>& grad_
 HostInputs read_inputs(const char* op, const StepTensors& st, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
                        double lr) {
-  HostInputs amp;
-  amp.lr = lr;
-  if (st.size() == 0) return amp;
+  HostInputs in;
+  in.lr = lr;
+  if (st.size() == 0) return in;
   check_device_scalars(op, grad_scale, found_inf, lr_tensor, st.params[0].device());
-  if (lr_tensor.has_value()) amp.lr = *reinterpret_cast<const float*>(lr_tensor->const_data_ptr());
-  // One element each (check_amp): read in place, strides do not matter.
-  if (found_inf.has_value()) amp.skip = *reinterpret_cast<const float*>(found_inf->const_data_ptr()) != 0.0f;
+  if (lr_tensor.has_value()) in.lr = *reinterpret_cast<const float*>(lr_tensor->const_data_ptr());
+  // One element each (check_device_scalars): read in place, strides do not matter.
+  if (found_inf.has_value()) in.skip = *reinterpret_cast<const float*>(found_inf->const_data_ptr()) != 0.0f;
   if (grad_scale.has_value()) {
     const double scale = *reinterpret_cast<const float*>(grad_scale->const_data_ptr());
-    amp.grad_factor = static_cast<float>(1.0 / scale);
+    in.grad_factor = static_cast<float>(1.0 / scale);
   }
-  return amp;
+  return in;
 }
 
 void StepTensors::write_back() const {

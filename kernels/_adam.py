@@ -7,7 +7,7 @@ Adam direction ``m_hat / (sqrt(v_hat) + eps)``.
 import triton
 import triton.language as tl
 
-from ._multi_tensor import launch, load_tile, lr_and_decay, offsets, one_minus_powers, stencil_code, step_of, table_for
+from ._multi_tensor import launch, load_tile, offsets, one_minus_powers, stencil_code, step_of, table_for
 
 
 @triton.jit
@@ -71,9 +71,8 @@ def adam_launcher(kernel, stashed: int, op: str):
             return
         code = stencil_code(stencil)
         table = table_for(params, (exp_avgs, exp_avg_sqs), steps, use_laps, stashed=stashed)
-        lr, decay, on_device = lr_and_decay(lr, weight_decay, table.device)
-        launch(kernel, table, grads, (lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, decay, c2),
-               grad_scale, found_inf, STENCIL=code, LR_ON_DEVICE=on_device)
+        launch(kernel, table, grads, lr, weight_decay, (beta1, 1 - beta1, beta2, 1 - beta2, eps, c2),
+               grad_scale, found_inf, STENCIL=code)
 
     launcher.__name__ = launcher.__qualname__ = f"{op}_triton"
     launcher.__doc__ = (f"fastopt.reference.{op}_reference in one Triton launch (same signature and results).\n\n"

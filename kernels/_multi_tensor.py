@@ -424,8 +424,7 @@ _MAX_TABLES = 64  # lists seen recently: a few per param group (grads that are N
 # Tables a CUDA-graph capture used: every replay reads their device arrays (and counters), so they
 # are kept for the rest of the process and taken out of _TABLES, so that no eager step changes
 # their gradient table or shares their counters with a replay.
-_CAPTURED: dict = {}
-_KEPT_FOR_GRAPHS: List["TensorTable"] = []  # every table a capture used, even once replaced in _CAPTURED
+_CAPTURED: List["TensorTable"] = []
 
 
 def table_for(params, states, steps, use_laps, *, scalars=None, stashed: int = 1) -> TensorTable:
@@ -443,22 +442,21 @@ def table_for(params, states, steps, use_laps, *, scalars=None, stashed: int = 1
         # The warm-up's table first: a captured one of the same key may be stale (its tensors died
         # and a new optimizer's recycled addresses and ids rebuilt the key).
         table = _TABLES.pop(key, None)
+        if table is None:  # captured again without an eager step between: the last capture's table
+            table = next((t for t in reversed(_CAPTURED)
+                          if t.key == key and all(ref() is not None for ref in t._refs)), None)
         if table is None:
-            table = _CAPTURED.get(key)
-            if table is not None and any(ref() is None for ref in table._refs):
-                table = None
-        if table is None:
-            raise RuntimeError("fastopt (triton): these tensors have no tile table yet and one cannot be built inside a "
-                               "CUDA-graph capture; run one step before capture (warm-up)")
-        if not any(kept is table for kept in _KEPT_FOR_GRAPHS):
-            _KEPT_FOR_GRAPHS.append(table)
-        _CAPTURED[key] = table
+            raise RuntimeError("fastopt (triton): these tensors have no tile table yet and one cannot be built "
+                               "inside a CUDA-graph capture; run one step before capture (warm-up)")
+        if not any(kept is table for kept in _CAPTURED):
+            _CAPTURED.append(table)
         return table
     table = _TABLES.get(key)
     if table is not None:
         _TABLES.move_to_end(key)
         return table
     table = TensorTable(params, states, steps, scalars, [bool(u) for u in use_laps], stashed, _settings)
+    table.key = key
     # The AMP defaults exist before any capture (made inside one, they would hold nothing until
     # the first replay): a capture needs a table, which is only built here, outside captures.
     _amp_input(None, 1.0, "grad_scale", table.device)
@@ -520,7 +518,7 @@ def _amp_input(t: Optional[torch.Tensor], default: float, name: str, device: tor
     return t
 
 
-def lr_and_decay(lr, weight_decay: float, device: torch.device) -> Tuple[Any, float, bool]:
+def _lr_and_decay(lr, weight_decay: float, device: torch.device) -> Tuple[Any, float, bool]:
     """The kernels' ``lr`` and ``decay`` arguments and their ``LR_ON_DEVICE`` flag (see
     :func:`learning_rate`) for an op's ``lr``: a float, or a 1-element float32 tensor on the
     params' device that the kernel reads (so a step under CUDA-graph capture never reads it on the
@@ -541,14 +539,16 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def launch(kernel, table: TensorTable, grads, args: tuple, grad_scale: Optional[torch.Tensor] = None,
-           found_inf: Optional[torch.Tensor] = None, **constexprs) -> None:
+def launch(kernel, table: TensorTable, grads, lr, weight_decay: float, args: tuple,
+           grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, **constexprs) -> None:
     """Launch ``kernel`` once over every tile of ``table``: the table arrays, this step's grads, the
     stash, the AMP inputs (read in-kernel, see fastopt/reference/_amp.py: ``g * (1 / grad_scale)``,
-    nothing written where ``found_inf`` is nonzero), then ``args`` (the op's scalars) and the op's
-    constexprs."""
+    nothing written where ``found_inf`` is nonzero), ``lr`` and ``decay`` (:func:`learning_rate`:
+    ``lr`` a float, or a device tensor read in-kernel, constexpr ``LR_ON_DEVICE``), then ``args``
+    (the op's other scalars) and the op's constexprs."""
     if table.n_tiles == 0:
         return
+    lr, decay, lr_on_device = _lr_and_decay(lr, weight_decay, table.device)
     grad_scale = _amp_input(grad_scale, 1.0, "grad_scale", table.device)
     found_inf = _amp_input(found_inf, 0.0, "found_inf", table.device)
     _check_mode(kernel, table.device)
@@ -558,8 +558,9 @@ def launch(kernel, table: TensorTable, grads, args: tuple, grad_scale: Optional[
         with on_device(table.device):
             kernel[(table.n_tiles,)](
                 table.tiles, table.meta, table.p_layouts, grad_ptrs, grad_layouts, table.counters,
-                table.tensor_counters, table.stash(), grad_scale, found_inf, *args,
-                TILE=s.tile, BORDER_LANES=s.border_lanes, IDX=tl.int64 if index_64 else tl.int32, **constexprs,
+                table.tensor_counters, table.stash(), grad_scale, found_inf, lr, decay, *args,
+                TILE=s.tile, BORDER_LANES=s.border_lanes, IDX=tl.int64 if index_64 else tl.int32,
+                LR_ON_DEVICE=lr_on_device, **constexprs,
                 num_warps=s.num_warps, enable_fp_fusion=False)
     except BaseException:
         forget_table(table)  # a launch that failed part-way may leave counters off 0
@@ -666,7 +667,7 @@ def store(ptrs, x, mask):
 
 @triton.jit
 def learning_rate(lr, decay, LR_ON_DEVICE: tl.constexpr):
-    """``(lr, 1 - lr wd)`` as the kernel uses them. The launch passes both (:func:`lr_and_decay`),
+    """``(lr, 1 - lr wd)`` as the kernel uses them. The launch passes both (:func:`_lr_and_decay`),
     or, with ``LR_ON_DEVICE``, a pointer to lr and wd itself in ``decay``: the product is then
     formed here, in fp32 (the host forms it in fp64: they may differ by an ulp of ``decay``)."""
     if LR_ON_DEVICE:

@@ -13,15 +13,15 @@ import triton
 import triton.language as tl
 
 from ._accumulator import smoothed_accumulator
-from ._multi_tensor import (learning_rate, launch, load_tile, lr_and_decay, stencil_code, step_of, store, store_shared,
-                            table_for)
+from ._multi_tensor import learning_rate, launch, load_tile, stencil_code, step_of, store, store_shared, table_for
 
 
 @triton.jit
 def _ladagrad_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
-                          grad_scale, found_inf,
-                          lr, lr_decay, eps, decay, c2,
-                          STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+                          grad_scale, found_inf, lr, decay,
+                          lr_decay, eps, c2,
+                          STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr,
+                          BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
@@ -46,6 +46,5 @@ def ladagrad_step_triton(params, grads, state_sums, steps, use_laps, *, lr, lr_d
         return
     code = stencil_code(stencil)
     table = table_for(params, (state_sums,), steps, use_laps, stashed=1)
-    lr, decay, on_device = lr_and_decay(lr, weight_decay, table.device)
-    launch(_ladagrad_step_kernel, table, grads, (lr, lr_decay, eps, decay, c2), grad_scale, found_inf,
-           STENCIL=code, LR_ON_DEVICE=on_device)
+    launch(_ladagrad_step_kernel, table, grads, lr, weight_decay, (lr_decay, eps, c2), grad_scale, found_inf,
+           STENCIL=code)

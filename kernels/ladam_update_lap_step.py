@@ -20,10 +20,10 @@ from ._multi_tensor import has_stencil, laplacian, learning_rate, store, store_s
 
 @triton.jit
 def _ladam_update_lap_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
-                                  grad_scale, found_inf,
-                                  lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, c2,
-                                  STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr, BORDER_LANES: tl.constexpr,
-                                  IDX: tl.constexpr):
+                                  grad_scale, found_inf, lr, decay,
+                                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps, c2,
+                                  STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr,
+                                  BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)

@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (NUMEL, SCALAR, has_stencil, launch, laplacian, learning_rate, load_tile, lr_and_decay,
-                            one_minus_powers,
+from ._multi_tensor import (NUMEL, SCALAR, has_stencil, launch, laplacian, learning_rate, load_tile, one_minus_powers,
                             stencil_code, step_of, store, store_shared, table_for)
 
 _REDUCE_LANES = tl.constexpr(1024)
@@ -55,10 +54,10 @@ def _record_mean(geo, elem, g_sq, partials, tensor_counters, dtype):
 
 @triton.jit
 def _ladam_wave_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash, grad_scale,
-                            found_inf, partials,
-                            lr, beta1, one_minus_beta1, eps, decay, c2, dt_sq, kappa, fixed_e0_sq, keep, recall,
-                            STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, E0_FROM_GRADS: tl.constexpr, TILE: tl.constexpr,
-                            BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+                            found_inf, lr, decay, partials,
+                            beta1, one_minus_beta1, eps, c2, dt_sq, kappa, fixed_e0_sq, keep, recall,
+                            STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, E0_FROM_GRADS: tl.constexpr,
+                            TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
@@ -110,8 +109,7 @@ def ladam_wave_step_triton(params, grads, exp_avgs, exp_avg_sqs, prev_exp_avg_sq
                       stashed=1)
     partials = torch.empty(max(table.n_tiles, 1), dtype=torch.float32, device=table.device)
     d = wave_damping
-    lr, decay, on_device = lr_and_decay(lr, weight_decay, table.device)
-    launch(_ladam_wave_step_kernel, table, grads,
-           (partials, lr, beta1, 1 - beta1, eps, decay, c2, wave_dt * wave_dt, wave_kappa,
+    launch(_ladam_wave_step_kernel, table, grads, lr, weight_decay,
+           (partials, beta1, 1 - beta1, eps, c2, wave_dt * wave_dt, wave_kappa,
             wave_E0 * wave_E0, 2 - d, 1 - d), grad_scale, found_inf,
-           STENCIL=code, E0_FROM_GRADS=wave_E0 == 0, LR_ON_DEVICE=on_device)
+           STENCIL=code, E0_FROM_GRADS=wave_E0 == 0)

@@ -15,13 +15,13 @@ import triton
 import triton.language as tl
 
 from ._accumulator import smoothed_accumulator
-from ._multi_tensor import learning_rate, launch, load_tile, lr_and_decay, stencil_code, store, store_shared, table_for
+from ._multi_tensor import learning_rate, launch, load_tile, stencil_code, store, store_shared, table_for
 
 
 @triton.jit
 def _lrmsprop_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
-                          grad_scale, found_inf,
-                          lr, alpha, one_minus_alpha, eps, decay, momentum, c2,
+                          grad_scale, found_inf, lr, decay,
+                          alpha, one_minus_alpha, eps, momentum, c2,
                           STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, MOMENTUM: tl.constexpr, TILE: tl.constexpr,
                           BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
     if tl.load(found_inf) != 0:
@@ -58,7 +58,5 @@ def lrmsprop_step_triton(params, grads, square_avgs, momentum_buffers, steps, us
         raise ValueError(f"momentum={momentum} needs momentum_buffers (got None)")
     states = (square_avgs, momentum_buffers) if with_momentum else (square_avgs,)
     table = table_for(params, states, steps, use_laps, stashed=1)
-    lr, decay, on_device = lr_and_decay(lr, weight_decay, table.device)
-    launch(_lrmsprop_step_kernel, table, grads,
-           (lr, alpha, 1 - alpha, eps, decay, momentum, c2), grad_scale, found_inf, STENCIL=code,
-           MOMENTUM=with_momentum, LR_ON_DEVICE=on_device)
+    launch(_lrmsprop_step_kernel, table, grads, lr, weight_decay, (alpha, 1 - alpha, eps, momentum, c2), grad_scale,
+           found_inf, STENCIL=code, MOMENTUM=with_momentum)
