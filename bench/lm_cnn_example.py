@@ -17,32 +17,7 @@ import time
 import torch
 
 import fastopt
-from fastopt.lm.testing import shuffled_batches, train_adam_for
-
-# Segments a-g of a seven-segment display: (row0, col0, row1, col1) on a 9 x 5 grid.
-_SEGMENTS = {"a": (0, 0, 0, 4), "b": (0, 4, 4, 4), "c": (4, 4, 8, 4), "d": (8, 0, 8, 4), "e": (4, 0, 8, 0),
-             "f": (0, 0, 4, 0), "g": (4, 0, 4, 4)}
-_DIGITS = ["abcdef", "bc", "abdeg", "abcdg", "bcfg", "acdfg", "acdefg", "abc", "abcdefg", "abcdfg"]
-
-
-def digits(n: int, seed: int, size: int = 14):
-    """(images (n, 1, size, size), labels (n,)) of random seven-segment digits."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=gen)
-    images = torch.zeros(n, 1, size, size)
-    for i in range(n):
-        top = int(torch.randint(0, size - 9, (1,), generator=gen))
-        left = int(torch.randint(0, size - 5, (1,), generator=gen))
-        width = int(torch.randint(1, 3, (1,), generator=gen))
-        ink = 0.6 + 0.4 * float(torch.rand(1, generator=gen))
-        for seg in _DIGITS[int(labels[i])]:
-            r0, c0, r1, c1 = _SEGMENTS[seg]
-            rows = slice(top + r0, top + r1 + (width if r0 == r1 else 1))
-            cols = slice(left + c0, left + c1 + (width if c0 == c1 else 1))
-            images[i, 0, rows, cols] = ink
-    images += 0.15 * torch.randn(images.shape, generator=gen)
-    return images, labels
-
+from fastopt.lm.testing import digits, shuffled_batches, train_adam_for
 
 def cnn(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)

@@ -5,13 +5,19 @@ package's optimizers and run on the fastest backend available (see :mod:`fastopt
 :mod:`fastopt.reference` holds the eager implementations every backend is tested against;
 :mod:`fastopt.schedulers` the curvature-adaptive learning rates (HomotopyLR and its family);
 :mod:`fastopt.lm` Levenberg-Marquardt training (``fastopt.LM``) and batched least squares;
-:mod:`fastopt.noise` the noise-adaptive learning rate.
+:mod:`fastopt.noise` the noise-adaptive learning rate;
+:mod:`fastopt.nn` ladam's normalization layers (``WaveNorm``, ``WaveNormDamped``, ``ChiNorm``) and
+neuron reordering; :mod:`fastopt.auto` ladam's per-layer-type configuration (``auto_configure``).
 """
-from . import backends, lm, reference, schedulers
+from . import auto, backends, lm, nn, reference, schedulers
 from .lm import LM
-from .optim import ChiAnnealScheduler, LAdaGrad, LAdam, LAdamW, LRMSProp, suggest_c2
+from .nn import ChiNorm, WaveNorm, WaveNormDamped, compute_neuron_order, reorder_linear_layer
+from .optim import ChiAnnealScheduler, LAdaGrad, LAdam, LAdamW, LRMSProp, WaveAdam, suggest_c2
 
 __version__ = "0.1.0"
 
-__all__ = ["LAdam", "LAdamW", "LAdaGrad", "LRMSProp", "ChiAnnealScheduler", "suggest_c2",
-           "backends", "reference", "schedulers", "lm", "LM", "__version__"]
+# ``nn`` (fastopt.nn) stays out of __all__: ``from fastopt import *`` would shadow ``torch.nn``.
+
+__all__ = ["LAdam", "LAdamW", "WaveAdam", "LAdaGrad", "LRMSProp", "ChiAnnealScheduler", "suggest_c2",
+           "WaveNorm", "WaveNormDamped", "ChiNorm", "compute_neuron_order", "reorder_linear_layer",
+           "auto", "backends", "reference", "schedulers", "lm", "LM", "__version__"]

@@ -136,7 +136,7 @@ def test_plot_training_curves_writes_a_png(tmp_path):
 def test_plots_without_matplotlib_say_how_to_install_it(tmp_path, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(ImportError, match="plot_training_curves needs matplotlib .*pip install matplotlib"):
+    with pytest.raises(ImportError, match=r"plot_training_curves needs matplotlib .*pip install .fastopt\[plot\]."):
         plot_training_curves({"a": [1.0, 2.0]}, tmp_path / "a.png")
     with pytest.raises(ImportError, match="visualize_landscape needs matplotlib"):
         visualize_landscape(create_noisy_landscape(2, 0.1), tmp_path / "b.png")

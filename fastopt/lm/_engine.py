@@ -30,7 +30,7 @@ from torch.func import functional_call, jacfwd, jacrev, vmap
 from .. import backends
 from ..reference.lm import symmetrize_lower
 from ._layerwise import LayerwiseJacobian, unsupported_reason
-from ._tree import tree_slice, tree_unsqueeze
+from .tree import tree_slice, tree_unsqueeze
 
 logger = logging.getLogger("fastopt.lm")
 

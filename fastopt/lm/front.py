@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._tree import batch_size_of
+from .tree import batch_size_of
 from .damping import DampingStrategy, StandardDampingStrategy
 from .loss import CrossEntropyLoss, LossWrapper, MSELoss
 from .training import _LevenbergMarquardtBase

@@ -18,7 +18,7 @@ from torch import Tensor
 try:
     import pytorch_lightning as pl
 except ImportError as err:  # fastopt.lm imports this module lazily; say what to install
-    raise ImportError("fastopt.lm.LightningLM needs pytorch_lightning: pip install pytorch-lightning") from err
+    raise ImportError("fastopt.lm.LightningLM needs pytorch_lightning: pip install 'fastopt[lightning]'") from err
 
 __all__ = ["LightningLM", "CustomLightningModule"]
 

@@ -38,11 +38,15 @@ from .. import backends
 from ._data_parallel import DataParallel, check_process_group
 from ._engine import (FALLBACKS, JACOBIAN_MODES, REUSE_MODES, SOLVE_METHODS, DampedSolver, FlatParameters,
                       NormalEquations, ResidualJacobian, Workspace, logger, make_selection, normal_equations)
-from ._tree import batch_size_of
 from .damping import DampingStrategy, StandardDampingStrategy
-from .loss import as_residual_loss
+from .loss import Loss, MSELoss, as_residual_loss
+from .selection import ParamSelectionStrategy
+# torch-levenberg-marquardt's training module exposes these helpers and classes too.
+from .tree import batch_size_of, tree_cat, tree_first_tensor, tree_slice, tree_unsqueeze
 
-__all__ = ["TrainingModule", "LevenbergMarquardtModule"]
+__all__ = ["TrainingModule", "LevenbergMarquardtModule", "OptimizerModule", "Loss", "MSELoss",
+           "DampingStrategy", "StandardDampingStrategy", "ParamSelectionStrategy",
+           "tree_cat", "tree_first_tensor", "tree_slice", "tree_unsqueeze"]
 
 
 class TrainingModule(ABC):
@@ -61,6 +65,51 @@ class TrainingModule(ABC):
     @abstractmethod
     def device(self) -> torch.device:
         """The device of the model's parameters."""
+
+
+class OptimizerModule(TrainingModule):
+    """A training step with any ``torch.optim.Optimizer`` (Adam, SGD, fastopt.LAdam, ...), so that
+    the same :func:`fastopt.lm.fit` loop and Lightning helper train with first-order methods
+    (torch-levenberg-marquardt's ``training.OptimizerModule``, same arguments and steps).
+
+    Args:
+        model: the ``torch.nn.Module`` to train.
+        optimizer: an optimizer over the model's parameters.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor`` (e.g. ``torch.nn.MSELoss()``).
+
+    ``training_step(inputs, targets)``: forward, ``zero_grad``, ``backward``, ``step``; returns
+    ``(outputs, loss, False, {})``.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if not (callable(getattr(optimizer, "step", None)) and callable(getattr(optimizer, "zero_grad", None))):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (step() and zero_grad()); got "
+                            f"{type(optimizer).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable(outputs, targets); got {type(loss_fn).__name__}")
+        if next(model.parameters(), None) is None:
+            raise ValueError("model has no parameters to train")
+        self._model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+
+    def training_step(self, inputs: Any, targets: Any) -> Tuple[Any, Tensor, bool, dict]:
+        outputs = self._model(inputs)
+        loss = self.loss_fn(outputs, targets)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return outputs, loss, False, {}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._model.parameters()).device
 
 
 @dataclass

@@ -1,7 +1,11 @@
-"""torch-levenberg-marquardt's ``utils`` names: ``fit`` and, with pytorch_lightning, ``CustomLightningModule``."""
+"""torch-levenberg-marquardt's ``utils`` names: ``fit``, ``FastDataLoader``, the tree helpers it
+exposes and, with pytorch_lightning, ``CustomLightningModule``."""
 from .fit import fit
+from .loader import FastDataLoader
+from .training import TrainingModule
+from .tree import tree_indices, tree_to_device
 
-__all__ = ["fit", "CustomLightningModule"]
+__all__ = ["fit", "FastDataLoader", "CustomLightningModule", "TrainingModule", "tree_indices", "tree_to_device"]
 
 
 def __getattr__(name):

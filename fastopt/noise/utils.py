@@ -1,7 +1,7 @@
 """Synthetic noisy landscapes, gradient statistics and plots for the noise-adaptive learning rate.
 
 The landscapes use NumPy (``pip install numpy``); the plots use matplotlib (``pip install
-matplotlib``), imported only when a plot is drawn, and write PNG files (no window is opened).
+'fastopt[plot]'``), imported only when a plot is drawn, and write PNG files (no window is opened).
 """
 from __future__ import annotations
 
@@ -172,8 +172,7 @@ def _figure(what: str, **kwargs):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError(f"{what} needs matplotlib to draw its PNG: pip install matplotlib "
-                          f"(or pip install 'fastopt[dev]')") from exc
+        raise ImportError(f"{what} needs matplotlib to draw its PNG: pip install 'fastopt[plot]'") from exc
     fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
     return fig

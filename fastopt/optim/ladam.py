@@ -154,3 +154,4 @@ class LAdam(LaplacianOptimizer):
 
 
 LAdamW = LAdam
+WaveAdam = LAdam  # ladam keeps this older name of LAdamW as an alias too

@@ -14,7 +14,7 @@ def _matplotlib(what: str):
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(f"{what} needs matplotlib, an optional dependency of fastopt: "
-                          "pip install matplotlib") from err
+                          "pip install 'fastopt[plot]'") from err
     return Figure, FigureCanvasAgg
 
 
