@@ -16,7 +16,9 @@ the tqdm bar; bars go to stderr):
 
 Rounds alternate the packages (tlm, fastopt, tlm, ...) so that load from other processes hits both
 alike. Reported per (example, loader, trainer): the median seconds of each package, the ratio
-``tlm / fastopt`` per round (min-max) and the final losses. Appends to
+``tlm / fastopt`` per round (min-max) and the final losses. Trainer ``loader`` (sinc only) is the
+loader iterated alone for the same epochs (no training): what each package's ``fit`` pays for its
+batches. Appends to
 bench/results/tlm_examples_<device>.csv and writes the table to tlm_examples_<device>.md.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import csv
 import os
 import statistics
 import sys
+import time
 from typing import Dict, List
 
 import torch
@@ -43,6 +46,23 @@ def run(example: str, package, loader: str, args) -> Dict[str, float]:
     from torchmetrics import Accuracy
     return digits_example(package, loader=loader, train=args.train, epochs=args.digits_epochs,
                           metrics=lambda: {"accuracy": Accuracy(task="multiclass", num_classes=10)})
+
+
+def loader_seconds(package, loader: str, epochs: int) -> float:
+    """Seconds to iterate the sinc example's batches for ``epochs`` epochs, nothing else: the
+    package's fit iterates the loader itself, fastopt's goes through ``iterate_batches``."""
+    from fastopt.lm.loader import iterate_batches
+    from fastopt.lm.package_examples import _loader
+    from fastopt.lm.testing import sinc_data
+
+    x, y = sinc_data(20000)
+    batches = _loader(package, torch.utils.data.TensorDataset(x, y), 1000, 10, loader, "cpu")
+    iterate = iterate_batches if package is flm else iter
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for _ in iterate(batches):
+            pass
+    return time.perf_counter() - start
 
 
 def main(argv=None) -> int:
@@ -69,7 +89,12 @@ def main(argv=None) -> int:
             for _ in range(args.rounds):
                 for name, package in (("tlm", tlm), ("fastopt", flm)):
                     runs[name].append(run(example, package, loader, args))
-            for trainer in ("adam", "lm"):
+            if example == "sinc":
+                for name, package in (("tlm", tlm), ("fastopt", flm)):
+                    for r in runs[name]:
+                        r["loader_seconds"] = loader_seconds(package, loader, args.sinc_epochs)
+                        r["loader_loss"] = float("nan")
+            for trainer in ("adam", "lm") + (("loader",) if example == "sinc" else ()):
                 t_tlm = [r[f"{trainer}_seconds"] for r in runs["tlm"]]
                 t_ours = [r[f"{trainer}_seconds"] for r in runs["fastopt"]]
                 ratios = [a / b for a, b in zip(t_tlm, t_ours)]
