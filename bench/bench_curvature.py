@@ -18,6 +18,7 @@ ratios (paired), so load on the machine that drifts between rounds cancels. Prin
 appends CSV rows (device, threads, versions, commit in every row) to
 bench/results/curvature_<device>.csv and a Markdown copy of the table to the .md beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastopt import benchmarking
-from fastopt.schedulers import CurvatureAdaptiveLR, CurvatureEstimator, HomotopyLR
-from fastopt.schedulers import _hvp
+from fastopt.schedulers import CurvatureAdaptiveLR, CurvatureEstimator, HomotopyLR, _hvp
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROBES = 5
@@ -46,9 +46,19 @@ class SmallCNN(nn.Module):
     def __init__(self, classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(64, classes)
 
     def forward(self, x):
@@ -121,7 +131,7 @@ def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, device, warmu
     _sync(device)
     times = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t0 = time.perf_counter()
             fns[n]()
@@ -154,8 +164,9 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
 
     def with_homotopy(**estimator_kwargs):
         est = CurvatureEstimator(model, loss_fn, n_samples=PROBES, **estimator_kwargs)
-        sched = HomotopyLR(opt, model, loss_fn, base_lr=1e-4, curvature_target=1e30, estimation_freq=FREQ,
-                           estimator=est)
+        sched = HomotopyLR(
+            opt, model, loss_fn, base_lr=1e-4, curvature_target=1e30, estimation_freq=FREQ, estimator=est
+        )
 
         def run():
             for _ in range(FREQ):  # step_count % FREQ == 0 at the first: exactly one estimate per call
@@ -164,11 +175,13 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
                 sched.update_curvature(x, y)
                 opt.step()
                 sched.step()
+
         return run
 
     def with_graph_scheduler():
-        sched = CurvatureAdaptiveLR(opt, model, base_lr=1e-4, curvature_target=1e30, estimation_freq=FREQ,
-                                    n_samples=PROBES)
+        sched = CurvatureAdaptiveLR(
+            opt, model, base_lr=1e-4, curvature_target=1e30, estimation_freq=FREQ, n_samples=PROBES
+        )
 
         def run():
             for _ in range(FREQ):
@@ -177,6 +190,7 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
                 loss.backward(retain_graph=sched.will_estimate)
                 sched.step(loss)
                 opt.step()
+
         return run
 
     loops = {
@@ -188,14 +202,19 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
         "CurvatureAdaptiveLR step(loss), graph reused": with_graph_scheduler(),
     }
     estimators = {
-        "estimate: reverse_over_reverse (batched)": CurvatureEstimator(model, loss_fn, n_samples=PROBES,
-                                                                     hvp="reverse_over_reverse"),
+        "estimate: reverse_over_reverse (batched)": CurvatureEstimator(
+            model, loss_fn, n_samples=PROBES, hvp="reverse_over_reverse"
+        ),
         "estimate: forward_over_reverse (batched, torch.func)": CurvatureEstimator(
-            model, loss_fn, n_samples=PROBES, hvp="forward_over_reverse"),
+            model, loss_fn, n_samples=PROBES, hvp="forward_over_reverse"
+        ),
         "estimate: reverse_over_reverse_loop (Python loop)": CurvatureEstimator(
-            model, loss_fn, n_samples=PROBES, hvp="reverse_over_reverse_loop"),
+            model, loss_fn, n_samples=PROBES, hvp="reverse_over_reverse_loop"
+        ),
     }
-    one_step = {"1 training step": lambda: (opt.zero_grad(set_to_none=True), loss_fn(model(x), y).backward(), opt.step())}
+    one_step = {
+        "1 training step": lambda: (opt.zero_grad(set_to_none=True), loss_fn(model(x), y).backward(), opt.step())
+    }
     one_step.update({n: (lambda e=e: e.estimate(x, y)) for n, e in estimators.items()})
 
     env = benchmarking.environment(device)
@@ -206,16 +225,29 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
         base = times[baseline]
         for n, ts in times.items():
             p50, p20, p80 = _quantiles(ts)
-            rows.append(dict(workload=name, description=desc, n_params=n_params, section=section, variant=n,
-                             ms_p50=round(p50, 3), ms_p20=round(p20, 3), ms_p80=round(p80, 3), rounds=len(ts),
-                             ratio=round(_paired(ts, base), 4), ratio_means=what, **env))
+            rows.append(
+                dict(
+                    workload=name,
+                    description=desc,
+                    n_params=n_params,
+                    section=section,
+                    variant=n,
+                    ms_p50=round(p50, 3),
+                    ms_p20=round(p20, 3),
+                    ms_p80=round(p80, 3),
+                    rounds=len(ts),
+                    ratio=round(_paired(ts, base), 4),
+                    ratio_means=what,
+                    **env,
+                )
+            )
 
     loop_times = interleaved(loops, rounds, device)
     add("overhead", loop_times, "10 plain steps", "time / time of 10 plain steps (1 + overhead)")
     step_times = interleaved(one_step, rounds, device)
     add("estimate", step_times, "1 training step", "time / time of 1 training step")
     loop_est = step_times["estimate: reverse_over_reverse_loop (Python loop)"]
-    for r in rows[-len(one_step):]:
+    for r in rows[-len(one_step) :]:
         r["speedup_vs_loop"] = round(_paired(loop_est, step_times[r["variant"]]), 3)
     # The 5 products alone, on one gradient graph built outside the timing (after the training
     # above: the graph saves the parameters, which optimizer.step() changes in place).
@@ -223,13 +255,16 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
     objective = _hvp.Objective(model, loss_fn, est.names, est.params, x, y, 0, True)
     graph = _hvp.ReverseOverReverse(objective)
     probes = [torch.randint(0, 2, (PROBES,) + tuple(p.shape), device=device).to(p.dtype) * 2 - 1 for p in est.params]
-    products = {"products: batched (is_grads_batched)": lambda: _with(graph, True).hvp(probes),
-                "products: Python loop of double-backward calls": lambda: _with(graph, False).hvp(probes)}
+    products = {
+        "products: batched (is_grads_batched)": lambda: _with(graph, True).hvp(probes),
+        "products: Python loop of double-backward calls": lambda: _with(graph, False).hvp(probes),
+    }
     prod_times = interleaved(products, rounds * 2, device)
     add("products", prod_times, "products: Python loop of double-backward calls", "time / time of the loop")
-    for r in rows[-len(products):]:
-        r["speedup_vs_loop"] = round(_paired(prod_times["products: Python loop of double-backward calls"],
-                                             prod_times[r["variant"]]), 3)
+    for r in rows[-len(products) :]:
+        r["speedup_vs_loop"] = round(
+            _paired(prod_times["products: Python loop of double-backward calls"], prod_times[r["variant"]]), 3
+        )
     return rows
 
 
@@ -248,8 +283,18 @@ def append_text(path: str, text: str) -> None:
 
 def format_table(rows) -> str:
     head = ("workload", "section", "variant", "ms p50", "p20-p80", "ratio", "speedup vs loop")
-    lines = [(r["workload"], r["section"], r["variant"], f"{r['ms_p50']:.2f}", f"{r['ms_p20']:.2f}-{r['ms_p80']:.2f}",
-              f"{r['ratio']:.3f}", str(r.get("speedup_vs_loop", "")) or "-") for r in rows]
+    lines = [
+        (
+            r["workload"],
+            r["section"],
+            r["variant"],
+            f"{r['ms_p50']:.2f}",
+            f"{r['ms_p20']:.2f}-{r['ms_p80']:.2f}",
+            f"{r['ratio']:.3f}",
+            str(r.get("speedup_vs_loop", "")) or "-",
+        )
+        for r in rows
+    ]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])
@@ -258,9 +303,13 @@ def format_table(rows) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on an oversubscribed machine 2 OpenMP threads "
-                             "made these small workloads 10-100x slower and noisy)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on an oversubscribed machine 2 OpenMP threads "
+        "made these small workloads 10-100x slower and noisy)",
+    )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", default=None)
@@ -272,10 +321,13 @@ def main(argv=None) -> int:
         rows += bench(name, device, args.rounds)
     env = {k: rows[0][k] for k in ("device", "threads", "torch", "fastopt", "commit")}
     header = " | ".join(f"{k} {v}" for k, v in env.items())
-    descriptions = "\n".join(sorted({f"- {r['workload']}: {r['description']}, {r['n_params']} parameters"
-                                     for r in rows}))
+    descriptions = "\n".join(
+        sorted({f"- {r['workload']}: {r['description']}, {r['n_params']} parameters" for r in rows})
+    )
     out = args.out or os.path.join(RESULTS, f"curvature_{device.type}.csv")
-    append_text(os.path.splitext(out)[0] + ".md", f"\n## {header}\n\n{descriptions}\n\n```\n{format_table(rows)}\n```\n")
+    append_text(
+        os.path.splitext(out)[0] + ".md", f"\n## {header}\n\n{descriptions}\n\n```\n{format_table(rows)}\n```\n"
+    )
     fields = list(dict.fromkeys(k for r in rows for k in r))
     new = not os.path.exists(out)
     with open(out, "a", newline="") as f:

@@ -10,6 +10,7 @@ Shapes (B problems, N residuals, P parameters), in the layouts torch.func return
 median time of a call (benchmarking.measure) and ``time_over_torch`` (lower = faster than the
 reference). Rows are appended to bench/results/gram_<device>.csv with device, versions, commit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,17 +42,35 @@ def main(argv=None) -> int:
         names = [b for b in backends.BACKENDS if backends.available(b, "batched_gram", device, dtype)]
         for batch, n, p in SHAPES:
             gen = torch.Generator().manual_seed(0)
-            layouts = {"contiguous": torch.randn(batch, n, p, generator=gen, dtype=dtype).to(device),
-                       "p-major": torch.randn(p, batch, n, generator=gen, dtype=dtype).to(device).permute(1, 2, 0)}
+            layouts = {
+                "contiguous": torch.randn(batch, n, p, generator=gen, dtype=dtype).to(device),
+                "p-major": torch.randn(p, batch, n, generator=gen, dtype=dtype).to(device).permute(1, 2, 0),
+            }
             res = torch.randn(batch, n, generator=gen, dtype=dtype).to(device)
             for layout, jac in layouts.items():
-                times = {name: benchmarking.measure(lambda f=backends.implementation("batched_gram", name): f(jac, res),
-                                                    device, min_time_s=args.min_time)[0] for name in names}
+                times = {
+                    name: benchmarking.measure(
+                        lambda f=backends.implementation("batched_gram", name): f(jac, res),  # noqa: B008
+                        device,
+                        min_time_s=args.min_time,
+                    )[0]
+                    for name in names
+                }
                 for name, ms in times.items():
-                    row = dict(batch=batch, n=n, p=p, layout=layout, dtype=str(dtype).replace("torch.", ""),
-                               backend=name, ms_p50=ms, time_over_torch=ms / times["torch"])
-                    print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                          flush=True)
+                    row = dict(
+                        batch=batch,
+                        n=n,
+                        p=p,
+                        layout=layout,
+                        dtype=str(dtype).replace("torch.", ""),
+                        backend=name,
+                        ms_p50=ms,
+                        time_over_torch=ms / times["torch"],
+                    )
+                    print(
+                        "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                        flush=True,
+                    )
                     rows.append(row)
     path = args.out or os.path.join(RESULTS, f"gram_{device.type}.csv")
     new_file = not os.path.exists(path)

@@ -9,6 +9,7 @@ bench/results/<family>_<device>.csv, plus a Markdown copy of the table beside it
 Default workloads: CUDA (a) 4x4096x4096 fp32 and bf16, (b) resnet50 (161 tensors),
 (c) 1000 tensors of 1K-64K elements; CPU 4x2048x2048 and convnet200 (about 200 small tensors).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,12 @@ from fastopt import benchmarking
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULTS = {
-    "cuda": [("4x4096x4096", "float32"), ("4x4096x4096", "bfloat16"), ("resnet50", "float32"),
-             ("1000x1K-64K", "float32")],
+    "cuda": [
+        ("4x4096x4096", "float32"),
+        ("4x4096x4096", "bfloat16"),
+        ("resnet50", "float32"),
+        ("1000x1K-64K", "float32"),
+    ],
     "cpu": [("4x2048x2048", "float32"), ("convnet200", "float32")],
 }
 
@@ -44,8 +49,9 @@ def main(argv=None) -> int:
         cases = [(w, d) for w, d in DEFAULTS[device.type] if not args.dtypes or d in args.dtypes]
     rows = []
     for workload, dtype in cases:
-        rows += benchmarking.bench_workload(args.family, workload, device, getattr(torch, dtype),
-                                            args.min_time, only=args.only)
+        rows += benchmarking.bench_workload(
+            args.family, workload, device, getattr(torch, dtype), args.min_time, only=args.only
+        )
     table = benchmarking.format_table(rows)
     env = benchmarking.environment(device)
     header = " | ".join(f"{k} {v}" for k, v in env.items())

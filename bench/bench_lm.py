@@ -29,6 +29,7 @@ reported: with identical attempts the iterates are the same up to fp32 round-off
 Rows are appended to bench/results/lm_<device>.csv (device, versions and commit in every row),
 and the table to lm_<device>.md beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,11 @@ def providers(problem: dict, backend: str) -> Dict[str, Callable]:
         lm = fastopt.LM(model, backend=backend, **kw)
         return (lambda x, y: lm.step(x, y).attempts), (lambda: lm.flat_params)
 
-    return {"tlm.LevenbergMarquardtModule": tlm_module, "fastopt.lm.LevenbergMarquardtModule": drop_in,
-            "fastopt.LM": front}
+    return {
+        "tlm.LevenbergMarquardtModule": tlm_module,
+        "fastopt.lm.LevenbergMarquardtModule": drop_in,
+        "fastopt.LM": front,
+    }
 
 
 def _sync(device):
@@ -87,8 +91,9 @@ def _sync(device):
 FLOOR = "floor: J^T J op + attempts x Cholesky"
 
 
-def floor_step(n_rows: int, n_params: int, device: torch.device, dtype: torch.dtype, backend: str,
-               tlm_attempts: List[int]) -> Callable:
+def floor_step(
+    n_rows: int, n_params: int, device: torch.device, dtype: torch.dtype, backend: str, tlm_attempts: List[int]
+) -> Callable:
     """What no implementation taking tlm's steps can skip, timed alone: the Gram product of a
     random [J | r] of the problem's shape (J J^T when underdetermined) by fastopt's
     ``jacobian_products`` op, and one Cholesky of the damped matrix per attempt of tlm's step in
@@ -122,8 +127,13 @@ def bench_problem(name: str, device: torch.device, dtype: torch.dtype, steps: in
         runs[pname] = dict(step=step, params=params, wall=[], cpu=[], attempts=[])
     n_params = sum(p.numel() for p in tanh_mlp(problem["widths"]).parameters())
     tlm_attempts = runs["tlm.LevenbergMarquardtModule"]["attempts"]  # tlm steps first in each round
-    runs[FLOOR] = dict(step=floor_step(problem["samples"], n_params, device, dtype, backend, tlm_attempts),
-                       params=None, wall=[], cpu=[], attempts=[])
+    runs[FLOOR] = dict(
+        step=floor_step(problem["samples"], n_params, device, dtype, backend, tlm_attempts),
+        params=None,
+        wall=[],
+        cpu=[],
+        attempts=[],
+    )
     for _ in range(steps + 1):  # the first round warms up (allocations, lazy imports) and is not timed
         for run in runs.values():
             _sync(device)
@@ -138,14 +148,24 @@ def bench_problem(name: str, device: torch.device, dtype: torch.dtype, steps: in
     for pname, run in runs.items():
         wall, cpu = run["wall"][1:], run["cpu"][1:]
         diff = (run["params"]() - ref["params"]()).abs().max().item() if run["params"] else float("nan")
-        rows.append(dict(problem=name, params=n_params, samples=problem["samples"], dtype=str(dtype).replace("torch.", ""),
-                         provider=pname, backend=backend if pname != "tlm.LevenbergMarquardtModule" else "-",
-                         steps=len(wall), ms_wall_p50=1e3 * statistics.median(wall),
-                         ms_cpu_p50=1e3 * statistics.median(cpu),
-                         tlm_time_over_time=statistics.median(ref["wall"][1:]) / statistics.median(wall),
-                         tlm_cpu_over_cpu=statistics.median(ref["cpu"][1:]) / statistics.median(cpu),
-                         same_attempts=run["attempts"] == ref["attempts"], attempts=" ".join(map(str, run["attempts"])),
-                         max_param_diff=diff))
+        rows.append(
+            dict(
+                problem=name,
+                params=n_params,
+                samples=problem["samples"],
+                dtype=str(dtype).replace("torch.", ""),
+                provider=pname,
+                backend=backend if pname != "tlm.LevenbergMarquardtModule" else "-",
+                steps=len(wall),
+                ms_wall_p50=1e3 * statistics.median(wall),
+                ms_cpu_p50=1e3 * statistics.median(cpu),
+                tlm_time_over_time=statistics.median(ref["wall"][1:]) / statistics.median(wall),
+                tlm_cpu_over_cpu=statistics.median(ref["cpu"][1:]) / statistics.median(cpu),
+                same_attempts=run["attempts"] == ref["attempts"],
+                attempts=" ".join(map(str, run["attempts"])),
+                max_param_diff=diff,
+            )
+        )
     return rows
 
 
@@ -162,18 +182,18 @@ def bench_products(device: torch.device, dtype: torch.dtype, reps: int, backend:
     cases = {"torch: J.T @ J": lambda: j.t() @ j}
     # The resolved backend first, then every other backend that can run the op here (the C++
     # op of fastopt._C and the torch reference on CPU), each its own row of the same run.
-    names = [resolved] + [b for b in backends.BACKENDS
-                          if b != resolved and backends.available(b, "jacobian_products", device, dtype)]
+    names = [resolved] + [
+        b for b in backends.BACKENDS if b != resolved and backends.available(b, "jacobian_products", device, dtype)
+    ]
     for name in names:
         fn = backends.implementation("jacobian_products", name)
         label = f"fastopt jacobian_products[{name}] on [J | r]" + (" (auto)" if name == resolved else "")
         cases[label] = lambda fn=fn: fn(a, out.zero_(), scale=1.0 / n)
     if device.type == "cpu":
         try:
-            import numpy as np
-            jn = j.numpy()
+            jn = j.numpy()  # torch raises RuntimeError("Numpy is not available") without numpy
             cases["numpy: J.T @ J (its BLAS syrk, for reference)"] = lambda: jn.T @ jn
-        except ImportError:
+        except (ImportError, RuntimeError):
             pass
     times = {k: ([], []) for k in cases}
     for i in range(reps + 1):
@@ -189,10 +209,21 @@ def bench_products(device: torch.device, dtype: torch.dtype, reps: int, backend:
     base_c = statistics.median(times["torch: J.T @ J"][1])
     rows = []
     for k, (w, c) in times.items():
-        rows.append(dict(problem="products 8000x4353", params=p, samples=n, dtype=str(dtype).replace("torch.", ""),
-                         provider=k, backend="-", steps=len(w), ms_wall_p50=1e3 * statistics.median(w),
-                         ms_cpu_p50=1e3 * statistics.median(c), time_over_JtJ=statistics.median(w) / base_w,
-                         cpu_over_JtJ=statistics.median(c) / base_c))
+        rows.append(
+            dict(
+                problem="products 8000x4353",
+                params=p,
+                samples=n,
+                dtype=str(dtype).replace("torch.", ""),
+                provider=k,
+                backend="-",
+                steps=len(w),
+                ms_wall_p50=1e3 * statistics.median(w),
+                ms_cpu_p50=1e3 * statistics.median(c),
+                time_over_JtJ=statistics.median(w) / base_w,
+                cpu_over_JtJ=statistics.median(c) / base_c,
+            )
+        )
     return rows
 
 
@@ -207,8 +238,8 @@ def table(rows: List[dict]) -> str:
     for r in rows:
         keys += [k for k in r if k not in keys]
     lines = [keys] + [[_fmt(r.get(k, "")) for k in keys] for r in rows]
-    widths = [max(len(l[i]) for l in lines) for i in range(len(keys))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(l, widths)) for l in lines]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(keys))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
@@ -231,10 +262,18 @@ def _append_csv(path: str, rows: List[dict], env: Dict[str, str]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--problems", nargs="+", default=["products", "sinc61", "split1153", "under4353", "mlp4353"],
-                        choices=["products"] + sorted(PROBLEMS))
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per provider (default: 5 for the "
-                        "4353-parameter problems, 40 for the others)")
+    parser.add_argument(
+        "--problems",
+        nargs="+",
+        default=["products", "sinc61", "split1153", "under4353", "mlp4353"],
+        choices=["products"] + sorted(PROBLEMS),
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per provider (default: 5 for the 4353-parameter problems, 40 for the others)",
+    )
     parser.add_argument("--backend", default="auto", choices=backends.CHOICES)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None)
@@ -245,6 +284,7 @@ def main(argv=None) -> int:
     dtype = torch.float32
     env = benchmarking.environment(device)
     import torch_levenberg_marquardt as tlm
+
     env["torch_levenberg_marquardt"] = tlm.__version__
     env["threads"] = str(torch.get_num_threads())
     env["load_average"] = " ".join(f"{v:.1f}" for v in os.getloadavg())

@@ -24,6 +24,7 @@ returned parameters) is at most scipy's times (1 + rtol) (rtol 1e-9 for float64,
 whose solutions carry float32 rounding), and how many are worse by more than 1e-3 relative (a
 different local minimum). Results: bench/results/lsq_<device>.csv (appended) and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,7 @@ def scipy_loop(t: torch.Tensor, y: torch.Tensor, p0: torch.Tensor):
     for b in range(yn.shape[0]):
         try:
             popt[b] = scipy_curve_fit(g, tn, yn[b], p0=pn[b])[0]
-        except RuntimeError:            # "Optimal parameters not found"
+        except RuntimeError:  # "Optimal parameters not found"
             failures += 1
     return time.perf_counter() - start, torch.from_numpy(popt), failures
 
@@ -77,7 +78,7 @@ def costs64(t, y, popt):
 
 def fastopt_fit(t, y, p0, compile_: bool):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")          # batch members that hit max_nfev are counted below
+        warnings.simplefilter("ignore")  # batch members that hit max_nfev are counted below
         popt, _, info, _, ier = curve_fit(model, t, y, p0, compile=compile_, full_output=True)
     return popt, ier, info["nfev"]
 
@@ -103,17 +104,31 @@ def run(args) -> List[Dict]:
     device = torch.device(args.device)
     meta = benchmarking.environment(device)
     import scipy
-    meta.update(scipy=scipy.__version__, threads=str(torch.get_num_threads()),
-                python=platform.python_version(), load_avg="%.1f" % os.getloadavg()[0])
+
+    meta.update(
+        scipy=scipy.__version__,
+        threads=str(torch.get_num_threads()),
+        python=platform.python_version(),
+        load_avg="%.1f" % os.getloadavg()[0],
+    )
     rows: List[Dict] = []
 
     def row(batch, dtype, provider, seconds, **extra):
-        r = dict(workload="gaussian_peaks_64pts_4params", batch=batch, dtype=dtype, provider=provider,
-                 seconds=seconds, us_per_problem=seconds / batch * 1e6, **extra)
+        r = dict(
+            workload="gaussian_peaks_64pts_4params",
+            batch=batch,
+            dtype=dtype,
+            provider=provider,
+            seconds=seconds,
+            us_per_problem=seconds / batch * 1e6,
+            **extra,
+        )
         r.update(meta)
         rows.append(r)
-        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                        if k not in meta), flush=True)
+        print(
+            ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k not in meta),
+            flush=True,
+        )
 
     # One-time lazy imports of torch.func's first use, timed once and kept out of every other row.
     t, y, p0, _ = gaussian_peaks(8, torch.float64)
@@ -131,12 +146,11 @@ def run(args) -> List[Dict]:
             seconds, popt, failures = scipy_loop(t, y, p0)
             scipy_seconds[batch] = seconds
             scipy_costs[batch] = costs64(t, y, popt).masked_fill(torch.isnan(popt).any(-1), math.nan)
-            row(batch, "float64", "scipy.optimize.curve_fit loop", seconds, speedup_vs_scipy=1.0,
-                failures=failures)
+            row(batch, "float64", "scipy.optimize.curve_fit loop", seconds, speedup_vs_scipy=1.0, failures=failures)
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             td, yd, pd = (a.to(device=device, dtype=dtype) for a in (t, y, p0))
-            for compile_ in ([False, True] if not args.no_compile else [False]):
+            for compile_ in [False, True] if not args.no_compile else [False]:
                 if batch > args.eager_max and not compile_:
                     continue
                 name = "fastopt.curve_fit" + (" compile=True" if compile_ else "")
@@ -149,15 +163,17 @@ def run(args) -> List[Dict]:
                     cold = time.perf_counter() - start
                     row(batch, dtype_name, name + " (cold: first call, includes compilation)", cold)
                 elif not compile_:
-                    fastopt_fit(td, yd[:64], pd[:64], False)   # warm-up on a small batch
+                    fastopt_fit(td, yd[:64], pd[:64], False)  # warm-up on a small batch
                 repeat = args.repeat if batch <= args.batch else 1
                 seconds, (popt, ier, nfev) = timed(lambda: fastopt_fit(td, yd, pd, compile_), repeat)
-                extra = dict(nfev_mean=float(nfev.float().mean()), nfev_max=int(nfev.max()),
-                             not_converged=int((ier <= 0).sum()))
+                extra = dict(
+                    nfev_mean=float(nfev.float().mean()), nfev_max=int(nfev.max()), not_converged=int((ier <= 0).sum())
+                )
                 if batch in scipy_seconds:
                     frac, worse = compare(costs64(t, y, popt.cpu()), scipy_costs[batch], dtype_name)
-                    extra.update(speedup_vs_scipy=scipy_seconds[batch] / seconds, cost_equal_or_better=frac,
-                                 cost_worse_1e3=worse)
+                    extra.update(
+                        speedup_vs_scipy=scipy_seconds[batch] / seconds, cost_equal_or_better=frac, cost_worse_1e3=worse
+                    )
                 row(batch, dtype_name, name + (" (warm)" if compile_ else ""), seconds, **extra)
     return rows
 
@@ -165,9 +181,30 @@ def run(args) -> List[Dict]:
 def write(rows: List[Dict], device: str) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"lsq_{device}.csv")
-    fields = ["workload", "batch", "dtype", "provider", "seconds", "us_per_problem", "speedup_vs_scipy",
-              "cost_equal_or_better", "cost_worse_1e3", "nfev_mean", "nfev_max", "not_converged", "failures",
-              "device", "torch", "triton", "scipy", "fastopt", "commit", "threads", "python", "load_avg"]
+    fields = [
+        "workload",
+        "batch",
+        "dtype",
+        "provider",
+        "seconds",
+        "us_per_problem",
+        "speedup_vs_scipy",
+        "cost_equal_or_better",
+        "cost_worse_1e3",
+        "nfev_mean",
+        "nfev_max",
+        "not_converged",
+        "failures",
+        "device",
+        "torch",
+        "triton",
+        "scipy",
+        "fastopt",
+        "commit",
+        "threads",
+        "python",
+        "load_avg",
+    ]
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -176,25 +213,32 @@ def write(rows: List[Dict], device: str) -> None:
         writer.writerows(rows)
     md = os.path.join(RESULTS, f"lsq_{device}.md")
     meta = rows[0]
-    lines = [f"# bench_lsq: {meta['device']}", "",
-             f"torch {meta['torch']}, scipy {meta['scipy']}, triton {meta['triton']}, fastopt {meta['fastopt']}, "
-             f"commit {meta['commit']}, torch threads {meta['threads']}, python {meta['python']}, "
-             f"1-minute load average at the start {meta['load_avg']} (the machine is shared: scipy and fastopt "
-             "run in the same process, one after the other, so ratios are comparable within a run)", "",
-             "| batch | dtype | provider | seconds | us/problem | x vs scipy loop | cost <= scipy | worse >1e-3 | "
-             "nfev mean/max | not converged |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = [
+        f"# bench_lsq: {meta['device']}",
+        "",
+        f"torch {meta['torch']}, scipy {meta['scipy']}, triton {meta['triton']}, fastopt {meta['fastopt']}, "
+        f"commit {meta['commit']}, torch threads {meta['threads']}, python {meta['python']}, "
+        f"1-minute load average at the start {meta['load_avg']} (the machine is shared: scipy and fastopt "
+        "run in the same process, one after the other, so ratios are comparable within a run)",
+        "",
+        "| batch | dtype | provider | seconds | us/problem | x vs scipy loop | cost <= scipy | worse >1e-3 | "
+        "nfev mean/max | not converged |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
 
     def fmt(v, spec):
         return "-" if v is None or v == "" else format(v, spec)
+
     for r in rows:
         frac = r.get("cost_equal_or_better")
         per_problem = "-" if "one-time" in r["provider"] else f"{r['us_per_problem']:.1f}"
-        lines.append(f"| {r['batch']} | {r['dtype']} | {r['provider']} | {r['seconds']:.3f} | {per_problem} | "
-                     f"{fmt(r.get('speedup_vs_scipy'), '.1f')} | {fmt(None if frac is None else 100 * frac, '.2f')}"
-                     f"{'%' if frac is not None else ''} | {fmt(r.get('cost_worse_1e3'), 'd')} | "
-                     f"{fmt(r.get('nfev_mean'), '.1f')}/{fmt(r.get('nfev_max'), 'd')} | "
-                     f"{fmt(r.get('not_converged', r.get('failures')), 'd')} |")
+        lines.append(
+            f"| {r['batch']} | {r['dtype']} | {r['provider']} | {r['seconds']:.3f} | {per_problem} | "
+            f"{fmt(r.get('speedup_vs_scipy'), '.1f')} | {fmt(None if frac is None else 100 * frac, '.2f')}"
+            f"{'%' if frac is not None else ''} | {fmt(r.get('cost_worse_1e3'), 'd')} | "
+            f"{fmt(r.get('nfev_mean'), '.1f')}/{fmt(r.get('nfev_max'), 'd')} | "
+            f"{fmt(r.get('not_converged', r.get('failures')), 'd')} |"
+        )
     with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {path} and {md}")
@@ -204,10 +248,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=10_000, help="the headline batch size (default 10000)")
-    parser.add_argument("--scaling", type=int, nargs="*", default=[1_000, 100_000],
-                        help="further batch sizes for fastopt (default 1000 100000)")
+    parser.add_argument(
+        "--scaling",
+        type=int,
+        nargs="*",
+        default=[1_000, 100_000],
+        help="further batch sizes for fastopt (default 1000 100000)",
+    )
     parser.add_argument("--scipy-max", type=int, default=10_000, help="largest batch scipy's loop is timed on")
-    parser.add_argument("--eager-max", type=int, default=10 ** 9, help="largest batch the eager providers run")
+    parser.add_argument("--eager-max", type=int, default=10**9, help="largest batch the eager providers run")
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per provider (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")

@@ -23,6 +23,7 @@ overhead is the median (p20-p80) over pairs of ``t_wrapped / t_bare - 1``, so th
 on a shared machine hits both halves of a pair. Rows go to bench/results/noise_<device>.csv
 (device, versions, commit in each) and a Markdown table beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,18 @@ OPTIMIZERS: Dict[str, Callable] = {
 def small_cnn() -> torch.nn.Module:
     """Three 3x3 conv layers (16, 32, 64 channels), pooling, a linear head: 24k parameters."""
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    )
 
 
 @dataclass
@@ -75,8 +84,9 @@ class NoiseBenchRow:
     meta: Dict[str, str] = field(default_factory=dict)
 
 
-def paired(fn_a: Callable[[], None], fn_b: Callable[[], None], pairs: int, device,
-           inline: Optional[Dict[str, float]] = None) -> Dict[str, List[float]]:
+def paired(
+    fn_a: Callable[[], None], fn_b: Callable[[], None], pairs: int, device, inline: Optional[Dict[str, float]] = None
+) -> Dict[str, List[float]]:
     """Time ``fn_a`` and ``fn_b`` back to back ``pairs`` times (alternating which goes first);
     per pair, ``t_b / t_a - 1``. Load that drifts on a shared machine hits both halves of a pair.
     With ``inline`` (which the functions fill with their "bare"/"wrapped" step and record times),
@@ -86,9 +96,8 @@ def paired(fn_a: Callable[[], None], fn_b: Callable[[], None], pairs: int, devic
     out: Dict[str, List[float]] = {"a": [], "b": [], "overhead": [], "inline": []}
     for i in range(pairs):
         t = {}
-        for key in (("a", "b") if i % 2 == 0 else ("b", "a")):
-            t[key] = benchmarking.measure(fn_a if key == "a" else fn_b, device, min_time_s=0.0, max_reps=1,
-                                          warmup=0)[0]
+        for key in ("a", "b") if i % 2 == 0 else ("b", "a"):
+            t[key] = benchmarking.measure(fn_a if key == "a" else fn_b, device, min_time_s=0.0, max_reps=1, warmup=0)[0]
         out["a"].append(t["a"])
         out["b"].append(t["b"])
         out["overhead"].append(t["b"] / t["a"] - 1)
@@ -138,20 +147,36 @@ def bench_optimizer(name: str, device: torch.device, pairs: int, meta) -> List[N
     def row(mode, baseline, times, overheads):
         q = partial(_quantile, overheads) if overheads else (lambda _: float("nan"))
         t = partial(_quantile, times) if times else (lambda _: float("nan"))
-        return NoiseBenchRow(name, mode, baseline, n_params, t(0.5), t(0.2), t(0.8), q(0.5), q(0.2), q(0.8),
-                             len(times), meta)
+        return NoiseBenchRow(
+            name, mode, baseline, n_params, t(0.5), t(0.2), t(0.8), q(0.5), q(0.2), q(0.8), len(times), meta
+        )
 
     accumulation = paired(partial(accum, False), partial(accum, True), pairs, device, inline)
     per_sample_vs_batch = paired(batch_bare, per_sample, pairs, device)
-    rows = [row("accum bare", "-", accumulation["a"], None),
-            row("accum wrapped", "accum bare", accumulation["b"], accumulation["overhead"]),
-            row("wrapper work", "accum bare", [], accumulation["inline"]),
-            row("batch bare", "-", per_sample_vs_batch["a"], None),
-            row("per-sample wrapped", "batch bare", per_sample_vs_batch["b"], per_sample_vs_batch["overhead"])]
+    rows = [
+        row("accum bare", "-", accumulation["a"], None),
+        row("accum wrapped", "accum bare", accumulation["b"], accumulation["overhead"]),
+        row("wrapper work", "accum bare", [], accumulation["inline"]),
+        row("batch bare", "-", per_sample_vs_batch["a"], None),
+        row("per-sample wrapped", "batch bare", per_sample_vs_batch["b"], per_sample_vs_batch["overhead"]),
+    ]
     ps = rows[-1]
-    rows.append(NoiseBenchRow(name, "per-sample 1/10 (derived)", "batch bare", n_params, float("nan"), float("nan"),
-                              float("nan"), ps.overhead_p50 / 10, ps.overhead_p20 / 10, ps.overhead_p80 / 10, 0,
-                              meta))
+    rows.append(
+        NoiseBenchRow(
+            name,
+            "per-sample 1/10 (derived)",
+            "batch bare",
+            n_params,
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            ps.overhead_p50 / 10,
+            ps.overhead_p20 / 10,
+            ps.overhead_p80 / 10,
+            0,
+            meta,
+        )
+    )
     return rows
 
 
@@ -162,10 +187,18 @@ def _quantile(values: List[float], q: float) -> float:
 
 def format_table(rows: List[NoiseBenchRow]) -> str:
     head = ("optimizer", "mode", "ms p50", "ms p20-p80", "vs", "overhead p50", "overhead p20-p80")
-    lines = [(r.optimizer, r.mode, f"{r.ms_p50:.2f}", f"{r.ms_p20:.2f}-{r.ms_p80:.2f}" if r.samples else "-", r.baseline,
-              "-" if r.baseline == "-" else f"{100 * r.overhead_p50:+.1f}%",
-              "-" if r.baseline == "-" else f"{100 * r.overhead_p20:+.1f}%..{100 * r.overhead_p80:+.1f}%")
-             for r in rows]
+    lines = [
+        (
+            r.optimizer,
+            r.mode,
+            f"{r.ms_p50:.2f}",
+            f"{r.ms_p20:.2f}-{r.ms_p80:.2f}" if r.samples else "-",
+            r.baseline,
+            "-" if r.baseline == "-" else f"{100 * r.overhead_p50:+.1f}%",
+            "-" if r.baseline == "-" else f"{100 * r.overhead_p20:+.1f}%..{100 * r.overhead_p80:+.1f}%",
+        )
+        for r in rows
+    ]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])
@@ -176,8 +209,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--optimizers", nargs="+", default=["sgd", "adam", "ladam"], choices=sorted(OPTIMIZERS))
     parser.add_argument("--pairs", type=int, default=100, help="back-to-back (bare, wrapped) step pairs per mode")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (CPU default 1: a loaded machine stalls multi-threaded ops)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (CPU default 1: a loaded machine stalls multi-threaded ops)",
+    )
     parser.add_argument("--out", default=None, help="CSV to append to (default bench/results/noise_<device>.csv)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -190,14 +227,18 @@ def main(argv=None) -> int:
     header = " | ".join(f"{k} {v}" for k, v in meta.items())
     table = format_table(rows)
     print(header)
-    print(f"small CNN ({rows[0].n_params} parameters), batch {BATCH} = {MICRO} micro-batches of {BATCH // MICRO}, "
-          f"{args.pairs} back-to-back pairs per comparison")
+    print(
+        f"small CNN ({rows[0].n_params} parameters), batch {BATCH} = {MICRO} micro-batches of {BATCH // MICRO}, "
+        f"{args.pairs} back-to-back pairs per comparison"
+    )
     print(table)
     out = args.out or os.path.join(RESULTS, f"noise_{device.type}.csv")
     benchmarking.write_csv(rows, out)
     with open(os.path.splitext(out)[0] + ".md", "a") as f:
-        f.write(f"\n## {header}\n\nsmall CNN ({rows[0].n_params} parameters), batch {BATCH} = {MICRO} micro-batches "
-                f"of {BATCH // MICRO}, {args.pairs} back-to-back pairs per comparison\n\n```\n{table}\n```\n")
+        f.write(
+            f"\n## {header}\n\nsmall CNN ({rows[0].n_params} parameters), batch {BATCH} = {MICRO} micro-batches "
+            f"of {BATCH // MICRO}, {args.pairs} back-to-back pairs per comparison\n\n```\n{table}\n```\n"
+        )
     print(f"\nappended to {out}")
     return 0
 

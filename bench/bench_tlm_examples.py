@@ -21,6 +21,7 @@ loader iterated alone for the same epochs (no training): what each package's ``f
 batches. Appends to
 bench/results/tlm_examples_<device>.csv and writes the table to tlm_examples_<device>.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,14 @@ def run(example: str, package, loader: str, args) -> Dict[str, float]:
     if example == "sinc":
         return sinc_example(package, loader=loader, epochs=args.sinc_epochs)
     from torchmetrics import Accuracy
-    return digits_example(package, loader=loader, train=args.train, epochs=args.digits_epochs,
-                          metrics=lambda: {"accuracy": Accuracy(task="multiclass", num_classes=10)})
+
+    return digits_example(
+        package,
+        loader=loader,
+        train=args.train,
+        epochs=args.digits_epochs,
+        metrics=lambda: {"accuracy": Accuracy(task="multiclass", num_classes=10)},
+    )
 
 
 def loader_seconds(package, loader: str, epochs: int) -> float:
@@ -98,13 +105,22 @@ def main(argv=None) -> int:
                 t_tlm = [r[f"{trainer}_seconds"] for r in runs["tlm"]]
                 t_ours = [r[f"{trainer}_seconds"] for r in runs["fastopt"]]
                 ratios = [a / b for a, b in zip(t_tlm, t_ours)]
-                rows.append({"example": example, "loader": loader, "trainer": trainer,
-                             "tlm_s": statistics.median(t_tlm), "fastopt_s": statistics.median(t_ours),
-                             "x_tlm_over_fastopt": statistics.median(t_tlm) / statistics.median(t_ours),
-                             "ratio_min": min(ratios), "ratio_max": max(ratios),
-                             "tlm_loss": runs["tlm"][-1][f"{trainer}_loss"],
-                             "fastopt_loss": runs["fastopt"][-1][f"{trainer}_loss"],
-                             "rounds": args.rounds, **env})
+                rows.append(
+                    {
+                        "example": example,
+                        "loader": loader,
+                        "trainer": trainer,
+                        "tlm_s": statistics.median(t_tlm),
+                        "fastopt_s": statistics.median(t_ours),
+                        "x_tlm_over_fastopt": statistics.median(t_tlm) / statistics.median(t_ours),
+                        "ratio_min": min(ratios),
+                        "ratio_max": max(ratios),
+                        "tlm_loss": runs["tlm"][-1][f"{trainer}_loss"],
+                        "fastopt_loss": runs["fastopt"][-1][f"{trainer}_loss"],
+                        "rounds": args.rounds,
+                        **env,
+                    }
+                )
                 print(_line(rows[-1]), flush=True)
     table = _table(rows)
     print("\n" + table)
@@ -117,24 +133,33 @@ def main(argv=None) -> int:
             writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(RESULTS, f"tlm_examples_{device}.md"), "a") as f:
-        f.write(f"\n## {env['device']}, torch {env['torch']}, tlm {env['tlm']}, commit {env['commit']}\n\n"
-                f"`python bench/bench_tlm_examples.py {' '.join(argv or sys.argv[1:])}`\n\n{table}\n")
+        f.write(
+            f"\n## {env['device']}, torch {env['torch']}, tlm {env['tlm']}, commit {env['commit']}\n\n"
+            f"`python bench/bench_tlm_examples.py {' '.join(argv or sys.argv[1:])}`\n\n{table}\n"
+        )
     return 0
 
 
 def _line(r: dict) -> str:
-    return (f"{r['example']:7s} {r['loader']:10s} {r['trainer']:4s} tlm {r['tlm_s']:7.2f} s  fastopt "
-            f"{r['fastopt_s']:7.2f} s  x{r['x_tlm_over_fastopt']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})  "
-            f"loss tlm {r['tlm_loss']:.4e} fastopt {r['fastopt_loss']:.4e}")
+    return (
+        f"{r['example']:7s} {r['loader']:10s} {r['trainer']:4s} tlm {r['tlm_s']:7.2f} s  fastopt "
+        f"{r['fastopt_s']:7.2f} s  x{r['x_tlm_over_fastopt']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})  "
+        f"loss tlm {r['tlm_loss']:.4e} fastopt {r['fastopt_loss']:.4e}"
+    )
 
 
 def _table(rows: List[dict]) -> str:
-    head = "| example | loader | trainer | tlm s | fastopt s | tlm / fastopt (per-round range) | final loss tlm | final loss fastopt |"
+    head = (
+        "| example | loader | trainer | tlm s | fastopt s | tlm / fastopt (per-round range) | final loss tlm "
+        "| final loss fastopt |"
+    )
     lines = [head, "|" + " --- |" * 8]
     for r in rows:
-        lines.append(f"| {r['example']} | {r['loader']} | {r['trainer']} | {r['tlm_s']:.2f} | {r['fastopt_s']:.2f} | "
-                     f"{r['x_tlm_over_fastopt']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
-                     f"{r['tlm_loss']:.4e} | {r['fastopt_loss']:.4e} |")
+        lines.append(
+            f"| {r['example']} | {r['loader']} | {r['trainer']} | {r['tlm_s']:.2f} | {r['fastopt_s']:.2f} | "
+            f"{r['x_tlm_over_fastopt']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+            f"{r['tlm_loss']:.4e} | {r['fastopt_loss']:.4e} |"
+        )
     return "\n".join(lines)
 
 

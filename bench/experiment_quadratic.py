@@ -15,6 +15,7 @@ loss over the seeds), so no method loses for want of tuning:
 
 The seed's success metric: HomotopyLR matches or beats Adam. The script states whether it did.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,15 @@ def run(method, params, seed, batch, x, y, theta_star):
     if method == "SGD+HomotopyLR":
         est = CurvatureEstimator(model, half_mse, n_samples=10, seed=seed)
         kappa0 = CurvatureEstimator(model, half_mse, n_samples=10, seed=seed).estimate(x, y)
-        sched = HomotopyLR(opt, model, half_mse, base_lr=params["lr"], curvature_target=params["target"] * kappa0,
-                           estimation_freq=params["freq"], estimator=est)
+        sched = HomotopyLR(
+            opt,
+            model,
+            half_mse,
+            base_lr=params["lr"],
+            curvature_target=params["target"] * kappa0,
+            estimation_freq=params["freq"],
+            estimator=est,
+        )
     batches = torch.Generator().manual_seed(200 + seed)
     first_hit = None
     l0 = float(half_mse(model(x), y).detach())
@@ -94,8 +102,11 @@ def run(method, params, seed, batch, x, y, theta_star):
     final = float(half_mse(model(x), y).detach())
     extra = {}
     if sched is not None:
-        extra = {"kappa_first": sched.curvature_history[0], "kappa_last": sched.curvature_history[-1],
-                 "lr_last": sched.get_last_lr()[0]}
+        extra = {
+            "kappa_first": sched.curvature_history[0],
+            "kappa_last": sched.curvature_history[-1],
+            "lr_last": sched.get_last_lr()[0],
+        }
     return final / l0, first_hit, extra
 
 
@@ -136,11 +147,19 @@ def main(argv=None) -> int:
             if method not in best or med < best[method][0]:
                 best[method] = (med, p, runs)
         # HomotopyLR with the target at the starting curvature: the rule active from step 1.
-        active = min(((statistics.median(r[0] for r in runs), p, runs) for m, p, runs in results.values()
-                      if m == "SGD+HomotopyLR" and p["target"] == 1.0), key=lambda t: t[0])
+        active = min(
+            (
+                (statistics.median(r[0] for r in runs), p, runs)
+                for m, p, runs in results.values()
+                if m == "SGD+HomotopyLR" and p["target"] == 1.0
+            ),
+            key=lambda t: t[0],
+        )
         lines.append(f"\n### {label}\n")
-        lines.append("| method | best hyperparameters | final loss / initial (median of 3 seeds) | steps to 1e-6 x initial "
-                     "| kappa first -> last | last lr |")
+        lines.append(
+            "| method | best hyperparameters | final loss / initial (median of 3 seeds) | steps to 1e-6 x initial "
+            "| kappa first -> last | last lr |"
+        )
         lines.append("| --- | --- | --- | --- | --- | --- |")
         rows = [(m, *best[m]) for m in ("SGD", "SGD+HomotopyLR", "Adam")]
         rows.append(("SGD+HomotopyLR, target = kappa_0", *active))
@@ -153,13 +172,20 @@ def main(argv=None) -> int:
             lr = f"{extra['lr_last']:.3g}" if extra else "-"
             lines.append(f"| {name} | {fmt_params(method, p, lam)} | {med:.3e} | {hit} | {kappa} | {lr} |")
         homotopy, adam = best["SGD+HomotopyLR"][0], best["Adam"][0]
-        verdicts.append(f"- {label}: best HomotopyLR {homotopy:.3e} vs best Adam {adam:.3e}: "
-                        f"{'matches or beats' if homotopy <= adam * 1.05 else 'does NOT match'} Adam (seed's metric); "
-                        f"HomotopyLR with its target at kappa_0 reaches {active[0]:.3e}, constant-LR SGD {best['SGD'][0]:.3e}.")
+        verdicts.append(
+            f"- {label}: best HomotopyLR {homotopy:.3e} vs best Adam {adam:.3e}: "
+            f"{'matches or beats' if homotopy <= adam * 1.05 else 'does NOT match'} Adam (seed's metric); "
+            f"HomotopyLR with its target at kappa_0 reaches {active[0]:.3e}, constant-LR SGD {best['SGD'][0]:.3e}."
+        )
     env = benchmarking.environment(torch.device("cpu"))
     header = " | ".join(f"{k} {v}" for k, v in env.items())
-    text = (f"\n## Experiment 1 (quadratic, condition number {CONDITION:g}, dim {DIM}, {STEPS} steps) -- {header}\n\n"
-            + "\n".join(verdicts) + "\n" + "\n".join(lines) + f"\n\n(run time {time.time() - t0:.0f} s)\n")
+    text = (
+        f"\n## Experiment 1 (quadratic, condition number {CONDITION:g}, dim {DIM}, {STEPS} steps) -- {header}\n\n"
+        + "\n".join(verdicts)
+        + "\n"
+        + "\n".join(lines)
+        + f"\n\n(run time {time.time() - t0:.0f} s)\n"
+    )
     append_text(args.out, text)
     return 0
 

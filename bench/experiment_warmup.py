@@ -10,6 +10,7 @@ measured every 10 steps (Hutchinson, 10 probes, default engine) and so are the l
 Tasks: LM next-token prediction on sequences t_{i+1} = (5 t_i + 3) mod 256 from random starts;
 CNN classification of 32x32 images whose class sets the mean of one of 10 pixel blocks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def cnn_batch(g, batch=32):
     x = torch.randn(batch, 3, 32, 32, generator=g)
     for i, c in enumerate(y.tolist()):
         r, col = divmod(c, 5)
-        x[i, :, r * 16:(r + 1) * 16, col * 6:(col + 1) * 6] += 1.0
+        x[i, :, r * 16 : (r + 1) * 16, col * 6 : (col + 1) * 6] += 1.0
     return x, y
 
 
@@ -75,14 +76,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     env = benchmarking.environment(torch.device("cpu"))
-    text = [f"\n## kappa along training (AdamW lr 1e-3, Hutchinson 10 probes) -- "
-            + " | ".join(f"{k} {v}" for k, v in env.items()) + "\n"]
+    text = [
+        "\n## kappa along training (AdamW lr 1e-3, Hutchinson 10 probes) -- "
+        + " | ".join(f"{k} {v}" for k, v in env.items())
+        + "\n"
+    ]
     for name in ("transformer", "cnn"):
         rows = trajectory(name, args.steps, args.every)
         first, low = rows[0][4], min(r[4] for r in rows)
         last = rows[-1][4]
-        text.append(f"\n### {name}: kappa {first:.3g} at step 0, min {low:.3g}, {last:.3g} at step {rows[-1][0]} "
-                    f"({'falls' if last < first else 'rises'} over the run)\n")
+        text.append(
+            f"\n### {name}: kappa {first:.3g} at step 0, min {low:.3g}, {last:.3g} at step {rows[-1][0]} "
+            f"({'falls' if last < first else 'rises'} over the run)\n"
+        )
         text.append("| step | loss | ||g||^2 | |tr H| | kappa |")
         text.append("| --- | --- | --- | --- | --- |")
         text += [f"| {s} | {loss:.4g} | {g2:.4g} | {h:.4g} | {k:.4g} |" for s, loss, g2, h, k in rows]

@@ -9,6 +9,7 @@ one the interpreter-run tests cannot see.
 
 Must run without TRITON_INTERPRET=1 (the kernels are compiled, not interpreted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,15 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastopt.kernels import (_multi_tensor, ladagrad_step, ladam_step, ladam_update_lap_step,  # noqa: E402
-                             ladam_wave_step, ladam_weight_lap_step, lrmsprop_step)
+from fastopt.kernels import (
+    _multi_tensor,
+    ladagrad_step,
+    ladam_step,
+    ladam_update_lap_step,  # noqa: E402
+    ladam_wave_step,
+    ladam_weight_lap_step,
+    lrmsprop_step,
+)
 
 KERNELS = {
     "ladam_step": (ladam_step._ladam_step_kernel, {}),
@@ -36,36 +44,61 @@ KERNELS = {
     "ladagrad_step": (ladagrad_step._ladagrad_step_kernel, {}),
     "lrmsprop_step": (lrmsprop_step._lrmsprop_step_kernel, {"MOMENTUM": True}),
 }
-POINTERS = {"tiles": "*i32", "meta": "*i64", "p_layouts": "*i64", "g_ptrs": "*i64", "g_layouts": "*i64",
-            "counters": "*i32", "tensor_counters": "*i32", "partials": "*fp32", "grad_scale": "*fp32",
-            "found_inf": "*fp32"}
+POINTERS = {
+    "tiles": "*i32",
+    "meta": "*i64",
+    "p_layouts": "*i64",
+    "g_ptrs": "*i64",
+    "g_layouts": "*i64",
+    "counters": "*i32",
+    "tensor_counters": "*i32",
+    "partials": "*fp32",
+    "grad_scale": "*fp32",
+    "found_inf": "*fp32",
+}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 def compile_kernel(kernel, constexprs, arch: int, dtype: str, stencil: int, index_64: bool, lr_on_device: bool = False):
     settings = _multi_tensor.settings()
     names = kernel.arg_names
-    const = {"TILE": settings.tile, "BORDER_LANES": settings.border_lanes, "STENCIL": stencil,
-             "IDX": tl.int64 if index_64 else tl.int32, "LR_ON_DEVICE": lr_on_device, **constexprs}
+    const = {
+        "TILE": settings.tile,
+        "BORDER_LANES": settings.border_lanes,
+        "STENCIL": stencil,
+        "IDX": tl.int64 if index_64 else tl.int32,
+        "LR_ON_DEVICE": lr_on_device,
+        **constexprs,
+    }
     pointers = {**POINTERS, "lr": "*fp32"} if lr_on_device else POINTERS
     signature = {n: pointers.get(n, f"*{dtype}" if n == "stash" else "fp32") for n in names if n not in const}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=const)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": settings.num_warps, "enable_fp_fusion": False})
+    return triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": settings.num_warps, "enable_fp_fusion": False}
+    )
 
 
 def resources(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", f.name],
-                              capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        sass = subprocess.run(
+            [os.path.join(_BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
     field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
-    return dict(registers=field("REG"), stack=field("STACK"), shared=field("SHARED"),
-                sass=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)),
-                divisions=compiled.asm["ptx"].count("div.rn.f32"))
+    return dict(
+        registers=field("REG"),
+        stack=field("STACK"),
+        shared=field("SHARED"),
+        sass=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)),
+        divisions=compiled.asm["ptx"].count("div.rn.f32"),
+    )
 
 
 def main(argv=None) -> int:
@@ -80,17 +113,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     s = _multi_tensor.settings()
     per_thread = s.tile // (32 * s.num_warps)
-    title = (f"sm_{args.arch}, {args.dtype}, {args.stencil}-point, {'int64' if args.index_64 else 'int32'} offsets; "
-             f"{s.tile} lanes, {s.num_warps} warps ({per_thread} elements per thread); triton {triton.__version__}"
-             + ("; lr read in-kernel (capturable)" if args.lr_on_device else ""))
+    title = (
+        f"sm_{args.arch}, {args.dtype}, {args.stencil}-point, {'int64' if args.index_64 else 'int32'} offsets; "
+        f"{s.tile} lanes, {s.num_warps} warps ({per_thread} elements per thread); triton {triton.__version__}"
+        + ("; lr read in-kernel (capturable)" if args.lr_on_device else "")
+    )
     lines = [f"{'kernel':<24} {'registers':>9} {'stack B':>7} {'shared B':>8} {'SASS instr':>10} {'div.rn/elem':>11}"]
     for name, (kernel, constexprs) in KERNELS.items():
         if args.only and name not in args.only:
             continue
-        r = resources(compile_kernel(kernel, constexprs, args.arch, args.dtype, args.stencil, args.index_64,
-                                     args.lr_on_device))
-        lines.append(f"{name:<24} {r['registers']:>9} {r['stack']:>7} {r['shared']:>8} {r['sass']:>10} "
-                     f"{r['divisions'] / per_thread:>11.1f}")
+        r = resources(
+            compile_kernel(kernel, constexprs, args.arch, args.dtype, args.stencil, args.index_64, args.lr_on_device)
+        )
+        lines.append(
+            f"{name:<24} {r['registers']:>9} {r['stack']:>7} {r['shared']:>8} {r['sass']:>10} "
+            f"{r['divisions'] / per_thread:>11.1f}"
+        )
         print(lines[-1] if len(lines) > 2 else "\n".join([title] + lines), flush=True)
     if args.out:
         import torch
@@ -99,8 +137,11 @@ def main(argv=None) -> int:
 
         commit = environment(torch.device("cpu"))["commit"]
         with open(args.out, "a") as f:
-            f.write(f"\n## {title}; commit {commit} (compiled without a GPU, not run)\n\n```\n"
-                    + "\n".join(lines) + "\n```\n")
+            f.write(
+                f"\n## {title}; commit {commit} (compiled without a GPU, not run)\n\n```\n"
+                + "\n".join(lines)
+                + "\n```\n"
+            )
     return 0
 
 

@@ -5,6 +5,7 @@ once), so this runs anywhere; on CUDA add one small host-to-device copy (8 bytes
 
     python bench/launch_overhead.py [--out bench/results/triton_launch_overhead.md]
 """
+
 from __future__ import annotations
 
 import argparse

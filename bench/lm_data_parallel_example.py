@@ -10,6 +10,7 @@ Every rank draws the same shuffled global batches (same seed), keeps its own sli
 step adds the ranks' J^T J, J^T r and losses, so all ranks take the same step, the step one
 process would take on the whole batch. Rank 0 prints the loss and damping after each epoch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,11 @@ def main(argv=None) -> None:
         losses = []
         for xb, yb in shuffled_batches(x, y, args.batch_size, seed=epoch):
             result = lm.step(xb[rank::world], yb[rank::world])  # this rank's slice of the global batch
-            losses.append(float(result.loss))                  # the global batch's loss, on every rank
+            losses.append(float(result.loss))  # the global batch's loss, on every rank
         if rank == 0:
-            print(f"epoch {epoch}: mean loss {sum(losses) / len(losses):.6e}, "
-                  f"damping {result.damping:.1e}, ranks {world}")
+            print(
+                f"epoch {epoch}: mean loss {sum(losses) / len(losses):.6e}, damping {result.damping:.1e}, ranks {world}"
+            )
     if distributed:
         dist.destroy_process_group()
 

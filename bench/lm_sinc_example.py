@@ -8,6 +8,7 @@ against Adam (lr 0.01, same batches) given the same wall-clock time.
 Prints the epochs (tqdm) and the final losses on all points; exit status 1 if LM does not reach
 ``--target`` (default 1e-6).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -9,15 +9,33 @@ package's optimizers and run on the fastest backend available (see :mod:`fastopt
 :mod:`fastopt.nn` ladam's normalization layers (``WaveNorm``, ``WaveNormDamped``, ``ChiNorm``) and
 neuron reordering; :mod:`fastopt.auto` ladam's per-layer-type configuration (``auto_configure``).
 """
-from . import auto, backends, lm, nn, reference, schedulers
+
+from . import auto, backends, lm, nn, reference, schedulers  # noqa: F401  (nn: kept out of __all__)
+from ._version import __version__
 from .lm import LM
 from .nn import ChiNorm, WaveNorm, WaveNormDamped, compute_neuron_order, reorder_linear_layer
 from .optim import ChiAnnealScheduler, LAdaGrad, LAdam, LAdamW, LRMSProp, WaveAdam, suggest_c2
 
-__version__ = "0.1.0"
-
 # ``nn`` (fastopt.nn) stays out of __all__: ``from fastopt import *`` would shadow ``torch.nn``.
 
-__all__ = ["LAdam", "LAdamW", "WaveAdam", "LAdaGrad", "LRMSProp", "ChiAnnealScheduler", "suggest_c2",
-           "WaveNorm", "WaveNormDamped", "ChiNorm", "compute_neuron_order", "reorder_linear_layer",
-           "auto", "backends", "reference", "schedulers", "lm", "LM", "__version__"]
+__all__ = [
+    "LAdam",
+    "LAdamW",
+    "WaveAdam",
+    "LAdaGrad",
+    "LRMSProp",
+    "ChiAnnealScheduler",
+    "suggest_c2",
+    "WaveNorm",
+    "WaveNormDamped",
+    "ChiNorm",
+    "compute_neuron_order",
+    "reorder_linear_layer",
+    "auto",
+    "backends",
+    "reference",
+    "schedulers",
+    "lm",
+    "LM",
+    "__version__",
+]

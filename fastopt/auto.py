@@ -8,6 +8,7 @@ of the model sits in types where the Laplacian coupling helped in ladam's benchm
     from fastopt.auto import auto_configure
     optimizer, scheduler = auto_configure(model, lr=1e-3, total_steps=10_000)
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,18 +16,42 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import _validation as v
 from .optim import ChiAnnealScheduler, LAdam
-from .optim import _validation as v
 
 # Module or parameter names (one dot-separated component, lower-cased) that mark attention.
-_ATTENTION_NAMES = frozenset(("self_attn", "multihead_attn", "attention", "attn", "q_proj", "k_proj",
-                              "v_proj", "out_proj", "query", "key", "value"))
+_ATTENTION_NAMES = frozenset(
+    (
+        "self_attn",
+        "multihead_attn",
+        "attention",
+        "attn",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "query",
+        "key",
+        "value",
+    )
+)
 
 # Layer type of a >= 2-D parameter by the type of the module that owns it, first match wins.
 _OWNER_TYPES = (
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
-    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-      nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), "norm"),
+    (
+        (
+            nn.BatchNorm1d,
+            nn.BatchNorm2d,
+            nn.BatchNorm3d,
+            nn.LayerNorm,
+            nn.GroupNorm,
+            nn.InstanceNorm1d,
+            nn.InstanceNorm2d,
+            nn.InstanceNorm3d,
+        ),
+        "norm",
+    ),
     ((nn.Embedding,), "embedding"),
     ((nn.Linear,), "linear"),
 )
@@ -43,11 +68,6 @@ C2_BY_LAYER_TYPE: Dict[str, float] = {
     "bias": 0.0,
     "other": 0.0,
 }
-
-
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _is_attention(name: str) -> bool:
@@ -71,16 +91,15 @@ def _layer_type(name: str, param: torch.Tensor, modules: Dict[str, nn.Module]) -
 def _typed_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     """(layer type, parameter) for each trainable parameter, in ``named_parameters`` order."""
     modules = dict(model.named_modules())
-    return [(_layer_type(name, p, modules), p) for name, p in model.named_parameters()
-            if p.requires_grad]
+    return [(_layer_type(name, p, modules), p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def _architecture(model: nn.Module) -> str:
     """'transformer', 'rnn', 'cnn' or 'mlp', checked in that order (ladam's rule)."""
     modules = list(model.modules())
-    if (any(_is_attention(name) for name, _ in model.named_parameters())
-            or any("attention" in t or "transformer" in t
-                   for t in (type(m).__name__.lower() for m in modules))):
+    if any(_is_attention(name) for name, _ in model.named_parameters()) or any(
+        "attention" in t or "transformer" in t for t in (type(m).__name__.lower() for m in modules)
+    ):
         return "transformer"
     if any(isinstance(m, (nn.RNN, nn.LSTM, nn.GRU)) for m in modules):
         return "rnn"
@@ -108,7 +127,7 @@ def analyze_model(model: nn.Module) -> Dict[str, Any]:
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
     """
-    _check_model(model)
+    v.nn_module("model", model)
     counts: Dict[str, int] = {}
     sizes: Dict[str, int] = {}
     for kind, p in _typed_parameters(model):
@@ -121,14 +140,20 @@ def analyze_model(model: nn.Module) -> Dict[str, Any]:
     pct = 100.0 * coupled_params / total if total > 0 else 0.0
     # The sentences are ladam's, word for word (the report is compared to ladam's).
     if not coupled:
-        rec = (f"Architecture '{arch}' has no layer types where LAdamW's Laplacian "
-               f"provides measured benefit. Consider using standard AdamW.")
+        rec = (
+            f"Architecture '{arch}' has no layer types where LAdamW's Laplacian "
+            f"provides measured benefit. Consider using standard AdamW."
+        )
     elif pct < 10:
-        rec = (f"Only {pct:.1f}% of parameters ({coupled_params:,} / {total:,}) "
-               f"benefit from Laplacian coupling. Mixed optimizer recommended.")
+        rec = (
+            f"Only {pct:.1f}% of parameters ({coupled_params:,} / {total:,}) "
+            f"benefit from Laplacian coupling. Mixed optimizer recommended."
+        )
     else:
-        rec = (f"{pct:.1f}% of parameters ({coupled_params:,} / {total:,}) are in "
-               f"layer types where LAdamW showed gains. Good candidate for LAdamW.")
+        rec = (
+            f"{pct:.1f}% of parameters ({coupled_params:,} / {total:,}) are in "
+            f"layer types where LAdamW showed gains. Good candidate for LAdamW."
+        )
     return {
         "architecture": arch,
         "total_params": total,
@@ -139,10 +164,15 @@ def analyze_model(model: nn.Module) -> Dict[str, Any]:
     }
 
 
-def auto_configure(model: nn.Module, lr: float = 1e-3, total_steps: Optional[int] = None,
-                   total_epochs: Optional[int] = None, steps_per_epoch: Optional[int] = None,
-                   weight_decay: float = 0.0, use_scheduler: bool = True,
-                   ) -> Tuple[LAdam, Optional[ChiAnnealScheduler]]:
+def auto_configure(
+    model: nn.Module,
+    lr: float = 1e-3,
+    total_steps: Optional[int] = None,
+    total_epochs: Optional[int] = None,
+    steps_per_epoch: Optional[int] = None,
+    weight_decay: float = 0.0,
+    use_scheduler: bool = True,
+) -> Tuple[LAdam, Optional[ChiAnnealScheduler]]:
     """A :class:`fastopt.LAdam` with per-layer-type ``c2`` and, optionally, a
     :class:`fastopt.ChiAnnealScheduler`, as ``ladam.auto.auto_configure`` 0.4.1 builds them.
 
@@ -176,28 +206,33 @@ def auto_configure(model: nn.Module, lr: float = 1e-3, total_steps: Optional[int
         ...     optimizer.step(); optimizer.zero_grad()
         ...     if scheduler: scheduler.step()
     """
-    _check_model(model)
-    v.finite("lr", lr)
-    if not float(lr) > 0:
-        raise ValueError(f"Invalid lr: {lr!r} (must be > 0)")
-    for name, value in (("total_steps", total_steps), ("total_epochs", total_epochs),
-                        ("steps_per_epoch", steps_per_epoch)):
-        if value is not None:
-            v.int_at_least(1)(name, value)
-    v.finite("weight_decay", weight_decay)
-    v.at_least(0.0)("weight_decay", weight_decay)
+    v.nn_module("model", model)
+    v.finite_positive("lr", lr)
+    for name, value in (
+        ("total_steps", total_steps),
+        ("total_epochs", total_epochs),
+        ("steps_per_epoch", steps_per_epoch),
+    ):
+        v.optional(v.int_at_least(1))(name, value)
+    v.at_least(0.0, finite=True)("weight_decay", weight_decay)
     v.flag("use_scheduler", use_scheduler)
 
     if total_steps is None and total_epochs is not None and steps_per_epoch is not None:
         total_steps = total_epochs * steps_per_epoch
     if total_steps is None and use_scheduler:
-        raise ValueError("Either total_steps or (total_epochs + steps_per_epoch) "
-                         "required when use_scheduler=True")
+        raise ValueError("Either total_steps or (total_epochs + steps_per_epoch) required when use_scheduler=True")
 
     by_c2: Dict[float, List[nn.Parameter]] = {}
     for kind, p in _typed_parameters(model):
         by_c2.setdefault(C2_BY_LAYER_TYPE[kind], []).append(p)
-    optimizer = LAdam([{"params": params, "c2": c2, "lr": lr, "weight_decay": weight_decay}
-                       for c2, params in sorted(by_c2.items(), key=lambda item: item[0])])
-    scheduler = ChiAnnealScheduler(optimizer, total_steps=total_steps) if use_scheduler else None
+    optimizer = LAdam(
+        [
+            {"params": params, "c2": c2, "lr": lr, "weight_decay": weight_decay}
+            for c2, params in sorted(by_c2.items(), key=lambda item: item[0])
+        ]
+    )
+    scheduler = None
+    if use_scheduler:
+        assert total_steps is not None  # use_scheduler without total_steps raised above
+        scheduler = ChiAnnealScheduler(optimizer, total_steps=total_steps)
     return optimizer, scheduler

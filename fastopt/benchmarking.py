@@ -8,7 +8,17 @@ peers measured in the same run:
 * ``speedup_vs_ladam``: ladam's step time / step time (higher is better);
 * ``GBps``: the bytes an optimal fused step must move (read p, g and each state tensor, write p
   and the state) per second, beside ``copy_GBps``, a device copy of the same bytes in this run.
+
+Why these hand-written tables beside the pytest-benchmark suite (``pytest bench --benchmark-only``,
+bench/test_microbench_*.py, which tracks each provider's time across commits with
+``--benchmark-autosave`` / ``--benchmark-compare``): pytest-benchmark stores absolute times per
+test and compares a test with its own earlier runs; between tests of one run it shows only each
+column's factor against the column's best. The ratios above are results: each row's against the
+peers and the GB/s against a copy timed in the same run, written as columns of one CSV with the
+device, versions and commit (bench/results/), and on CUDA timed by ``triton.testing.do_bench``
+(L2 flushed between calls) rather than by the wall clock around a synchronised call.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,7 +31,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
@@ -37,8 +47,17 @@ def resnet50_shapes() -> List[Shape]:
     in_ch = 64
     for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
         for b in range(blocks):
-            shapes += [(width, in_ch, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
-                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            shapes += [
+                (width, in_ch, 1, 1),
+                (width,),
+                (width,),
+                (width, width, 3, 3),
+                (width,),
+                (width,),
+                (4 * width, width, 1, 1),
+                (4 * width,),
+                (4 * width,),
+            ]
             if b == 0:
                 shapes += [(4 * width, in_ch, 1, 1), (4 * width,), (4 * width,)]
             in_ch = 4 * width
@@ -48,10 +67,10 @@ def resnet50_shapes() -> List[Shape]:
 def small_tensors_shapes(n: int = 1000, low: int = 1024, high: int = 65536, seed: int = 0) -> List[Shape]:
     """``n`` 2-D tensors of ``low`` to ``high`` elements (sizes log-uniform, fixed by ``seed``)."""
     rng = random.Random(seed)
-    out = []
+    out: List[Shape] = []
     for _ in range(n):
         numel = int(math.exp(rng.uniform(math.log(low), math.log(high))))
-        rows = max(3, int(numel ** 0.5))
+        rows = max(3, int(numel**0.5))
         out.append((rows, max(3, numel // rows)))
     return out
 
@@ -78,16 +97,43 @@ WORKLOADS: Dict[str, Callable[[], List[Shape]]] = {
 
 
 # -- providers -------------------------------------------------------------------------------------
+class FamilySpec(TypedDict):
+    """An entry of :data:`FAMILY`."""
+
+    cls: str  # the fastopt optimizer (fastopt.optim)
+    op: str  # its backend op
+    ladam: str  # its twin in ladam
+    state_tensors: int  # state tensors per parameter
+    torch_peers: Dict[str, Callable[..., torch.optim.Optimizer]]
+
+
 # Per fastopt optimizer: its torch peers and its ladam twin. Learning rates are small so that
 # parameters stay finite over thousands of timed steps.
-FAMILY = {
-    "ladam": dict(cls="LAdam", op="ladam_step", ladam="LAdamW", state_tensors=2,
-                  torch_peers={"torch.Adam(fused)": partial(torch.optim.Adam, fused=True),
-                               "torch.Adam(foreach)": partial(torch.optim.Adam, foreach=True)}),
-    "ladagrad": dict(cls="LAdaGrad", op="ladagrad_step", ladam="LAdaGrad", state_tensors=1,
-                     torch_peers={"torch.Adagrad(foreach)": partial(torch.optim.Adagrad, foreach=True)}),
-    "lrmsprop": dict(cls="LRMSProp", op="lrmsprop_step", ladam="LRMSProp", state_tensors=1,
-                     torch_peers={"torch.RMSprop(foreach)": partial(torch.optim.RMSprop, foreach=True)}),
+FAMILY: Dict[str, FamilySpec] = {
+    "ladam": dict(
+        cls="LAdam",
+        op="ladam_step",
+        ladam="LAdamW",
+        state_tensors=2,
+        torch_peers={
+            "torch.Adam(fused)": partial(torch.optim.Adam, fused=True),
+            "torch.Adam(foreach)": partial(torch.optim.Adam, foreach=True),
+        },
+    ),
+    "ladagrad": dict(
+        cls="LAdaGrad",
+        op="ladagrad_step",
+        ladam="LAdaGrad",
+        state_tensors=1,
+        torch_peers={"torch.Adagrad(foreach)": partial(torch.optim.Adagrad, foreach=True)},
+    ),
+    "lrmsprop": dict(
+        cls="LRMSProp",
+        op="lrmsprop_step",
+        ladam="LRMSProp",
+        state_tensors=1,
+        torch_peers={"torch.RMSprop(foreach)": partial(torch.optim.RMSprop, foreach=True)},
+    ),
 }
 
 
@@ -104,6 +150,7 @@ def providers(family: str, device: torch.device, dtype: torch.dtype) -> Dict[str
         out[name] = partial(ctor, lr=1e-4)
     try:
         import ladam
+
         out[f"ladam.{spec['ladam']}"] = partial(getattr(ladam, spec["ladam"]), lr=1e-4)
     except ImportError:
         pass
@@ -129,8 +176,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, min_time_s: float = 0.5, max_reps: int = 1000,
-            warmup: int = 3) -> Tuple[float, float, float, int]:
+def measure(
+    fn: Callable[[], object], device: torch.device, min_time_s: float = 0.5, max_reps: int = 1000, warmup: int = 3
+) -> Tuple[float, float, float, int]:
     """(p50, p20, p80) milliseconds per call of ``fn`` and the number of timed calls.
 
     CUDA: triton.testing.do_bench when triton imports (it flushes the L2 between calls), else CUDA
@@ -139,6 +187,7 @@ def measure(fn: Callable[[], object], device: torch.device, min_time_s: float = 
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
+
             p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=int(min_time_s * 1000))
             return p50, p20, p80, -1
         except ImportError:
@@ -191,9 +240,12 @@ def environment(device: torch.device) -> Dict[str, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        name = (
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        )
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "-"
@@ -206,12 +258,24 @@ def environment(device: torch.device) -> Dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         commit = "-"
     from . import __version__
-    return {"device": f"{device.type}: {name}", "torch": torch.__version__, "triton": triton_version,
-            "fastopt": __version__, "commit": commit}
+
+    return {
+        "device": f"{device.type}: {name}",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastopt": __version__,
+        "commit": commit,
+    }
 
 
-def bench_workload(family: str, workload: str, device, dtype, min_time_s: float = 0.5,
-                   only: Optional[Sequence[str]] = None) -> List[Row]:
+def bench_workload(
+    family: str,
+    workload: str,
+    device: Union[str, torch.device],
+    dtype: torch.dtype,
+    min_time_s: float = 0.5,
+    only: Optional[Sequence[str]] = None,
+) -> List[Row]:
     """Time one optimizer step of every provider on one workload; ratios against the peers."""
     device = torch.device(device)
     shapes = WORKLOADS[workload]()
@@ -220,9 +284,9 @@ def bench_workload(family: str, workload: str, device, dtype, min_time_s: float 
     moved = n_params * elem * (3 + 2 * FAMILY[family]["state_tensors"])  # p, g read; p written; state r+w
     src = torch.empty(moved // 2 // elem, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    copy_ms = measure(lambda: dst.copy_(src), device, min_time_s)[0]
+    copy_ms = measure(lambda: dst.copy_(src), device, min_time_s)[0]  # noqa: F821 (ruff: `del` below)
     copy_gbps = moved / copy_ms / 1e6
-    del src, dst
+    del src, dst  # free the copy's buffers before the providers allocate theirs
     meta = environment(device)
     rows = []
     for name, ctor in providers(family, device, dtype).items():
@@ -231,8 +295,23 @@ def bench_workload(family: str, workload: str, device, dtype, min_time_s: float 
         params = _make_params(shapes, device, dtype)
         opt = ctor(params)
         p50, p20, p80, reps = measure(opt.step, device, min_time_s)
-        rows.append(Row(family, workload, len(shapes), n_params, str(dtype).replace("torch.", ""), name,
-                        p50, p20, p80, reps, GBps=moved / p50 / 1e6, copy_GBps=copy_gbps, meta=meta))
+        rows.append(
+            Row(
+                family,
+                workload,
+                len(shapes),
+                n_params,
+                str(dtype).replace("torch.", ""),
+                name,
+                p50,
+                p20,
+                p80,
+                reps,
+                GBps=moved / p50 / 1e6,
+                copy_GBps=copy_gbps,
+                meta=meta,
+            )
+        )
         del opt, params
     fused = next((r.ms_p50 for r in rows if r.provider == "torch.Adam(fused)"), None)
     ladam_ms = next((r.ms_p50 for r in rows if r.provider.startswith("ladam.")), None)
@@ -248,11 +327,31 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    head = ("workload", "dtype", "provider", "ms p50", "p20-p80", "time/Adam(fused)", "ladam time/time",
-            "GB/s", "copy GB/s")
-    lines = [(r.workload, r.dtype, r.provider, _fmt(r.ms_p50, ".3f"), f"{r.ms_p20:.3f}-{r.ms_p80:.3f}",
-              _fmt(r.time_vs_fused_adam, ".2f"), _fmt(r.speedup_vs_ladam, ".1f"),
-              _fmt(r.GBps, ".1f"), _fmt(r.copy_GBps, ".1f")) for r in rows]
+    head = (
+        "workload",
+        "dtype",
+        "provider",
+        "ms p50",
+        "p20-p80",
+        "time/Adam(fused)",
+        "ladam time/time",
+        "GB/s",
+        "copy GB/s",
+    )
+    lines = [
+        (
+            r.workload,
+            r.dtype,
+            r.provider,
+            _fmt(r.ms_p50, ".3f"),
+            f"{r.ms_p20:.3f}-{r.ms_p80:.3f}",
+            _fmt(r.time_vs_fused_adam, ".2f"),
+            _fmt(r.speedup_vs_ladam, ".1f"),
+            _fmt(r.GBps, ".1f"),
+            _fmt(r.copy_GBps, ".1f"),
+        )
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])

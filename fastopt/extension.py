@@ -1,22 +1,24 @@
 """Backends ``cpu`` and ``cuda``: the C++/CUDA extension ``fastopt._C`` (sources in csrc/).
 
 The extension registers ``torch.ops.fastopt.ladam_step``, ``ladagrad_step``, ``lrmsprop_step``
-and the Gram-matrix ops ``jacobian_products`` and ``batched_gram`` (schemas with TORCH_LIBRARY, kernels per dispatch key: CPU, and CUDA where it
-was built with CUDA). This module wraps them in functions with the signatures of
-:mod:`fastopt.reference` (``ladam_step_cpu``, ``ladam_step_cuda``, ...) and registers their fake
-implementations, so that torch.compile can trace through an optimizer step. Every step op takes
-the optional AMP inputs ``grad_scale`` and ``found_inf`` (:mod:`fastopt.reference._amp`) and an
-``lr`` that may be a device tensor (capturable steps: read in-kernel on CUDA).
+and the Gram-matrix ops ``jacobian_products`` and ``batched_gram`` (schemas with TORCH_LIBRARY,
+kernels per dispatch key: CPU, and CUDA where it was built with CUDA). This module wraps them in
+functions with the signatures of :mod:`fastopt.reference` (``ladam_step_cpu``,
+``ladam_step_cuda``, ...) and registers their fake implementations, so that torch.compile can
+trace through an optimizer step. Every step op takes the optional AMP inputs ``grad_scale`` and
+``found_inf`` (:mod:`fastopt.reference._amp`) and an ``lr`` that may be a device tensor
+(capturable steps: read in-kernel on CUDA).
 
 Loading, once per process:
 
 1. ``import fastopt._C``: the build made by ``pip install --no-build-isolation .``;
 2. else, unless ``FASTOPT_JIT_BUILD=0``, compile csrc/ with ``torch.utils.cpp_extension.load``
-   (needs ninja and a C++ compiler; cached under ``TORCH_EXTENSIONS_DIR``, so only the first
-   process pays for the build);
+   and setup.py's sources and flags (:mod:`fastopt._extension_build`; needs ninja and a C++
+   compiler; cached under ``TORCH_EXTENSIONS_DIR``, so only the first process pays for the build);
 3. else raise ImportError saying why, after a one-line warning: :mod:`fastopt.backends` then
    reports the reason for backends "cpu" and "cuda", and ``backend="auto"`` uses "torch".
 """
+
 from __future__ import annotations
 
 import os
@@ -31,9 +33,21 @@ from .reference._amp import check_lr
 from .reference.batched_lsq import check_gram_inputs
 from .reference.lm import check_jacobian_products_args
 
-__all__ = ["DTYPES", "UNAVAILABLE", "BUILD", "ladam_step_cpu", "ladam_step_cuda", "ladagrad_step_cpu",
-           "ladagrad_step_cuda", "lrmsprop_step_cpu", "lrmsprop_step_cuda", "jacobian_products_cpu",
-           "jacobian_products_cuda", "batched_gram_cpu", "batched_gram_cuda"]
+__all__ = [
+    "DTYPES",
+    "UNAVAILABLE",
+    "BUILD",
+    "ladam_step_cpu",
+    "ladam_step_cuda",
+    "ladagrad_step_cpu",
+    "ladagrad_step_cuda",
+    "lrmsprop_step_cpu",
+    "lrmsprop_step_cuda",
+    "jacobian_products_cpu",
+    "jacobian_products_cuda",
+    "batched_gram_cpu",
+    "batched_gram_cuda",
+]
 
 JIT_ENV = "FASTOPT_JIT_BUILD"
 _JIT_NAME = "fastopt_C"
@@ -64,21 +78,33 @@ def _jit_build() -> str:
     if not cpp:
         raise ImportError(f"no C++ sources in {build.CSRC} to build from (install from a source checkout)")
     with_cuda, _ = build.cuda_buildable(cu)
+    flags = build.config()
     _put_pip_ninja_on_path()
-    warnings.warn(f"fastopt: fastopt._C is not built; building it from {build.CSRC} with "
-                  "torch.utils.cpp_extension.load (once: cached under TORCH_EXTENSIONS_DIR)", stacklevel=3)
+    warnings.warn(
+        f"fastopt: fastopt._C is not built; building it from {build.CSRC} with "
+        "torch.utils.cpp_extension.load (once: cached under TORCH_EXTENSIONS_DIR)"
+        + (f". {flags.note}" if flags.note else ""),
+        stacklevel=3,
+    )
     cpp_extension.load(
-        name=_JIT_NAME, sources=cpp + (cu if with_cuda else []), extra_include_paths=[build.CSRC],
-        extra_cflags=build.CXX_FLAGS + ([f"-D{build.CUDA_MACRO}"] if with_cuda else []),
-        extra_cuda_cflags=build.NVCC_FLAGS + [f"-D{build.CUDA_MACRO}"], extra_ldflags=build.LD_FLAGS,
-        is_python_module=False, verbose=False)
+        name=_JIT_NAME,
+        sources=cpp + (cu if with_cuda else []),
+        extra_include_paths=[build.CSRC],
+        extra_cflags=flags.cxx_flags + ([f"-D{build.CUDA_MACRO}"] if with_cuda else []),
+        extra_cuda_cflags=build.NVCC_FLAGS + [f"-D{build.CUDA_MACRO}"],
+        extra_ldflags=flags.ld_flags,
+        is_python_module=False,
+        verbose=False,
+    )
     return "built at run time from csrc/"
 
 
 def _load_library() -> str:
     """Make torch.ops.fastopt available; returns where the library came from."""
     try:
-        from . import _C  # noqa: F401  (importing it registers the ops)
+        # The compiled extension has no stub (mypy reads no .so); importing it registers the ops.
+        from . import _C  # type: ignore[attr-defined]  # noqa: F401
+
         return "fastopt._C"
     except ImportError as err:
         installed = _short(err)
@@ -102,9 +128,14 @@ _DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16
 _STEP_OPS = ("ladam_step", "ladagrad_step", "lrmsprop_step")
 DTYPES = {op: _DTYPES for op in _STEP_OPS + ("jacobian_products", "batched_gram")}
 # Backends this build cannot serve, and why (fastopt.backends reports it).
-UNAVAILABLE = {} if "cuda" in _INFO.split() else {
-    "cuda": f"this build of the extension has no CUDA kernels ({_INFO}): torch had no CUDA or nvcc was "
-            "missing when it was compiled"}
+UNAVAILABLE = (
+    {}
+    if "cuda" in _INFO.split()
+    else {
+        "cuda": f"this build of the extension has no CUDA kernels ({_INFO}): torch had no CUDA or nvcc was "
+        "missing when it was compiled"
+    }
+)
 
 
 def _lr_args(lr, device: torch.device) -> dict:
@@ -116,46 +147,123 @@ def _lr_args(lr, device: torch.device) -> dict:
     return dict(lr=float("nan"), lr_tensor=lr) if isinstance(lr, Tensor) else dict(lr=float(lr), lr_tensor=None)
 
 
-def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-               exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], use_laps: Sequence[bool], *, lr: float,
-               beta1: float, beta2: float, eps: float, weight_decay: float, c2: float, stencil: str,
-               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+def ladam_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    use_laps: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    c2: float,
+    stencil: str,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
     """LAdam step, mode variance_lap, fused: the math of
     :func:`fastopt.reference.ladam_step_reference` in one pass over each tensor."""
     if not params:  # the dispatcher needs a tensor to pick the kernel by; nothing to do anyway
         return
-    _OPS.ladam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps),
-                    [bool(u) for u in use_laps], **_lr_args(lr, params[0].device), beta1=float(beta1),
-                    beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay), c2=float(c2),
-                    stencil=stencil, grad_scale=grad_scale, found_inf=found_inf)
+    _OPS.ladam_step(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        list(steps),
+        [bool(u) for u in use_laps],
+        **_lr_args(lr, params[0].device),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        c2=float(c2),
+        stencil=stencil,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
 
 
-def ladagrad_step(params: Sequence[Tensor], grads: Sequence[Tensor], state_sums: Sequence[Tensor],
-                  steps: Sequence[Tensor], use_laps: Sequence[bool], *, lr: float, lr_decay: float, eps: float,
-                  weight_decay: float, c2: float, stencil: str, grad_scale: Optional[Tensor] = None,
-                  found_inf: Optional[Tensor] = None) -> None:
+def ladagrad_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state_sums: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    use_laps: Sequence[bool],
+    *,
+    lr: float,
+    lr_decay: float,
+    eps: float,
+    weight_decay: float,
+    c2: float,
+    stencil: str,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
     """LAdaGrad step fused: the math of :func:`fastopt.reference.ladagrad_step_reference`."""
     if not params:
         return
-    _OPS.ladagrad_step(list(params), list(grads), list(state_sums), list(steps), [bool(u) for u in use_laps],
-                       **_lr_args(lr, params[0].device), lr_decay=float(lr_decay), eps=float(eps),
-                       weight_decay=float(weight_decay), c2=float(c2), stencil=stencil, grad_scale=grad_scale,
-                       found_inf=found_inf)
+    _OPS.ladagrad_step(
+        list(params),
+        list(grads),
+        list(state_sums),
+        list(steps),
+        [bool(u) for u in use_laps],
+        **_lr_args(lr, params[0].device),
+        lr_decay=float(lr_decay),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        c2=float(c2),
+        stencil=stencil,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
 
 
-def lrmsprop_step(params: Sequence[Tensor], grads: Sequence[Tensor], square_avgs: Sequence[Tensor],
-                  momentum_buffers: Optional[Sequence[Tensor]], steps: Sequence[Tensor], use_laps: Sequence[bool],
-                  *, lr: float, alpha: float, eps: float, weight_decay: float, momentum: float, c2: float,
-                  stencil: str, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+def lrmsprop_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    square_avgs: Sequence[Tensor],
+    momentum_buffers: Optional[Sequence[Tensor]],
+    steps: Sequence[Tensor],
+    use_laps: Sequence[bool],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    c2: float,
+    stencil: str,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
     """LRMSProp step fused: the math of :func:`fastopt.reference.lrmsprop_step_reference`
     (``momentum_buffers`` is None, or ignored, when momentum is 0)."""
     if not params:
         return
     buffers: List[Tensor] = list(momentum_buffers) if momentum > 0 and momentum_buffers is not None else []
-    _OPS.lrmsprop_step(list(params), list(grads), list(square_avgs), buffers, list(steps),
-                       [bool(u) for u in use_laps], **_lr_args(lr, params[0].device), alpha=float(alpha),
-                       eps=float(eps), weight_decay=float(weight_decay), momentum=float(momentum), c2=float(c2),
-                       stencil=stencil, grad_scale=grad_scale, found_inf=found_inf)
+    _OPS.lrmsprop_step(
+        list(params),
+        list(grads),
+        list(square_avgs),
+        buffers,
+        list(steps),
+        [bool(u) for u in use_laps],
+        **_lr_args(lr, params[0].device),
+        alpha=float(alpha),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        momentum=float(momentum),
+        c2=float(c2),
+        stencil=stencil,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
 
 
 def jacobian_products(a: Tensor, out: Tensor, *, scale: float, shift: Optional[Tensor] = None) -> Tensor:

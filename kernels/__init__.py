@@ -10,9 +10,11 @@ the in-place Laplacian stays race-free, is in ``_multi_tensor.py``. On CPU tenso
 in Triton's interpreter, which triton reads from ``TRITON_INTERPRET=1`` when a kernel is
 decorated, i.e. when this package is first imported: set it before that.
 """
+
 import torch
 import triton  # noqa: F401  (the backend is unavailable without it; backends reports why)
 
+from ._library import traceable
 from .batched_gram import BATCHED_GRAM_DTYPES, batched_gram_triton
 from .jacobian_products import JACOBIAN_PRODUCTS_DTYPES, jacobian_products_triton
 from .ladagrad_step import ladagrad_step_triton
@@ -21,8 +23,6 @@ from .ladam_update_lap_step import ladam_update_lap_step_triton
 from .ladam_wave_step import ladam_wave_step_triton
 from .ladam_weight_lap_step import ladam_weight_lap_step_triton
 from .lrmsprop_step import lrmsprop_step_triton
-
-from ._library import traceable
 
 # torch.compile sees each LAdam-family launcher as one opaque custom op, torch.ops.fastopt_triton.<op>
 # (kernels/_library.py); eagerly the launchers run directly.
@@ -37,12 +37,29 @@ _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32})
 # What fastopt.backends reads: the dtypes each op takes (LAdam family: math in fp32, state in the
 # parameter's dtype).
 DTYPES = {
-    **{op: _FLOATS for op in ("ladam_step", "ladam_update_lap_step", "ladam_weight_lap_step", "ladam_wave_step",
-                              "ladagrad_step", "lrmsprop_step")},
+    **{
+        op: _FLOATS
+        for op in (
+            "ladam_step",
+            "ladam_update_lap_step",
+            "ladam_weight_lap_step",
+            "ladam_wave_step",
+            "ladagrad_step",
+            "lrmsprop_step",
+        )
+    },
     "batched_gram": BATCHED_GRAM_DTYPES,
     "jacobian_products": JACOBIAN_PRODUCTS_DTYPES,
 }
 
-__all__ = ["DTYPES", "ladam_step_triton", "ladam_update_lap_step_triton", "ladam_weight_lap_step_triton",
-           "ladam_wave_step_triton", "ladagrad_step_triton", "lrmsprop_step_triton", "batched_gram_triton",
-           "jacobian_products_triton"]
+__all__ = [
+    "DTYPES",
+    "ladam_step_triton",
+    "ladam_update_lap_step_triton",
+    "ladam_weight_lap_step_triton",
+    "ladam_wave_step_triton",
+    "ladagrad_step_triton",
+    "lrmsprop_step_triton",
+    "batched_gram_triton",
+    "jacobian_products_triton",
+]

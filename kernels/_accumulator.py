@@ -5,6 +5,7 @@ square average (keep = alpha, gain = 1 - alpha).
 Math: fastopt/reference/siblings.py. The denominator of LAdaGrad and LRMSProp is
 ``sqrt(max(a + c2 lap(a), 0)) + eps`` where the tensor uses the Laplacian, else ``sqrt(a) + eps``.
 """
+
 import triton
 import triton.language as tl
 

@@ -4,6 +4,7 @@ Math: fastopt/reference/ladam.py::_adam_step. ``m <- b1 m + (1 - b1) g``,
 ``v <- b2 v + (1 - b2) g^2``, bias corrections ``1 - b^t`` per tensor from its step count, the
 Adam direction ``m_hat / (sqrt(v_hat) + eps)``.
 """
+
 import triton
 import triton.language as tl
 
@@ -11,16 +12,29 @@ from ._multi_tensor import launch, load_tile, offsets, one_minus_powers, stencil
 
 
 @triton.jit
-def adam_tile(tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, beta1, one_minus_beta1, beta2,
-              one_minus_beta2,
-              TILE: tl.constexpr, IDX: tl.constexpr):
+def adam_tile(
+    tiles,
+    meta,
+    p_layouts,
+    g_ptrs,
+    g_layouts,
+    stash,
+    grad_scale,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    TILE: tl.constexpr,
+    IDX: tl.constexpr,
+):
     """:func:`load_tile`, then m and v loaded and updated and the bias corrections ``1 - b^t``.
 
     Returns ``(geo, elem, pointers, p_layout, g_layout, p_at, (p, g, m, v), (bias1, bias2), g_factor)``:
     pointers = (param, grad, m, v, third state), values in fp32, m and v already this step's.
     """
     geo, elem, pointers, p_layout, g_layout, p_at, p, g, g_factor = load_tile(
-        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX
+    )
     flat, valid = elem[2], elem[3]
     m = tl.load(pointers[2] + flat, mask=valid, other=0.0).to(tl.float32) * beta1 + one_minus_beta1 * g
     v = tl.load(pointers[3] + flat, mask=valid, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
@@ -65,17 +79,44 @@ def adam_launcher(kernel, stashed: int, op: str):
     ``fastopt.reference.<op>_reference``; ``stashed``: how many of p, m, v the mode reads at
     neighbours (see kernels/_multi_tensor.py)."""
 
-    def launcher(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, *, lr, beta1, beta2, eps, weight_decay, c2,
-                 stencil, grad_scale=None, found_inf=None) -> None:
+    def launcher(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        use_laps,
+        *,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        c2,
+        stencil,
+        grad_scale=None,
+        found_inf=None,
+    ) -> None:
         if not params:
             return
         code = stencil_code(stencil)
         table = table_for(params, (exp_avgs, exp_avg_sqs), steps, use_laps, stashed=stashed)
-        launch(kernel, table, grads, lr, weight_decay, (beta1, 1 - beta1, beta2, 1 - beta2, eps, c2),
-               grad_scale, found_inf, STENCIL=code)
+        launch(
+            kernel,
+            table,
+            grads,
+            lr,
+            weight_decay,
+            (beta1, 1 - beta1, beta2, 1 - beta2, eps, c2),
+            grad_scale,
+            found_inf,
+            STENCIL=code,
+        )
 
     launcher.__name__ = launcher.__qualname__ = f"{op}_triton"
-    launcher.__doc__ = (f"fastopt.reference.{op}_reference in one Triton launch (same signature and results).\n\n"
-                        "``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.\n"
-                        "``lr``: a float, or a 1-element float32 tensor on the params' device, read in-kernel.")
+    launcher.__doc__ = (
+        f"fastopt.reference.{op}_reference in one Triton launch (same signature and results).\n\n"
+        "``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.\n"
+        "``lr``: a float, or a 1-element float32 tensor on the params' device, read in-kernel."
+    )
     return launcher

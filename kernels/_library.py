@@ -10,6 +10,7 @@ nothing and only write their inputs.
 Eagerly the launchers run directly (a dispatcher round trip costs more than the launch overhead
 they were written to avoid); while torch.compile traces, the same functions call the custom ops.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,8 +22,10 @@ NAMESPACE = "fastopt_triton"
 
 _ADAM_KEYWORDS = "float lr, float beta1, float beta2, float eps, float weight_decay, float c2, str stencil"
 _AMP = "Tensor? grad_scale=None, Tensor? found_inf=None"
-_EMA_MODE = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-             f"Tensor[] steps, bool[] use_laps, *, {_ADAM_KEYWORDS}, {_AMP}) -> ()")
+_EMA_MODE = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    f"Tensor[] steps, bool[] use_laps, *, {_ADAM_KEYWORDS}, {_AMP}) -> ()"
+)
 SCHEMAS: Dict[str, str] = {
     "ladam_step": _EMA_MODE,
     "ladam_update_lap_step": _EMA_MODE,
@@ -31,14 +34,17 @@ SCHEMAS: Dict[str, str] = {
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] prev_exp_avg_sqs, Tensor(e!)[] wave_e0_sqs, Tensor[] steps, bool[] use_laps, *, float lr, "
         "float beta1, float eps, float weight_decay, float c2, str stencil, float wave_dt, float wave_kappa, "
-        f"float wave_E0, float wave_damping, {_AMP}) -> ()"),
+        f"float wave_E0, float wave_damping, {_AMP}) -> ()"
+    ),
     "ladagrad_step": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor[] steps, bool[] use_laps, *, "
-        f"float lr, float lr_decay, float eps, float weight_decay, float c2, str stencil, {_AMP}) -> ()"),
+        f"float lr, float lr_decay, float eps, float weight_decay, float c2, str stencil, {_AMP}) -> ()"
+    ),
     "lrmsprop_step": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] momentum_buffers, "
         "Tensor[] steps, bool[] use_laps, *, float lr, float alpha, float eps, float weight_decay, "
-        f"float momentum, float c2, str stencil, {_AMP}) -> ()"),
+        f"float momentum, float c2, str stencil, {_AMP}) -> ()"
+    ),
 }
 
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")  # kept alive: dropping it unregisters the ops
@@ -52,6 +58,7 @@ def _lrmsprop_launch(launcher: Callable) -> Callable:
     # The schema's empty list back to the launchers' None ("no momentum buffers").
     def launch(params, grads, square_avgs, momentum_buffers, *args, **kwargs):
         return launcher(params, grads, square_avgs, list(momentum_buffers) or None, *args, **kwargs)
+
     return launch
 
 

@@ -59,6 +59,7 @@ bytes per tile. For LAdam (variance_lap, fp32) that is at most 7.1% on top of th
 parameter of the roofline, if none of it hit in L2 (``bench/stencil_cost.py``,
 ``bench/results/triton_stencil_cost.md``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -111,7 +112,7 @@ LAP_STENCIL = tl.constexpr(2)
 MAX_DIMS = tl.constexpr(8)
 LAYOUT_FIELDS = tl.constexpr(1 + 2 * 8)
 
-_INT32_LIMIT = 2 ** 31
+_INT32_LIMIT = 2**31
 _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
 
@@ -141,7 +142,7 @@ class LaunchSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"Invalid {name}: {value!r} (must be a power of 2)")
-        if self.tile < 4 or self.tile > 2 ** 16:
+        if self.tile < 4 or self.tile > 2**16:
             raise ValueError(f"Invalid tile: {self.tile} (must be in [4, 65536])")
         if self.tile_width > self.tile:
             raise ValueError(f"Invalid tile_width: {self.tile_width} (must be <= tile={self.tile})")
@@ -251,9 +252,11 @@ def _layout(t: torch.Tensor) -> Tuple[List[int], int]:
     if not merged or (len(merged) == 1 and merged[0][1] == 1):
         return row, max_offset  # contiguous in logical order
     if len(merged) > MAX_DIMS.value:
-        raise ValueError(f"backend='triton' addresses tensors of up to {MAX_DIMS.value} dimensions that cannot be "
-                         f"merged; got shape {tuple(t.shape)} with strides {t.stride()}. Pass a contiguous "
-                         "tensor or use backend='torch'")
+        raise ValueError(
+            f"backend='triton' addresses tensors of up to {MAX_DIMS.value} dimensions that cannot be "
+            f"merged; got shape {tuple(t.shape)} with strides {t.stride()}. Pass a contiguous "
+            "tensor or use backend='torch'"
+        )
     row[0] = len(merged)
     for d, (size, stride) in enumerate(reversed(merged)):  # innermost first
         row[1 + d] = size
@@ -274,14 +277,21 @@ def _overlaps(t: torch.Tensor) -> bool:
     return False
 
 
-def _check_same(what: str, tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype,
-                shapes: Optional[Sequence[torch.Size]] = None, contiguous: bool = False) -> None:
+def _check_same(
+    what: str,
+    tensors: Sequence[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    shapes: Optional[Sequence[torch.Size]] = None,
+    contiguous: bool = False,
+) -> None:
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}[{i}] must be a tensor, got {type(t).__name__}")
         if t.device != device or t.dtype != dtype:
-            raise ValueError(f"{what}[{i}] is {t.dtype} on {t.device}; expected {dtype} on {device} (the params' "
-                             "device and dtype)")
+            raise ValueError(
+                f"{what}[{i}] is {t.dtype} on {t.device}; expected {dtype} on {device} (the params' device and dtype)"
+            )
         if shapes is not None and t.shape != shapes[i]:
             raise ValueError(f"{what}[{i}] has shape {tuple(t.shape)}; expected {tuple(shapes[i])} (its param's)")
         if contiguous and not t.is_contiguous():
@@ -294,6 +304,8 @@ class TensorTable:
     Built by :func:`table_for` on first sight of a list and cached; holds no reference to the
     tensors (weak references drop the table when any of them dies).
     """
+
+    key: Tuple[Any, ...]  # the cache key, set by table_for once the table is built
 
     def __init__(self, params, states, steps, scalars, use_laps, stashed: int, settings: LaunchSettings):
         self.device, self.dtype = params[0].device, params[0].dtype
@@ -311,16 +323,21 @@ class TensorTable:
             raise ValueError(f"got {self.n} params, {len(steps)} steps and {len(use_laps)} use_laps")
         for i, s in enumerate(steps):
             if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or s.numel() != 1 or s.device != self.device:
-                raise ValueError(f"steps[{i}] must be a 1-element float32 tensor on {self.device} (the params' "
-                                 f"device); got {getattr(s, 'dtype', type(s))} on {getattr(s, 'device', '-')}")
+                raise ValueError(
+                    f"steps[{i}] must be a 1-element float32 tensor on {self.device} (the params' "
+                    f"device); got {getattr(s, 'dtype', type(s))} on {getattr(s, 'device', '-')}"
+                )
         if scalars is not None:
             _check_same("scalars", scalars, self.device, self.dtype, [torch.Size([])] * self.n)
-        meta, layouts, tiles = [], [], []
+        meta: List[List[int]] = []
+        layouts: List[List[int]] = []
+        tiles: List[int] = []
         stash_len, self.index_64 = 0, False
         for i, p in enumerate(params):
             if _overlaps(p):
-                raise ValueError(f"params[{i}] has overlapping memory (an expanded view?) and cannot be updated in "
-                                 "place")
+                raise ValueError(
+                    f"params[{i}] has overlapping memory (an expanded view?) and cannot be updated in place"
+                )
             layout, max_offset = _layout(p)
             cut = tile_grid(p.shape, use_laps[i], settings)
             n_tiles = cut.tiles if p.numel() else 0
@@ -393,26 +410,43 @@ class TensorTable:
             raise RuntimeError(
                 "fastopt (triton): the gradients moved in memory since the last step, and their new addresses "
                 "would have to be uploaded inside a CUDA-graph capture. Keep them in place: run a step before "
-                "capture and clear them with optimizer.zero_grad(set_to_none=False) between steps")
+                "capture and clear them with optimizer.zero_grad(set_to_none=False) between steps"
+            )
         if strides != self._grad_strides:
             _check_same("grads", grads, self.device, self.dtype, self.shapes)
             rows, extents = zip(*(_layout(g) for g in grads))
             self._grad_layouts = torch.tensor(rows, dtype=torch.int64).to(self.device)
             self._grad_index_64 = max(extents) >= _INT32_LIMIT
             self._grad_strides = strides
-        elif (list(map(_shape, grads)) != self.shapes or set(map(_dtype, grads)) != {self.dtype}
-              or set(map(torch.Tensor.get_device, grads)) != {self._device_index}):
+        elif (
+            list(map(_shape, grads)) != self.shapes
+            or set(map(_dtype, grads)) != {self.dtype}
+            or set(map(torch.Tensor.get_device, grads)) != {self._device_index}
+        ):
             _check_same("grads", grads, self.device, self.dtype, self.shapes)
         if ptrs != self._grad_ptrs:
             pinned = self.device.type == "cuda"
             host = torch.tensor(ptrs, dtype=torch.int64, pin_memory=pinned)
             self._grad_ptr_table = host.to(self.device, non_blocking=pinned)
             self._grad_ptrs = ptrs
+        # Both were uploaded above on the first call (None never equals a list of strides or addresses).
+        assert self._grad_ptr_table is not None and self._grad_layouts is not None
         return self._grad_ptr_table, self._grad_layouts, self.index_64 or self._grad_index_64
 
     def _device_arrays(self) -> List[torch.Tensor]:
-        return [t for t in (self.tiles, self.meta, self.p_layouts, self.counters, self.tensor_counters,
-                            self._grad_ptr_table, self._grad_layouts) if t is not None]
+        return [
+            t
+            for t in (
+                self.tiles,
+                self.meta,
+                self.p_layouts,
+                self.counters,
+                self.tensor_counters,
+                self._grad_ptr_table,
+                self._grad_layouts,
+            )
+            if t is not None
+        ]
 
     def stash(self) -> torch.Tensor:
         """Scratch for the borders, for the length of one launch (never read across launches)."""
@@ -435,19 +469,28 @@ def table_for(params, states, steps, use_laps, *, scalars=None, stashed: int = 1
     The table keeps weak references to those tensors and drops out of the cache when one dies, so a
     recycled ``id`` can never match a stale table.
     """
-    key = (_settings, stashed, tuple(map(torch.Tensor.data_ptr, params)), *(tuple(map(id, s)) for s in states),
-           tuple(map(id, steps)), tuple(map(id, scalars)) if scalars is not None else None,
-           tuple(map(bool, use_laps)))
+    key = (
+        _settings,
+        stashed,
+        tuple(map(torch.Tensor.data_ptr, params)),
+        *(tuple(map(id, s)) for s in states),
+        tuple(map(id, steps)),
+        tuple(map(id, scalars)) if scalars is not None else None,
+        tuple(map(bool, use_laps)),
+    )
     if _capturing(params[0].device):
         # The warm-up's table first: a captured one of the same key may be stale (its tensors died
         # and a new optimizer's recycled addresses and ids rebuilt the key).
         table = _TABLES.pop(key, None)
         if table is None:  # captured again without an eager step between: the last capture's table
-            table = next((t for t in reversed(_CAPTURED)
-                          if t.key == key and all(ref() is not None for ref in t._refs)), None)
+            table = next(
+                (t for t in reversed(_CAPTURED) if t.key == key and all(ref() is not None for ref in t._refs)), None
+            )
         if table is None:
-            raise RuntimeError("fastopt (triton): these tensors have no tile table yet and one cannot be built "
-                               "inside a CUDA-graph capture; run one step before capture (warm-up)")
+            raise RuntimeError(
+                "fastopt (triton): these tensors have no tile table yet and one cannot be built "
+                "inside a CUDA-graph capture; run one step before capture (warm-up)"
+            )
         if not any(kept is table for kept in _CAPTURED):
             _CAPTURED.append(table)
         return table
@@ -494,11 +537,15 @@ def _check_mode(kernel, device: torch.device) -> None:
 
     interpreted = isinstance(kernel, InterpretedFunction)
     if device.type == "cpu" and not interpreted:
-        raise RuntimeError("backend='triton' runs on CPU tensors only in Triton's interpreter, but fastopt.kernels "
-                           "was imported without TRITON_INTERPRET=1: set it before importing fastopt.kernels")
+        raise RuntimeError(
+            "backend='triton' runs on CPU tensors only in Triton's interpreter, but fastopt.kernels "
+            "was imported without TRITON_INTERPRET=1: set it before importing fastopt.kernels"
+        )
     if device.type != "cpu" and interpreted:
-        raise RuntimeError(f"backend='triton' got {device.type} tensors, but TRITON_INTERPRET=1 was set when "
-                           "fastopt.kernels was imported (the interpreter runs on CPU tensors only): unset it")
+        raise RuntimeError(
+            f"backend='triton' got {device.type} tensors, but TRITON_INTERPRET=1 was set when "
+            "fastopt.kernels was imported (the interpreter runs on CPU tensors only): unset it"
+        )
 
 
 _AMP_DEFAULTS: dict = {}
@@ -513,8 +560,10 @@ def _amp_input(t: Optional[torch.Tensor], default: float, name: str, device: tor
             _AMP_DEFAULTS[key] = torch.full((), default, dtype=torch.float32, device=device)
         return _AMP_DEFAULTS[key]
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != 1 or t.device != device:
-        raise ValueError(f"{name} must be a 1-element float32 tensor on {device} (the params' device); got "
-                         f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
+        raise ValueError(
+            f"{name} must be a 1-element float32 tensor on {device} (the params' device); got "
+            f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}"
+        )
     return t
 
 
@@ -539,8 +588,17 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def launch(kernel, table: TensorTable, grads, lr, weight_decay: float, args: tuple,
-           grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, **constexprs) -> None:
+def launch(
+    kernel,
+    table: TensorTable,
+    grads,
+    lr,
+    weight_decay: float,
+    args: tuple,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    **constexprs,
+) -> None:
     """Launch ``kernel`` once over every tile of ``table``: the table arrays, this step's grads, the
     stash, the AMP inputs (read in-kernel, see fastopt/reference/_amp.py: ``g * (1 / grad_scale)``,
     nothing written where ``found_inf`` is nonzero), ``lr`` and ``decay`` (:func:`learning_rate`:
@@ -557,11 +615,27 @@ def launch(kernel, table: TensorTable, grads, lr, weight_decay: float, args: tup
     try:
         with on_device(table.device):
             kernel[(table.n_tiles,)](
-                table.tiles, table.meta, table.p_layouts, grad_ptrs, grad_layouts, table.counters,
-                table.tensor_counters, table.stash(), grad_scale, found_inf, lr, decay, *args,
-                TILE=s.tile, BORDER_LANES=s.border_lanes, IDX=tl.int64 if index_64 else tl.int32,
-                LR_ON_DEVICE=lr_on_device, **constexprs,
-                num_warps=s.num_warps, enable_fp_fusion=False)
+                table.tiles,
+                table.meta,
+                table.p_layouts,
+                grad_ptrs,
+                grad_layouts,
+                table.counters,
+                table.tensor_counters,
+                table.stash(),
+                grad_scale,
+                found_inf,
+                lr,
+                decay,
+                *args,
+                TILE=s.tile,
+                BORDER_LANES=s.border_lanes,
+                IDX=tl.int64 if index_64 else tl.int32,
+                LR_ON_DEVICE=lr_on_device,
+                **constexprs,
+                num_warps=s.num_warps,
+                enable_fp_fusion=False,
+            )
     except BaseException:
         forget_table(table)  # a launch that failed part-way may leave counters off 0
         raise
@@ -615,8 +689,13 @@ def load_tile(tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE
     geo, elem = locate(tiles, meta, TILE, IDX)
     t, row, flat, valid = geo[0], geo[1], elem[2], elem[3]
     ptr = tl.pointer_type(stash.dtype.element_ty)
-    pointers = (tl.load(row + PARAM).to(ptr), tl.load(g_ptrs + t).to(ptr), tl.load(row + STATE0).to(ptr),
-                tl.load(row + STATE1).to(ptr), tl.load(row + STATE2).to(ptr))
+    pointers = (
+        tl.load(row + PARAM).to(ptr),
+        tl.load(g_ptrs + t).to(ptr),
+        tl.load(row + STATE0).to(ptr),
+        tl.load(row + STATE1).to(ptr),
+        tl.load(row + STATE2).to(ptr),
+    )
     p_layout = p_layouts + t.to(tl.int64) * LAYOUT_FIELDS
     g_layout = g_layouts + t.to(tl.int64) * LAYOUT_FIELDS
     p_at = offsets(flat, p_layout)
@@ -728,15 +807,18 @@ def laplacian(field: tl.constexpr, args, center, elem, rows, cols, STENCIL: tl.c
         if STENCIL == 5:
             lap = faces - 4.0 * center
         else:
-            corners = (field(up + c_prev, mask, args) + field(up + c_next, mask, args)
-                       + field(down + c_prev, mask, args) + field(down + c_next, mask, args))
+            corners = (
+                field(up + c_prev, mask, args)
+                + field(up + c_next, mask, args)
+                + field(down + c_prev, mask, args)
+                + field(down + c_next, mask, args)
+            )
             lap = tl.div_rn(4.0 * faces + corners - 20.0 * center, 6.0)
     return lap
 
 
 @triton.jit
-def smoothed(field: tl.constexpr, args, x, geo, elem, scale, c2, floor, STENCIL: tl.constexpr,
-             SCALED: tl.constexpr):
+def smoothed(field: tl.constexpr, args, x, geo, elem, scale, c2, floor, STENCIL: tl.constexpr, SCALED: tl.constexpr):
     """fastopt.reference.smooth of ``y = x / scale`` (``y = x`` without SCALED) where the tensor uses
     the Laplacian, else ``y``: ``clamp(y + c2 lap(y), min=floor)`` (NaN-propagating as
     torch.clamp), the Laplacian 0 where the tensor's layout has no stencil (the clamp stays, as in
@@ -773,8 +855,9 @@ def _border(lr, lc, height, width, tile_rows, tile_cols, tile_h, tile_w):
     # interpreter mis-types `scalar_bool & block_bool`.
     first_row = lr == tl.where(tile_rows > 1, 0, -1)
     last_row = (lr == tl.where(tile_rows > 1, height - 1, -1)) & (lr != 0)
-    side = ((lc == tl.where(tile_cols > 1, 0, -1)) | (lc == tl.where(tile_cols > 1, width - 1, -1))) \
-        & ~(first_row | last_row)
+    side = ((lc == tl.where(tile_cols > 1, 0, -1)) | (lc == tl.where(tile_cols > 1, width - 1, -1))) & ~(
+        first_row | last_row
+    )
     row_slots = tl.where(tile_rows > 1, 2 * tile_w, 0)
     slot = tl.where(first_row, lc, tl.where(last_row, tile_w + lc, row_slots + tl.where(lc == 0, lr, tile_h + lr)))
     return first_row | last_row | side, slot
@@ -790,8 +873,20 @@ def _extent(geo, tr, tc):
 
 
 @triton.jit
-def store_shared(values, arrays, geo, elem, p_at, p_layout, stash, counters, STENCIL: tl.constexpr,
-                 STASHED: tl.constexpr, PARAM_FIRST: tl.constexpr, BORDER_LANES: tl.constexpr):
+def store_shared(
+    values,
+    arrays,
+    geo,
+    elem,
+    p_at,
+    p_layout,
+    stash,
+    counters,
+    STENCIL: tl.constexpr,
+    STASHED: tl.constexpr,
+    PARAM_FIRST: tl.constexpr,
+    BORDER_LANES: tl.constexpr,
+):
     """Store this tile's new ``values`` (fp32, rounded here to the arrays' dtype) of the ``arrays``
     that the op reads at neighbouring elements, without a race (see the module docstring):
 
@@ -824,8 +919,9 @@ def store_shared(values, arrays, geo, elem, p_at, p_layout, stash, counters, STE
 
 
 @triton.jit
-def _commit(geo, tile, stash, arrays, p_layout, STASHED: tl.constexpr, PARAM_FIRST: tl.constexpr,
-            BORDER_LANES: tl.constexpr):
+def _commit(
+    geo, tile, stash, arrays, p_layout, STASHED: tl.constexpr, PARAM_FIRST: tl.constexpr, BORDER_LANES: tl.constexpr
+):
     """Copy tile ``tile``'s stashed border into place in each stashed array (its readers are done).
     Lane s serves stash slot s: the inverse of :func:`_border`, checked by mapping back."""
     cols, tile_rows, tile_cols, tile_h, tile_w, slots = geo[3], geo[5], geo[6], geo[9], geo[10], geo[11]
@@ -867,8 +963,17 @@ def _neighbour_tile(k, geo, n_dr, n_dc, STENCIL: tl.constexpr):
 
 
 @triton.jit
-def arrive(geo, counters, stash, arrays, p_layout, STENCIL: tl.constexpr, STASHED: tl.constexpr,
-           PARAM_FIRST: tl.constexpr, BORDER_LANES: tl.constexpr):
+def arrive(
+    geo,
+    counters,
+    stash,
+    arrays,
+    p_layout,
+    STENCIL: tl.constexpr,
+    STASHED: tl.constexpr,
+    PARAM_FIRST: tl.constexpr,
+    BORDER_LANES: tl.constexpr,
+):
     """Tell each tile whose border this program read (and its own) that it is done reading; commit
     the stash of every tile for which this is the last arrival, and reset that tile's counter.
 
@@ -886,8 +991,9 @@ def arrive(geo, counters, stash, arrays, p_layout, STENCIL: tl.constexpr, STASHE
         readers = n_dr * n_dc
     k = tl.arange(0, 16)
     reading = k < readers
-    arrived = tl.atomic_add(counters + first + _neighbour_tile(k, geo, n_dr, n_dc, STENCIL), 1, mask=reading,
-                            sem="acq_rel", scope="gpu")
+    arrived = tl.atomic_add(
+        counters + first + _neighbour_tile(k, geo, n_dr, n_dc, STENCIL), 1, mask=reading, sem="acq_rel", scope="gpu"
+    )
     last = tl.sum(tl.where(reading & (arrived == readers - 1), 1 << k, 0), axis=0)  # bit k: tile k is complete
     tl.debug_barrier()  # every thread acts on what the atomics acquired
     for n in range(readers):

@@ -7,6 +7,7 @@ and accumulates in the input dtype (fp32 or fp64). The fp32 products use ``tl.do
 ``input_precision="ieee"``: no TF32, whose 10-bit mantissa would make J^T J of the ill-conditioned
 problems LM is used on singular.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -25,10 +26,26 @@ BATCHED_GRAM_DTYPES = frozenset({torch.float32, torch.float64})
 
 
 @triton.jit
-def _batched_gram_kernel(j_ptr, r_ptr, a_ptr, g_ptr, N, P,
-                         stride_jb, stride_jn, stride_jp, stride_rb, stride_rn,
-                         stride_ab, stride_ap, stride_aq, stride_gb, stride_gp,
-                         BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+def _batched_gram_kernel(
+    j_ptr,
+    r_ptr,
+    a_ptr,
+    g_ptr,
+    N,
+    P,
+    stride_jb,
+    stride_jn,
+    stride_jp,
+    stride_rb,
+    stride_rn,
+    stride_ab,
+    stride_ap,
+    stride_aq,
+    stride_gb,
+    stride_gp,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # 64-bit offsets: B * N * P passes 2**31 at a few million problems, and with any strides (a
     # view whose batch dimension is not outermost) so can n * stride_jn and rows * stride_jp.
     b = tl.program_id(0).to(tl.int64)
@@ -45,10 +62,16 @@ def _batched_gram_kernel(j_ptr, r_ptr, a_ptr, g_ptr, N, P,
     for n0 in range(0, N, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < N
-        j_rows = tl.load(j_base + n[:, None] * stride_jn + rows[None, :] * stride_jp,
-                         mask=n_ok[:, None] & (rows[None, :] < P), other=0.0)
-        j_cols = tl.load(j_base + n[:, None] * stride_jn + cols[None, :] * stride_jp,
-                         mask=n_ok[:, None] & (cols[None, :] < P), other=0.0)
+        j_rows = tl.load(
+            j_base + n[:, None] * stride_jn + rows[None, :] * stride_jp,
+            mask=n_ok[:, None] & (rows[None, :] < P),
+            other=0.0,
+        )
+        j_cols = tl.load(
+            j_base + n[:, None] * stride_jn + cols[None, :] * stride_jp,
+            mask=n_ok[:, None] & (cols[None, :] < P),
+            other=0.0,
+        )
         # out_dtype named: triton 3.6 defaults it to float32 and refuses an fp64 accumulator.
         acc = tl.dot(tl.trans(j_rows), j_cols, acc, input_precision="ieee", out_dtype=acc_dtype)
         if tile_j == 0:
@@ -83,8 +106,24 @@ def batched_gram_triton(jac: torch.Tensor, res: torch.Tensor) -> Tuple[torch.Ten
     tiles = triton.cdiv(p, block_p)
     with on_device(jac.device):
         _batched_gram_kernel[(batch, tiles, tiles)](
-            jac, res, jtj, jtr, n, p,
-            jac.stride(0), jac.stride(1), jac.stride(2), res.stride(0), res.stride(1),
-            jtj.stride(0), jtj.stride(1), jtj.stride(2), jtr.stride(0), jtr.stride(1),
-            BLOCK_N=block_n, BLOCK_P=block_p, num_warps=2)
+            jac,
+            res,
+            jtj,
+            jtr,
+            n,
+            p,
+            jac.stride(0),
+            jac.stride(1),
+            jac.stride(2),
+            res.stride(0),
+            res.stride(1),
+            jtj.stride(0),
+            jtj.stride(1),
+            jtj.stride(2),
+            jtr.stride(0),
+            jtr.stride(1),
+            BLOCK_N=block_n,
+            BLOCK_P=block_p,
+            num_warps=2,
+        )
     return jtj, jtr

@@ -10,6 +10,7 @@ loops over the rows of ``a`` in BLOCK_K chunks and accumulates ``a[:, ti]^T a[:,
 diagonal: the strict upper triangle of ``out`` is never touched. Tiles above the diagonal are never
 launched, so the work is (nt + 1) / (2 nt) of the full product for nt tiles per side.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -23,8 +24,21 @@ JACOBIAN_PRODUCTS_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float
 
 
 @triton.jit
-def _jacobian_products_kernel(a_ptr, out_ptr, shift_ptr, scale_ptr, K, M, stride_ak, stride_am, stride_oi,
-                              stride_oj, HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _jacobian_products_kernel(
+    a_ptr,
+    out_ptr,
+    shift_ptr,
+    scale_ptr,
+    K,
+    M,
+    stride_ak,
+    stride_am,
+    stride_oi,
+    stride_oj,
+    HAS_SHIFT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     # Lower-triangular tile order: pid = ti (ti + 1) / 2 + tj with 0 <= tj <= ti. The float square
     # root can be one off for large pid; the two corrections make the mapping exact.
@@ -44,10 +58,12 @@ def _jacobian_products_kernel(a_ptr, out_ptr, shift_ptr, scale_ptr, K, M, stride
         k = k0 + ks.to(tl.int64)
         in_k = k < K
         # (BLOCK_K, BLOCK_M) panels of a's columns ti and tj; out-of-range entries read as 0.
-        a_i = tl.load(a_ptr + k[:, None] * stride_ak + rows_i[None, :] * stride_am,
-                      mask=in_k[:, None] & in_i[None, :], other=0.0)
-        a_j = tl.load(a_ptr + k[:, None] * stride_ak + rows_j[None, :] * stride_am,
-                      mask=in_k[:, None] & in_j[None, :], other=0.0)
+        a_i = tl.load(
+            a_ptr + k[:, None] * stride_ak + rows_i[None, :] * stride_am, mask=in_k[:, None] & in_i[None, :], other=0.0
+        )
+        a_j = tl.load(
+            a_ptr + k[:, None] * stride_ak + rows_j[None, :] * stride_am, mask=in_k[:, None] & in_j[None, :], other=0.0
+        )
         # Half inputs are widened before the dot: a product of two bf16/fp16 values is exact in
         # fp32, so the result is what a half-input fp32-accumulating dot gives, and Triton's
         # interpreter (the CPU test path) gets bf16 dots wrong (checked with Triton 3.9).
@@ -88,7 +104,20 @@ def jacobian_products_triton(a: torch.Tensor, out: torch.Tensor, *, scale: float
     scale_arg = torch.full((1,), scale, dtype=out.dtype, device=out.device)
     grid = (tiles * (tiles + 1) // 2,)
     with on_device(a.device):
-        _jacobian_products_kernel[grid](a, out, shift_arg, scale_arg, K, M, a.stride(0), a.stride(1), out.stride(0),
-                                        out.stride(1), HAS_SHIFT=shift is not None, BLOCK_M=block_m, BLOCK_K=block_k,
-                                        num_warps=num_warps)
+        _jacobian_products_kernel[grid](
+            a,
+            out,
+            shift_arg,
+            scale_arg,
+            K,
+            M,
+            a.stride(0),
+            a.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HAS_SHIFT=shift is not None,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+        )
     return out

@@ -9,24 +9,43 @@ Math: fastopt/reference/siblings.py::ladagrad_step_reference. Per element, in fp
 One pass over memory (p, g, s read; p, s written). s is read at the neighbours and updated in
 place, so it goes through the border protocol of kernels/_multi_tensor.py.
 """
+
 import triton
 import triton.language as tl
 
 from ._accumulator import smoothed_accumulator
-from ._multi_tensor import learning_rate, launch, load_tile, stencil_code, step_of, store, store_shared, table_for
+from ._multi_tensor import launch, learning_rate, load_tile, stencil_code, step_of, store, store_shared, table_for
 
 
 @triton.jit
-def _ladagrad_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
-                          grad_scale, found_inf, lr, decay,
-                          lr_decay, eps, c2,
-                          STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr,
-                          BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+def _ladagrad_step_kernel(
+    tiles,
+    meta,
+    p_layouts,
+    g_ptrs,
+    g_layouts,
+    counters,
+    tensor_counters,
+    stash,
+    grad_scale,
+    found_inf,
+    lr,
+    decay,
+    lr_decay,
+    eps,
+    c2,
+    STENCIL: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    TILE: tl.constexpr,
+    BORDER_LANES: tl.constexpr,
+    IDX: tl.constexpr,
+):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
     geo, elem, pointers, p_layout, g_layout, p_at, p, g, g_factor = load_tile(
-        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX
+    )
     p_ptr, g_ptr, s_ptr = pointers[0], pointers[1], pointers[2]
     s, denom = smoothed_accumulator(geo, elem, s_ptr, g, g_ptr, g_layout, g_factor, 1.0, 1.0, eps, c2, STENCIL)
     clr = tl.div_rn(lr, 1.0 + (step_of(geo) - 1.0) * lr_decay)
@@ -35,8 +54,22 @@ def _ladagrad_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, t
     store_shared((s,), (s_ptr,), geo, elem, p_at, p_layout, stash, counters, STENCIL, 1, False, BORDER_LANES)
 
 
-def ladagrad_step_triton(params, grads, state_sums, steps, use_laps, *, lr, lr_decay, eps, weight_decay, c2,
-                         stencil, grad_scale=None, found_inf=None) -> None:
+def ladagrad_step_triton(
+    params,
+    grads,
+    state_sums,
+    steps,
+    use_laps,
+    *,
+    lr,
+    lr_decay,
+    eps,
+    weight_decay,
+    c2,
+    stencil,
+    grad_scale=None,
+    found_inf=None,
+) -> None:
     """fastopt.reference.ladagrad_step_reference in one Triton launch (same signature and results).
 
     ``steps``: 0-dim float32 tensors on the params' device, already incremented; read in-kernel.
@@ -46,5 +79,6 @@ def ladagrad_step_triton(params, grads, state_sums, steps, use_laps, *, lr, lr_d
         return
     code = stencil_code(stencil)
     table = table_for(params, (state_sums,), steps, use_laps, stashed=1)
-    launch(_ladagrad_step_kernel, table, grads, lr, weight_decay, (lr_decay, eps, c2), grad_scale, found_inf,
-           STENCIL=code)
+    launch(
+        _ladagrad_step_kernel, table, grads, lr, weight_decay, (lr_decay, eps, c2), grad_scale, found_inf, STENCIL=code
+    )

@@ -19,6 +19,7 @@ through the border protocol of kernels/_multi_tensor.py (1 stashed value per bor
 Parameters without a Laplacian take the same kernel as plain AdamW (the branch on the tensor's
 Laplacian mode is uniform per program).
 """
+
 import triton
 import triton.language as tl
 
@@ -28,17 +29,49 @@ from ._multi_tensor import learning_rate, smoothed, store, store_shared
 
 
 @triton.jit
-def _ladam_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
-                       grad_scale, found_inf, lr, decay,
-                       beta1, one_minus_beta1, beta2, one_minus_beta2, eps, c2,
-                       STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr,
-                       BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+def _ladam_step_kernel(
+    tiles,
+    meta,
+    p_layouts,
+    g_ptrs,
+    g_layouts,
+    counters,
+    tensor_counters,
+    stash,
+    grad_scale,
+    found_inf,
+    lr,
+    decay,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    c2,
+    STENCIL: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    TILE: tl.constexpr,
+    BORDER_LANES: tl.constexpr,
+    IDX: tl.constexpr,
+):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
     geo, elem, pointers, p_layout, g_layout, p_at, values, bias, g_factor = adam_tile(
-        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2,
-        TILE, IDX)
+        tiles,
+        meta,
+        p_layouts,
+        g_ptrs,
+        g_layouts,
+        stash,
+        grad_scale,
+        beta1,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        TILE,
+        IDX,
+    )
     p, g, m, v = values  # flat unpacking only: triton 3.6 cannot hash nested assignment targets
     bias1, bias2 = bias
     p_ptr, g_ptr, m_ptr, v_ptr = pointers[0], pointers[1], pointers[2], pointers[3]

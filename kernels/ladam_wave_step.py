@@ -15,12 +15,26 @@ kernels/_multi_tensor.py. The mean at t = 1 is a per-tensor reduction in the sam
 tile stores its partial sum of g^2, and the tile that completes the tensor's count (an atomic
 counter, as in the border protocol) adds the partial sums in tile order (deterministic).
 """
+
 import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (NUMEL, SCALAR, has_stencil, launch, laplacian, learning_rate, load_tile, one_minus_powers,
-                            stencil_code, step_of, store, store_shared, table_for)
+from ._multi_tensor import (
+    NUMEL,
+    SCALAR,
+    has_stencil,
+    laplacian,
+    launch,
+    learning_rate,
+    load_tile,
+    one_minus_powers,
+    stencil_code,
+    step_of,
+    store,
+    store_shared,
+    table_for,
+)
 
 _REDUCE_LANES = tl.constexpr(1024)
 
@@ -46,23 +60,50 @@ def _record_mean(geo, elem, g_sq, partials, tensor_counters, dtype):
         total = tl.zeros((), dtype=tl.float32)
         for start in range(0, n_tiles, _REDUCE_LANES):
             index = start + tl.arange(0, _REDUCE_LANES)
-            total += tl.sum(tl.load(partials + first + index, mask=index < n_tiles, other=0.0, cache_modifier=".cg"),
-                            axis=0)
+            total += tl.sum(
+                tl.load(partials + first + index, mask=index < n_tiles, other=0.0, cache_modifier=".cg"), axis=0
+            )
         mean = tl.div_rn(total, tl.load(row + NUMEL).to(tl.float32))
         store(tl.load(row + SCALAR).to(tl.pointer_type(dtype)), mean, True)
 
 
 @triton.jit
-def _ladam_wave_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash, grad_scale,
-                            found_inf, lr, decay, partials,
-                            beta1, one_minus_beta1, eps, c2, dt_sq, kappa, fixed_e0_sq, keep, recall,
-                            STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, E0_FROM_GRADS: tl.constexpr,
-                            TILE: tl.constexpr, BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+def _ladam_wave_step_kernel(
+    tiles,
+    meta,
+    p_layouts,
+    g_ptrs,
+    g_layouts,
+    counters,
+    tensor_counters,
+    stash,
+    grad_scale,
+    found_inf,
+    lr,
+    decay,
+    partials,
+    beta1,
+    one_minus_beta1,
+    eps,
+    c2,
+    dt_sq,
+    kappa,
+    fixed_e0_sq,
+    keep,
+    recall,
+    STENCIL: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    E0_FROM_GRADS: tl.constexpr,
+    TILE: tl.constexpr,
+    BORDER_LANES: tl.constexpr,
+    IDX: tl.constexpr,
+):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
     geo, elem, pointers, p_layout, g_layout, p_at, p, g, _ = load_tile(
-        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX)
+        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX
+    )
     p_ptr, g_ptr, m_ptr, v_ptr, prev_ptr = pointers  # flat: triton 3.6 cannot hash nested assignment targets
     flat, valid = elem[2], elem[3]
     dtype = stash.dtype.element_ty
@@ -95,9 +136,29 @@ def _ladam_wave_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters,
     store(m_ptr + flat, m, valid)
 
 
-def ladam_wave_step_triton(params, grads, exp_avgs, exp_avg_sqs, prev_exp_avg_sqs, wave_e0_sqs, steps, use_laps, *,
-                           lr, beta1, eps, weight_decay, c2, stencil, wave_dt, wave_kappa, wave_E0,
-                           wave_damping, grad_scale=None, found_inf=None) -> None:
+def ladam_wave_step_triton(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    prev_exp_avg_sqs,
+    wave_e0_sqs,
+    steps,
+    use_laps,
+    *,
+    lr,
+    beta1,
+    eps,
+    weight_decay,
+    c2,
+    stencil,
+    wave_dt,
+    wave_kappa,
+    wave_E0,
+    wave_damping,
+    grad_scale=None,
+    found_inf=None,
+) -> None:
     """fastopt.reference.ladam_wave_step_reference in one Triton launch (same signature and
     results). ``steps``: 0-dim float32 tensors on the params' device, already incremented;
     ``wave_e0_sqs``: 0-dim tensors of the params' dtype and device; ``lr``: a float, or a 1-element
@@ -105,11 +166,20 @@ def ladam_wave_step_triton(params, grads, exp_avgs, exp_avg_sqs, prev_exp_avg_sq
     if not params:
         return
     code = stencil_code(stencil)
-    table = table_for(params, (exp_avgs, exp_avg_sqs, prev_exp_avg_sqs), steps, use_laps, scalars=wave_e0_sqs,
-                      stashed=1)
+    table = table_for(
+        params, (exp_avgs, exp_avg_sqs, prev_exp_avg_sqs), steps, use_laps, scalars=wave_e0_sqs, stashed=1
+    )
     partials = torch.empty(max(table.n_tiles, 1), dtype=torch.float32, device=table.device)
     d = wave_damping
-    launch(_ladam_wave_step_kernel, table, grads, lr, weight_decay,
-           (partials, beta1, 1 - beta1, eps, c2, wave_dt * wave_dt, wave_kappa,
-            wave_E0 * wave_E0, 2 - d, 1 - d), grad_scale, found_inf,
-           STENCIL=code, E0_FROM_GRADS=wave_E0 == 0)
+    launch(
+        _ladam_wave_step_kernel,
+        table,
+        grads,
+        lr,
+        weight_decay,
+        (partials, beta1, 1 - beta1, eps, c2, wave_dt * wave_dt, wave_kappa, wave_E0 * wave_E0, 2 - d, 1 - d),
+        grad_scale,
+        found_inf,
+        STENCIL=code,
+        E0_FROM_GRADS=wave_E0 == 0,
+    )

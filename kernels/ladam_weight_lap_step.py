@@ -11,6 +11,7 @@ corrections: see kernels/_adam.py::direction_at): p, m and v are all read at nei
 updated in place, so all three go through the border protocol of kernels/_multi_tensor.py
 (3 stashed values per border element).
 """
+
 import triton
 import triton.language as tl
 
@@ -30,28 +31,62 @@ def _adamw_at(flat, mask, args):
 
 
 @triton.jit
-def _ladam_weight_lap_step_kernel(tiles, meta, p_layouts, g_ptrs, g_layouts, counters, tensor_counters, stash,
-                                  grad_scale, found_inf, lr, decay,
-                                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps, c2,
-                                  STENCIL: tl.constexpr, LR_ON_DEVICE: tl.constexpr, TILE: tl.constexpr,
-                                  BORDER_LANES: tl.constexpr, IDX: tl.constexpr):
+def _ladam_weight_lap_step_kernel(
+    tiles,
+    meta,
+    p_layouts,
+    g_ptrs,
+    g_layouts,
+    counters,
+    tensor_counters,
+    stash,
+    grad_scale,
+    found_inf,
+    lr,
+    decay,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    c2,
+    STENCIL: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    TILE: tl.constexpr,
+    BORDER_LANES: tl.constexpr,
+    IDX: tl.constexpr,
+):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
     geo, elem, pointers, p_layout, g_layout, p_at, values, bias, g_factor = adam_tile(
-        tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2,
-        TILE, IDX)
+        tiles,
+        meta,
+        p_layouts,
+        g_ptrs,
+        g_layouts,
+        stash,
+        grad_scale,
+        beta1,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        TILE,
+        IDX,
+    )
     p, g, m, v = values  # flat unpacking only: triton 3.6 cannot hash nested assignment targets
     bias1, bias2 = bias
     p_ptr, m_ptr, v_ptr = pointers[0], pointers[2], pointers[3]
     p = p * decay - lr * adam_direction(m, v, bias1, bias2, eps)
     if has_stencil(geo):
-        adam_args = direction_args(pointers, g_layout, g_factor, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                                   bias1, bias2, eps)
+        adam_args = direction_args(
+            pointers, g_layout, g_factor, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps
+        )
         args = (p_ptr, p_layout, tl.load(p_layout) != 0, lr, decay, adam_args)
         p = p + c2 * laplacian(_adamw_at, args, p, elem, geo[2], geo[3], STENCIL)
-    store_shared((p, m, v), (p_ptr, m_ptr, v_ptr), geo, elem, p_at, p_layout, stash, counters, STENCIL, 3, True,
-                 BORDER_LANES)
+    store_shared(
+        (p, m, v), (p_ptr, m_ptr, v_ptr), geo, elem, p_at, p_layout, stash, counters, STENCIL, 3, True, BORDER_LANES
+    )
 
 
 ladam_weight_lap_step_triton = adam_launcher(_ladam_weight_lap_step_kernel, 3, "ladam_weight_lap_step")

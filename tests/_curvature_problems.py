@@ -1,4 +1,5 @@
 """Small models, exact Hessians and synthetic problems with known curvature for the curvature tests."""
+
 from __future__ import annotations
 
 import math
@@ -73,7 +74,7 @@ def exact_hessian(model: nn.Module, loss_fn, x, y, names: List[str] = None) -> t
     def loss_of(theta):
         params, i = {}, 0
         for n, p in named:
-            params[n] = theta[i:i + p.numel()].view_as(p)
+            params[n] = theta[i : i + p.numel()].view_as(p)
             i += p.numel()
         return loss_fn(functional_call(model, params, (x,)), y)
 
@@ -126,14 +127,14 @@ class SharpValley(nn.Module):
 
     def loss(self, out, targets):
         phi, psi = out
-        return (0.5 * self.c * torch.exp(-phi) * psi ** 2).sum() + self.lam * torch.sqrt(1 + (phi - self.far) ** 2).sum()
+        return (0.5 * self.c * torch.exp(-phi) * psi**2).sum() + self.lam * torch.sqrt(1 + (phi - self.far) ** 2).sum()
 
     def analytic_curvature(self, eps: float = 1e-8) -> float:
         """kappa = tr(H) / (||g||^2 + eps) at psi = 0, where H is diagonal (so Hutchinson is exact):
         H_psi = c e^{-phi}, H_phi = lam / s^3, g_phi = lam (phi - T) / s, g_psi = 0, s = sqrt(1 + (phi - T)^2)."""
         phi = self.phi.detach().double()
         s = torch.sqrt(1 + (phi - self.far) ** 2)
-        trace = (self.c * torch.exp(-phi) + self.lam / s ** 3).sum()
+        trace = (self.c * torch.exp(-phi) + self.lam / s**3).sum()
         g_sq = ((self.lam * (phi - self.far) / s) ** 2).sum()
         return float(trace / (g_sq + eps))
 

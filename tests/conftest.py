@@ -7,6 +7,7 @@ imports anything, and fastopt.kernels is imported right away: a test that later 
 (tests/test_backends.py does, with monkeypatch) cannot leave compiled kernels behind for the rest
 of the session. With a GPU nothing is set, and the same tests run the compiled kernels on CUDA.
 """
+
 import os
 
 import torch

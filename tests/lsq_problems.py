@@ -6,13 +6,13 @@ Each residual function takes ``x`` of shape (..., P) and a namespace ``xp`` (num
 returns (..., N): batched for fastopt, one problem for scipy. ``MGH[name] = (fn, x0, published
 minimum of sum(f**2) or None)``.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import torch
-
 
 
 def _const(xp, values, like):
@@ -46,7 +46,7 @@ def brown_badly_scaled(x, xp):
 
 def beale(x, xp):
     x1, x2 = x[..., 0], x[..., 1]
-    return _stack(xp, [y - x1 * (1 - x2 ** i) for i, y in ((1, 1.5), (2, 2.25), (3, 2.625))])
+    return _stack(xp, [y - x1 * (1 - x2**i) for i, y in ((1, 1.5), (2, 2.25), (3, 2.625))])
 
 
 def jennrich_sampson(x, xp):
@@ -57,7 +57,7 @@ def jennrich_sampson(x, xp):
 def helical_valley(x, xp):
     x1, x2, x3 = x[..., 0], x[..., 1], x[..., 2]
     theta = xp.arctan(x2 / x1) / (2 * math.pi) + xp.where(x1 < 0, 0.5, 0.0)
-    return _stack(xp, [10 * (x3 - 10 * theta), 10 * (xp.sqrt(x1 ** 2 + x2 ** 2) - 1), x3])
+    return _stack(xp, [10 * (x3 - 10 * theta), 10 * (xp.sqrt(x1**2 + x2**2) - 1), x3])
 
 
 _BARD_Y = [0.14, 0.18, 0.22, 0.25, 0.29, 0.32, 0.35, 0.39, 0.37, 0.58, 0.73, 0.96, 1.34, 2.10, 4.39]
@@ -71,8 +71,23 @@ def bard(x, xp):
     return y - (x[..., 0:1] + u / (v * x[..., 1:2] + w * x[..., 2:3]))
 
 
-_GAUSSIAN_Y = [0.0009, 0.0044, 0.0175, 0.0540, 0.1295, 0.2420, 0.3521, 0.3989, 0.3521, 0.2420, 0.1295, 0.0540,
-               0.0175, 0.0044, 0.0009]
+_GAUSSIAN_Y = [
+    0.0009,
+    0.0044,
+    0.0175,
+    0.0540,
+    0.1295,
+    0.2420,
+    0.3521,
+    0.3989,
+    0.3521,
+    0.2420,
+    0.1295,
+    0.0540,
+    0.0175,
+    0.0044,
+    0.0009,
+]
 
 
 def gaussian(x, xp):
@@ -91,8 +106,7 @@ def meyer(x, xp):
 
 def box_3d(x, xp):
     t = _const(xp, 0.1 * np.arange(1, 11), x)
-    return (xp.exp(-t * x[..., 0:1]) - xp.exp(-t * x[..., 1:2])
-            - x[..., 2:3] * (xp.exp(-t) - xp.exp(-10 * t)))
+    return xp.exp(-t * x[..., 0:1]) - xp.exp(-t * x[..., 1:2]) - x[..., 2:3] * (xp.exp(-t) - xp.exp(-10 * t))
 
 
 def powell_singular(x, xp):
@@ -106,12 +120,44 @@ _KO_U = [4, 2, 1, 0.5, 0.25, 0.167, 0.125, 0.1, 0.0833, 0.0714, 0.0625]
 
 def kowalik_osborne(x, xp):
     u, y = _const(xp, _KO_U, x), _const(xp, _KO_Y, x)
-    return y - x[..., 0:1] * (u ** 2 + u * x[..., 1:2]) / (u ** 2 + u * x[..., 2:3] + x[..., 3:4])
+    return y - x[..., 0:1] * (u**2 + u * x[..., 1:2]) / (u**2 + u * x[..., 2:3] + x[..., 3:4])
 
 
-_OSBORNE1_Y = [0.844, 0.908, 0.932, 0.936, 0.925, 0.908, 0.881, 0.850, 0.818, 0.784, 0.751, 0.718, 0.685, 0.658,
-               0.628, 0.603, 0.580, 0.558, 0.538, 0.522, 0.506, 0.490, 0.478, 0.467, 0.457, 0.448, 0.438, 0.431,
-               0.424, 0.420, 0.414, 0.411, 0.406]
+_OSBORNE1_Y = [
+    0.844,
+    0.908,
+    0.932,
+    0.936,
+    0.925,
+    0.908,
+    0.881,
+    0.850,
+    0.818,
+    0.784,
+    0.751,
+    0.718,
+    0.685,
+    0.658,
+    0.628,
+    0.603,
+    0.580,
+    0.558,
+    0.538,
+    0.522,
+    0.506,
+    0.490,
+    0.478,
+    0.467,
+    0.457,
+    0.448,
+    0.438,
+    0.431,
+    0.424,
+    0.420,
+    0.414,
+    0.411,
+    0.406,
+]
 
 
 def osborne1(x, xp):

@@ -8,6 +8,7 @@ the path every optimizer without fused AMP takes), and asks for the same paramet
 bit for bit (the scale is a power of two, so unscaling is exact either way): for finite steps, for
 a step with an inf/NaN gradient in the middle of a run and for one at the very first step.
 """
+
 import copy
 
 import pytest
@@ -27,9 +28,16 @@ CONFIGS = {
     "ladagrad": ("LAdaGrad", dict(lr=1e-2, c2=1e-2, lr_decay=1e-3)),
     "lrmsprop": ("LRMSProp", dict(lr=1e-2, c2=1e-2, momentum=0.9)),
 }
-_CLS_OPS = {"LAdam": {"variance_lap": "ladam_step", "update_lap": "ladam_update_lap_step",
-                      "weight_lap": "ladam_weight_lap_step", "wave_variance": "ladam_wave_step"},
-            "LAdaGrad": "ladagrad_step", "LRMSProp": "lrmsprop_step"}
+_CLS_OPS = {
+    "LAdam": {
+        "variance_lap": "ladam_step",
+        "update_lap": "ladam_update_lap_step",
+        "weight_lap": "ladam_weight_lap_step",
+        "wave_variance": "ladam_wave_step",
+    },
+    "LAdaGrad": "ladagrad_step",
+    "LRMSProp": "lrmsprop_step",
+}
 
 
 def _op(cls_name, kwargs):
@@ -65,15 +73,16 @@ def _assert_same(a, b, what):
             assert same, f"{what}: state[{pid}][{key!r}] differs: {x} vs {y}"
 
 
-def _train(cls_name, kwargs, backend, *, in_kernel, bad_at=(), steps=4, dtype=torch.float32, bad=float("inf"),
-           clip=None):
+def _train(
+    cls_name, kwargs, backend, *, in_kernel, bad_at=(), steps=4, dtype=torch.float32, bad=float("inf"), clip=None
+):
     """Run ``steps`` GradScaler steps; steps listed in ``bad_at`` get a non-finite gradient. Returns
     the snapshot after every step and whether the grads were left scaled (the in-kernel path)."""
     params = make_params(dtype, names=SHAPES)
     opt = getattr(fastopt, cls_name)(params, backend=backend, **kwargs)
     if not in_kernel:
         opt._step_supports_amp_scaling = False  # the scaler unscales the grads and skips step() itself
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)  # the scale changes too
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)  # the scale changes too
     history, grads_left_scaled = [], []
     for i, grads in enumerate(grad_stream(params, steps, none_every=0)):
         if i in bad_at:
@@ -87,8 +96,12 @@ def _train(cls_name, kwargs, backend, *, in_kernel, bad_at=(), steps=4, dtype=to
         scaler.step(opt)
         scaler.update()
         history.append(_snapshot(params, opt))
-        grads_left_scaled.append(all(torch.allclose(p.grad, (g * scale).to(dtype), rtol=0, atol=0, equal_nan=True)
-                                     for p, g in zip(params, grads)))
+        grads_left_scaled.append(
+            all(
+                torch.allclose(p.grad, (g * scale).to(dtype), rtol=0, atol=0, equal_nan=True)
+                for p, g in zip(params, grads)
+            )
+        )
     return history, grads_left_scaled
 
 
@@ -165,6 +178,7 @@ def test_the_checks_fail_when_a_backend_ignores_found_inf(backend, monkeypatch):
 
         def step(*args, found_inf=None, **kwargs):
             return fn(*args, **kwargs)
+
         return step
 
     monkeypatch.setattr(backends, "implementation", ignoring_found_inf)

@@ -1,4 +1,5 @@
 """fastopt.auto against ladam.auto 0.4.1, and fastopt's top-level names against ladam's."""
+
 import copy
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class TinyRNN(nn.Module):
 
 class Odd(nn.Module):
     """Parameters owned directly by a custom module (shape fallback), frozen ones, 3-D conv kinds."""
+
     def __init__(self):
         super().__init__()
         self.kernel = nn.Parameter(torch.randn(4, 3, 3))
@@ -64,8 +66,15 @@ def mlp():
 def cnn():
     # No conv bias before a BatchNorm: its exact gradient is 0, so it would be round-off noise that
     # Adam's normalisation blows up to full-size steps (in either package) in the training test.
-    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    )
 
 
 def big_cnn():  # linear weights under 10% of the parameters: ladam's "mixed optimizer" sentence
@@ -106,8 +115,7 @@ def test_analyze_model_covers_every_architecture_and_sentence():
 
 
 def group_summary(opt):
-    return [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
-            for g in opt.param_groups]
+    return [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
 
 
 CONFIGS = [
@@ -147,8 +155,11 @@ def test_auto_configure_defaults_need_steps_like_ladam():
     model = mlp()
     for fn in (auto_configure, ladam.auto.auto_configure):
         for kw in ({}, dict(total_epochs=3), dict(steps_per_epoch=3)):
-            with pytest.raises(ValueError, match=r"Either total_steps or \(total_epochs \+ steps_per_epoch\) "
-                                                 r"required when use_scheduler=True"):
+            with pytest.raises(
+                ValueError,
+                match=r"Either total_steps or \(total_epochs \+ steps_per_epoch\) "
+                r"required when use_scheduler=True",
+            ):
                 fn(model, **kw)
 
 
@@ -244,8 +255,9 @@ def test_public_names_cover_ladam():
     assert namespace["nn"] is torch.nn
 
 
-@pytest.mark.parametrize("stmt", ["import fastopt.auto; fastopt.auto.auto_configure",
-                                  "from fastopt.nn.reorder import reorder_linear_layer"])
+@pytest.mark.parametrize(
+    "stmt", ["import fastopt.auto; fastopt.auto.auto_configure", "from fastopt.nn.reorder import reorder_linear_layer"]
+)
 def test_fresh_imports_have_no_cycle(stmt):
     # Each entry point imported first, in a fresh interpreter (auto imports fastopt.optim).
     subprocess.run([sys.executable, "-c", stmt], check=True, capture_output=True, timeout=120)

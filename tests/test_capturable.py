@@ -9,6 +9,7 @@ runs on the host; torch reads it on the host), the triton path never reads it on
 input fails before anything changes. With a GPU: a captured step replayed gives the eager result
 on triton and cuda, and the torch backend is refused.
 """
+
 import copy
 
 import pytest
@@ -21,7 +22,7 @@ from fastopt.testing import CHECKS, TOLERANCES, assert_all_close, clone_params, 
 SHAPES = ["many", "1d_17", "3d", "transposed", "channels_last", "rows2"]
 # Powers of two: the same number as a Python float and as a float32 tensor, so that the
 # capturable run (tensor lr) and the reference run (float lr) see the same learning rates.
-LRS = [2.0 ** -6, 2.0 ** -8, 2.0 ** -7, 2.0 ** -10]
+LRS = [2.0**-6, 2.0**-8, 2.0**-7, 2.0**-10]
 COMMON = dict(c2=1e-2, weight_decay=0.1, min_spatial_size=4)
 
 
@@ -59,8 +60,12 @@ def test_tensor_lr_changed_in_place_matches_reference(backend, label, cls_name, 
     assert_all_close(params, expected, **tol, what=f"{backend} {label} params")
     for key in ref.state[expected[0]]:
         if torch.is_tensor(ref.state[expected[0]][key]):
-            assert_all_close([opt.state[p][key] for p in params], [ref.state[p][key] for p in expected], **tol,
-                             what=f"{backend} {label} state {key}")
+            assert_all_close(
+                [opt.state[p][key] for p in params],
+                [ref.state[p][key] for p in expected],
+                **tol,
+                what=f"{backend} {label} state {key}",
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,6 +83,7 @@ def test_triton_never_reads_the_tensor_lr_on_the_host(monkeypatch, dtype):
                 reads.append(original.__name__)
                 raise AssertionError(f"lr was read on the host ({original.__name__})")
             return original(self, *args, **kwargs)
+
         return read
 
     for name in ("__float__", "item", "tolist", "__bool__", "numpy"):
@@ -104,10 +110,13 @@ def test_tensor_lr_value_is_checked_only_without_capturable():
     opt.step()
 
 
-@pytest.mark.parametrize("bad,match", [
-    (torch.tensor(1e-2, dtype=torch.float64), "1-element float32 tensor"),
-    (torch.tensor([1e-2, 1e-3]), "1-element float32 tensor"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.tensor(1e-2, dtype=torch.float64), "1-element float32 tensor"),
+        (torch.tensor([1e-2, 1e-3]), "1-element float32 tensor"),
+    ],
+)
 @pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
 def test_bad_tensor_lr_fails_before_anything_changes(backend, bad, match):
     _skip_unless(backend, "ladam_step")
@@ -147,18 +156,32 @@ def test_cpp_ops_take_the_lr_as_a_tensor(op):
     _skip_unless("cpu", op)
     from fastopt import extension
 
-    hyper = {"ladam_step": dict(beta1=0.9, beta2=0.999), "ladagrad_step": dict(lr_decay=0.01),
-             "lrmsprop_step": dict(alpha=0.99, momentum=0.9)}[op]
+    hyper = {
+        "ladam_step": dict(beta1=0.9, beta2=0.999),
+        "ladagrad_step": dict(lr_decay=0.01),
+        "lrmsprop_step": dict(alpha=0.99, momentum=0.9),
+    }[op]
     n_states = {"ladam_step": 2, "ladagrad_step": 1, "lrmsprop_step": 2}[op]
     results = []
-    for lr in (2.0 ** -7, torch.tensor(2.0 ** -7)):
+    for lr in (2.0**-7, torch.tensor(2.0**-7)):
         params = [p.detach() for p in make_params(torch.float32, ["many", "1d_17"])]
         grads = [torch.randn_like(p) for p in params]
         states = [[torch.zeros_like(p) for p in params] for _ in range(n_states)]
         steps = [torch.ones(()) for _ in params]
         fn = getattr(extension, f"{op}_cpu")
-        fn(params, grads, *states, steps, [True, True], lr=lr, eps=1e-8, weight_decay=0.1, c2=1e-2,
-           stencil="9point", **hyper)
+        fn(
+            params,
+            grads,
+            *states,
+            steps,
+            [True, True],
+            lr=lr,
+            eps=1e-8,
+            weight_decay=0.1,
+            c2=1e-2,
+            stencil="9point",
+            **hyper,
+        )
         results.append(params)
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -166,8 +189,18 @@ def test_cpp_ops_take_the_lr_as_a_tensor(op):
     raw = getattr(torch.ops.fastopt, op)
     args = [params, [torch.ones(5, 5)]] + [[torch.zeros(5, 5)] for _ in range(n_states)]
     with pytest.raises(RuntimeError, match="lr_tensor must be a float32 tensor of one element"):
-        raw(*args, [torch.ones(())], [True], lr=0.1, eps=1e-8, weight_decay=0.0, c2=0.0, stencil="9point",
-            lr_tensor=torch.ones((), dtype=torch.float64), **hyper)
+        raw(
+            *args,
+            [torch.ones(())],
+            [True],
+            lr=0.1,
+            eps=1e-8,
+            weight_decay=0.0,
+            c2=0.0,
+            stencil="9point",
+            lr_tensor=torch.ones((), dtype=torch.float64),
+            **hyper,
+        )
     assert torch.equal(params[0], torch.zeros(5, 5))
 
 

@@ -9,7 +9,6 @@ generating and compiling C++ for the CPU, which costs tens of seconds per graph 
 The Triton kernels run in Triton's interpreter on CPU tensors (tests/conftest.py); dynamo only
 sees the custom op, so the interpreter makes no difference to tracing.
 """
-import copy
 
 import pytest
 import torch
@@ -48,8 +47,9 @@ def _loss(model, x, y):
 
 
 def _optimizer(model, backend, cls_name, kwargs):
-    return getattr(fastopt, cls_name)(model.parameters(), lr=1e-2, c2=1e-2, min_spatial_size=4, backend=backend,
-                                      **kwargs)
+    return getattr(fastopt, cls_name)(
+        model.parameters(), lr=1e-2, c2=1e-2, min_spatial_size=4, backend=backend, **kwargs
+    )
 
 
 class _Recording:
@@ -130,8 +130,11 @@ def test_compiled_training_step_matches_eager_without_breaks_in_the_optimizer(ba
 
     x, y = _data()
     explanation = torch._dynamo.explain(train_step)(x, y)
-    in_fastopt = [reason for reason in explanation.break_reasons
-                  if any("fastopt" in frame.filename or "kernels" in frame.filename for frame in reason.user_stack)]
+    in_fastopt = [
+        reason
+        for reason in explanation.break_reasons
+        if any("fastopt" in frame.filename or "kernels" in frame.filename for frame in reason.user_stack)
+    ]
     assert not in_fastopt, [str(r.reason) for r in in_fastopt]
     # explain ran one step; run the rest compiled and compare with an eager run of all of them.
     torch._dynamo.reset()
@@ -161,7 +164,7 @@ def test_compiled_step_under_grad_scaler(backend):
         opt = _optimizer(model, backend, "LAdam", {})
         if compiled:
             opt.step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         x, y = _data()
         for i in range(STEPS + 1):
             opt.zero_grad()

@@ -7,6 +7,7 @@ step; with 1 and 2 threads and with tiles shrunk to a few elements (test hook
 torch.ops.fastopt._set_cpu_tiling), so that halos between tiles, and between threads, are
 everywhere. The halo logic is also checked to give the same bits whatever the thread count.
 """
+
 import contextlib
 import os
 import subprocess
@@ -17,7 +18,16 @@ import torch
 
 import fastopt
 from fastopt import backends
-from fastopt.testing import TOLERANCES, ZOO, assert_close, clone_params, grad_stream, set_grads
+from fastopt.testing import (
+    COMMON,
+    TOLERANCES,
+    ZOO,
+    assert_close,
+    compare_optimizers,
+    grad_stream,
+    set_grads,
+    step_side_by_side,
+)
 
 pytestmark = pytest.mark.skipif(not backends.available("cpu"), reason=str(backends.why_not("cpu")))
 
@@ -33,21 +43,19 @@ CONFIGS = {
     "LRMSProp momentum 9point": ("LRMSProp", "lrmsprop_step", dict(momentum=0.9)),
     "LRMSProp momentum 5point": ("LRMSProp", "lrmsprop_step", dict(momentum=0.9, stencil="5point")),
 }
-COMMON = dict(lr=1e-2, c2=1e-2, weight_decay=0.1, min_spatial_size=4)
 
 # (threads, tiling): tiling None is the default (csrc/multi_tensor_cpu.h: tiles of <= 4096
 # columns and ~128K elements, one thread below 32K elements, so the zoo is one tile per tensor);
 # (max_cols, target_elems, serial_below) shrinks the tiles and threads every step: (7, 48, 0)
 # gives tiles a few rows tall and narrower than most grids, (3, 3, 0) one-row tiles.
-RUNS = {"1 thread": (1, None), "2 threads, small tiles": (2, (7, 48, 0)),
-        "2 threads, one-row tiles": (2, (3, 3, 0))}
+RUNS = {"1 thread": (1, None), "2 threads, small tiles": (2, (7, 48, 0)), "2 threads, one-row tiles": (2, (3, 3, 0))}
 
 # Shapes that the default tiling cuts into several tiles, one of each kind.
 LARGE = {
-    "row_tiles": (700, 300),      # 2-D, full-width tiles of 350 rows
-    "column_tiles": (5, 9000),    # 2-D, 3 tiles of 3000 columns: halo rows and columns
-    "line_tiles": (10000,),       # 1-D stencil, 3 tiles
-    "clamp_tiles": (2, 100000),   # use_lap without a layout: elementwise tiles, clamped
+    "row_tiles": (700, 300),  # 2-D, full-width tiles of 350 rows
+    "column_tiles": (5, 9000),  # 2-D, 3 tiles of 3000 columns: halo rows and columns
+    "line_tiles": (10000,),  # 1-D stencil, 3 tiles
+    "clamp_tiles": (2, 100000),  # use_lap without a layout: elementwise tiles, clamped
 }
 
 
@@ -79,45 +87,27 @@ def make_groups(dtype, large=False, seed=0):
 
 
 def groups_of(lap, flat):
-    return [{"params": lap}, {"params": flat, "min_spatial_size": 10 ** 9}]
-
-
-def close(actual, expected, what, dtype):
-    """TOLERANCES, with atol scaled to the tensor's magnitude: the momentum buffer sums terms of
-    order 10 (g / sqrt(a) with a ~ (1 - alpha) g^2) that cancel, so its round-off is that of 10."""
-    tol = dict(TOLERANCES[dtype])
-    tol["atol"] *= max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
-    assert_close(actual, expected, what=what, **tol)
+    return [{"params": lap}, {"params": flat, "min_spatial_size": 10**9}]
 
 
 def step_both(cls_name, kw, dtype, steps, threads=1, tiling=None, large=False):
-    """Step backend "cpu" and backend "torch" side by side; compare after every step."""
-    cls = getattr(fastopt, cls_name)
+    """Step backend "cpu" and backend "torch" side by side; compare params and every state entry
+    after every step. TOLERANCES with atol scaled to each tensor's magnitude: the momentum buffer
+    sums terms of order 10 (g / sqrt(a) with a ~ (1 - alpha) g^2) that cancel, so its round-off
+    is that of 10."""
     names, lap, flat = make_groups(dtype, large)
-    ours_params = lap + flat
-    ref_lap, ref_flat = clone_params(lap), clone_params(flat)
-    ref_params = ref_lap + ref_flat
-    ours = cls(groups_of(lap, flat), backend="cpu", **{**COMMON, **kw})
-    ref = cls(groups_of(ref_lap, ref_flat), backend="torch", **{**COMMON, **kw})
-    for t, grads in enumerate(grad_stream(ours_params, steps, none_every=4)):
-        set_grads(ours_params, grads)
-        set_grads(ref_params, grads)
-        with threads_and_tiling(threads, tiling):
-            ours.step()
-        ref.step()
-        for name, p, q in zip(names, ours_params, ref_params):
-            where = f"step {t + 1}, {name} {tuple(p.shape)} {dtype}"
-            close(p, q, f"param at {where}", dtype)
-            s_ours, s_ref = ours.state[p], ref.state[q]
-            assert s_ours.keys() == s_ref.keys(), where
-            for key, value in s_ref.items():
-                if key == "use_lap":
-                    assert s_ours[key] == value, where
-                elif key == "step":
-                    assert float(s_ours[key]) == float(value), where
-                else:
-                    assert s_ours[key].is_contiguous(), f"{key} at {where}"
-                    close(s_ours[key], value, f"{key} at {where}", dtype)
+    step_side_by_side(
+        cls_name,
+        groups_of(lap, flat),
+        backend="cpu",
+        hyper={**COMMON, **kw},
+        steps=steps,
+        none_every=4,
+        every_step=True,
+        scale_atol=True,
+        names=names,
+        step_context=lambda: threads_and_tiling(threads, tiling),
+    )
 
 
 @pytest.mark.parametrize("run", list(RUNS))
@@ -142,18 +132,17 @@ def test_results_do_not_depend_on_the_thread_count(config):
     """Tiles are cut by shape, never by thread count, and halos come from the old state: one
     thread and two must give the same bits, also with halos between every few elements."""
     cls_name, _, kw = CONFIGS[config]
-    results = []
+    runs = []
     for threads in (1, 2):
-        _, lap, flat = make_groups(torch.float32)
+        names, lap, flat = make_groups(torch.float32)
         opt = getattr(fastopt, cls_name)(groups_of(lap, flat), backend="cpu", **{**COMMON, **kw})
         for grads in grad_stream(lap + flat, 6):
             set_grads(lap + flat, grads)
             with threads_and_tiling(threads, (5, 40, 0)):
                 opt.step()
-        results.append([p.detach().clone() for p in lap + flat] +
-                       [s.clone() for p in lap + flat for s in opt.state[p].values() if torch.is_tensor(s)])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+        runs.append((opt, lap + flat))
+    (one, params_one), (two, params_two) = runs
+    compare_optimizers(two, one, params_two, params_one, rtol=0, atol=0, names=names, what="2 threads vs 1: ").check()
 
 
 def test_auto_picks_cpu_for_the_ops_it_implements():
@@ -177,10 +166,23 @@ def test_isa_follows_aten_cpu_capability():
 def test_baseline_isa_matches_reference():
     """The loops are compiled twice (AVX2+FMA, baseline); this machine runs the AVX2 ones, so run
     part of this file again with ATEN_CPU_CAPABILITY=default, which selects the baseline ones."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "isa_follows or (matches_reference and small and (LAdam or momentum))"],
-                         capture_output=True, text=True, env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
-                         timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "isa_follows or (matches_reference and small and (LAdam or momentum))",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-5000:]
     assert " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
 
@@ -191,12 +193,19 @@ def test_non_contiguous_gradients_and_parameters(dtype):
     parameters that are views; the state stays contiguous in logical order."""
     torch.manual_seed(0)
     base = torch.randn(20, 48, dtype=dtype)
-    params = [torch.randn(12, 8, 3, 3, dtype=dtype), torch.randn(30, 20, dtype=dtype), base[:, ::2].clone(),
-              base[:, 1::2]]
+    params = [
+        torch.randn(12, 8, 3, 3, dtype=dtype),
+        torch.randn(30, 20, dtype=dtype),
+        base[:, ::2].clone(),
+        base[:, 1::2],
+    ]
     ref_params = [p.clone() for p in params]
-    grads = [torch.randn(12, 8, 3, 3, dtype=dtype).to(memory_format=torch.channels_last),
-             torch.randn(20, 30, dtype=dtype).t(), torch.randn(20, 48, dtype=dtype)[:, ::2],
-             torch.randn(20, 24, dtype=dtype)]
+    grads = [
+        torch.randn(12, 8, 3, 3, dtype=dtype).to(memory_format=torch.channels_last),
+        torch.randn(20, 30, dtype=dtype).t(),
+        torch.randn(20, 48, dtype=dtype)[:, ::2],
+        torch.randn(20, 24, dtype=dtype),
+    ]
     assert not any(g.is_contiguous() for g in grads[:3]) and not params[3].is_contiguous()
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, c2=1e-2, stencil="9point")
     states = [[torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params] for _ in range(4)]
@@ -206,8 +215,9 @@ def test_non_contiguous_gradients_and_parameters(dtype):
 
     ladam_step_cpu(params, grads, states[0], states[1], steps, [True] * 4, **kw)
     ladam_step_reference(ref_params, grads, states[2], states[3], steps, [True] * 4, **kw)
+    tol = TOLERANCES[dtype]
     for i, (p, q) in enumerate(zip(params, ref_params)):
-        close(p, q, f"param {i}", dtype)
-        close(states[0][i], states[2][i], f"exp_avg {i}", dtype)
-        close(states[1][i], states[3][i], f"exp_avg_sq {i}", dtype)
+        assert_close(p, q, **tol, scale_atol=True, what=f"param {i}")
+        assert_close(states[0][i], states[2][i], **tol, scale_atol=True, what=f"exp_avg {i}")
+        assert_close(states[1][i], states[3][i], **tol, scale_atol=True, what=f"exp_avg_sq {i}")
     assert torch.equal(base[:, 1::2], params[3]), "the view's storage was not updated in place"

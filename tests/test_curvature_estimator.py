@@ -1,6 +1,7 @@
 """CurvatureEstimator against exact Hessians (torch.autograd.functional.hessian + eigvalsh): Hutchinson's
 trace, power iteration, per-layer blocks, every Hessian-vector product engine, the fallbacks, and the
 promise that an estimate changes nothing the training run sees."""
+
 import copy
 import functools
 import io
@@ -11,15 +12,23 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from _curvature_problems import (
+    OnceTanh,
+    TinyAttention,
+    block_slices,
+    exact_hessian,
+    hutchinson_std_error,
+    mlp_with,
+    one_thread,  # noqa: F401  (a fixture, used through usefixtures)
+)
 
-from _curvature_problems import (OnceTanh, TinyAttention, block_slices, exact_hessian, hutchinson_std_error,
-                                 mlp_with, one_thread)  # noqa: F401 (a fixture)
 from fastopt.schedulers import CurvatureEstimator
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              # torch's own: forward-mode AD loads jit-scripted decompositions on first use
-              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # torch's own: forward-mode AD loads jit-scripted decompositions on first use
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
 
 
 def half_mse(out, y):
@@ -35,8 +44,9 @@ def _problem(kind, dtype=torch.float64):
         model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 8))
         x = torch.randn(64, 6, generator=g)
     elif kind == "cnn":
-        model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 3, 2), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(12, 8))
+        model = nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 8)
+        )
         x = torch.randn(48, 1, 5, 5, generator=g)
     else:
         model = TinyAttention(d=8, heads=2, classes=8)
@@ -127,8 +137,9 @@ def test_groups_from_mapping_optimizer_and_parameters_subset():
     first, last = model[0], model[2]
     opt = torch.optim.SGD([{"params": first.parameters()}, {"params": last.parameters(), "name": "head"}], lr=0.1)
     by_opt = CurvatureEstimator(model, half_mse, groups=opt, seed=1).measure(x, y)
-    by_map = CurvatureEstimator(model, half_mse, groups={"0": list(first.parameters()), "head": last.parameters()},
-                                seed=1).measure(x, y)
+    by_map = CurvatureEstimator(
+        model, half_mse, groups={"0": list(first.parameters()), "head": last.parameters()}, seed=1
+    ).measure(x, y)
     assert set(by_opt.groups) == {"0", "head"}
     assert by_opt.groups["head"].trace == by_map.groups["head"].trace
     # parameters=: the Hessian block of the head alone, exactly (power iteration, many steps).
@@ -142,7 +153,7 @@ def _exact_products(h, model, vectors):
     out = flat @ h
     pieces, i = [], 0
     for p in model.parameters():
-        pieces.append(out[:, i:i + p.numel()].view((-1,) + tuple(p.shape)))
+        pieces.append(out[:, i : i + p.numel()].view((-1,) + tuple(p.shape)))
         i += p.numel()
     return pieces
 
@@ -152,8 +163,15 @@ def _random_vectors(model, k, seed=7):
     return [torch.randn((k,) + tuple(p.shape), generator=g, dtype=p.dtype) for p in model.parameters()]
 
 
-@pytest.mark.parametrize("hvp,rtol", [("reverse_over_reverse", 1e-10), ("reverse_over_reverse_loop", 1e-10),
-                                      ("forward_over_reverse", 1e-10), ("finite_difference", 1e-6)])
+@pytest.mark.parametrize(
+    "hvp,rtol",
+    [
+        ("reverse_over_reverse", 1e-10),
+        ("reverse_over_reverse_loop", 1e-10),
+        ("forward_over_reverse", 1e-10),
+        ("finite_difference", 1e-6),
+    ],
+)
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
 def test_every_engine_matches_exact_hessian_vector_products(kind, hvp, rtol):
     model, x, y = _problem(kind)
@@ -312,7 +330,8 @@ def test_dict_and_tuple_outputs_through_the_loss_function():
             return half_mse(self.inner(batch[0]), batch[1])
 
     assert CurvatureEstimator(LossModel(model), None, seed=2).estimate((x, y)) == pytest.approx(
-        lossy.estimate(x, y), rel=1e-12)
+        lossy.estimate(x, y), rel=1e-12
+    )
 
 
 def test_estimation_batch_size_uses_the_leading_samples():
@@ -409,8 +428,11 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match="must return a real scalar tensor"):
         CurvatureEstimator(model, lambda out, t: out).estimate(x, y)
     with pytest.raises(ValueError, match=r"vectors\[1\] must have shape"):
-        est.hessian_vector_products(x, y, [torch.zeros((1,) + tuple(p.shape), dtype=p.dtype)
-                                           for p in model.parameters()][:1] + [torch.zeros(3)] * 3)
+        est.hessian_vector_products(
+            x,
+            y,
+            [torch.zeros((1,) + tuple(p.shape), dtype=p.dtype) for p in model.parameters()][:1] + [torch.zeros(3)] * 3,
+        )
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         est.estimate(x, y)
     with torch.no_grad():

@@ -8,6 +8,7 @@ whole tensor (halo rows from the neighbouring shards, circular wrap from the las
 first), so sharded training equals unsharded training to round-off. The shapes are chosen so
 that shards are uneven, one row thin, and empty on some ranks.
 """
+
 import datetime
 import os
 
@@ -19,8 +20,9 @@ import torch.multiprocessing as mp
 import fastopt
 from fastopt.testing import TOLERANCES, assert_all_close
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 CONFIGS = {
     "variance_lap": ("LAdam", dict(lr=1e-2, c2=5e-2, min_spatial_size=4)),
@@ -51,8 +53,9 @@ class Net(torch.nn.Module):
 
 def _data():
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(12, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randn(12, 3, generator=gen,
-                                                                                     dtype=torch.float64)
+    return torch.randn(12, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randn(
+        12, 3, generator=gen, dtype=torch.float64
+    )
 
 
 def _train(model, opt, x, y):
@@ -78,8 +81,9 @@ def _spawn(worker, world, tmp_path, *args):
 
 def _joined(rank, world, init_file, worker, args):
     # A timeout, so that ranks whose collectives disagree fail instead of hanging the test run.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         worker(rank, world, *args)
         # Every rank past its last collective before any tears gloo down: without it a rank
@@ -98,6 +102,7 @@ def _worker(rank, world, kind, out_dir):
         model = Net().double()
         if kind == "fsdp2":
             from torch.distributed.fsdp import fully_shard
+
             fully_shard(model)
             trained = model
         else:
@@ -114,8 +119,9 @@ def test_sharded_training_equals_single_process(kind, world, tmp_path):
     for config in CONFIGS:
         sharded = torch.load(tmp_path / f"{config}.pt")
         # fp64, so that a wrong neighbour (a missing halo) shows far above round-off.
-        assert_all_close(sharded, _single_process(config), **TOLERANCES[torch.float64],
-                         what=f"{kind} x{world} {config}")
+        assert_all_close(
+            sharded, _single_process(config), **TOLERANCES[torch.float64], what=f"{kind} x{world} {config}"
+        )
 
 
 def test_dtensors_on_one_rank_and_what_ladam_does_with_them():
@@ -128,8 +134,10 @@ def test_dtensors_on_one_rank_and_what_ladam_does_with_them():
 
 def _ladam_on_dtensor(rank):
     import tempfile
+
     import ladam
     from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
     with tempfile.TemporaryDirectory() as d:
         dist.init_process_group("gloo", init_method=f"file://{d}/init", rank=0, world_size=1)
         mesh = DeviceMesh("cpu", [0])
@@ -168,6 +176,7 @@ def _lm_runs(shard, process_group=None):
     """Histories of fastopt.LM and of LevenbergMarquardtModule (max_batch_size slices, a random
     parameter selection drawn from seed 100 + rank) training a 33-parameter MLP on ``shard``."""
     import fastopt.lm as lm
+
     x, y = _lm_data()
     rank = dist.get_rank() if process_group is not None else 0
     runs = {}
@@ -180,9 +189,13 @@ def _lm_runs(shard, process_group=None):
         else:
             torch.manual_seed(100 + rank)  # the selection is rank 0's, broadcast
             trainer = lm.LevenbergMarquardtModule(
-                model, damping_strategy=lm.StandardDampingStrategy(starting_value=1e-4, damping_mode="adaptive"),
-                solve_method="cholesky", max_batch_size=8, process_group=process_group,
-                param_selection_strategy=lm.RandomSelectionStrategy(model.parameters(), subset_size=25))
+                model,
+                damping_strategy=lm.StandardDampingStrategy(starting_value=1e-4, damping_mode="adaptive"),
+                solve_method="cholesky",
+                max_batch_size=8,
+                process_group=process_group,
+                param_selection_strategy=lm.RandomSelectionStrategy(model.parameters(), subset_size=25),
+            )
         history = []
         for _ in range(LM_STEPS):
             _, loss, _, logs = trainer.training_step(x[shard], y[shard])
@@ -239,8 +252,9 @@ def test_data_parallel_lm_takes_the_single_process_steps(tmp_path):
                 # The damping path and the attempts exactly (the same decisions), losses and
                 # parameters to fp64 round-off (the ranks' sums add in another order).
                 assert torch.equal(got_history[:, 1:], history[:, 1:]), f"{what}: {got_history} vs {history}"
-                assert_all_close([got_history[:, 0]] + got_params, [history[:, 0]] + params,
-                                 **TOLERANCES[torch.float64], what=what)
+                assert_all_close(
+                    [got_history[:, 0]] + got_params, [history[:, 0]] + params, **TOLERANCES[torch.float64], what=what
+                )
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="process_group: torch.distributed is not initialized"):
         fastopt.LM(torch.nn.Linear(2, 1).double(), process_group=object())

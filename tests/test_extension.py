@@ -2,6 +2,7 @@
 it is missing (falls back to "torch" under auto with a one-line warning, raises when named, builds
 it at run time), and the CUDA sources, compile-checked with nvcc (nothing CUDA runs here).
 """
+
 import os
 import shutil
 import subprocess
@@ -11,7 +12,6 @@ import tempfile
 import pytest
 import torch
 
-import fastopt
 from fastopt import _extension_build as build
 from fastopt import backends
 
@@ -22,9 +22,14 @@ needs_cpu = pytest.mark.skipif(not backends.available("cpu"), reason=str(backend
 def ladam_inputs(n=3, shape=(6, 5), dtype=torch.float32):
     torch.manual_seed(0)
     params = [torch.randn(shape, dtype=dtype) for _ in range(n)]
-    return dict(params=params, grads=[torch.randn_like(p) for p in params],
-                exp_avgs=[torch.zeros_like(p) for p in params], exp_avg_sqs=[torch.rand_like(p) for p in params],
-                steps=[torch.tensor(3.0) for _ in params], use_laps=[True] * n)
+    return dict(
+        params=params,
+        grads=[torch.randn_like(p) for p in params],
+        exp_avgs=[torch.zeros_like(p) for p in params],
+        exp_avg_sqs=[torch.rand_like(p) for p in params],
+        steps=[torch.tensor(3.0) for _ in params],
+        use_laps=[True] * n,
+    )
 
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, c2=1e-2, stencil="9point")
@@ -36,8 +41,11 @@ HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, c2=1e-
 def test_ops_are_registered_with_their_mutations(op):
     schema = getattr(torch.ops.fastopt, op).default._schema
     mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    expected = {"ladam_step": ["params", "exp_avgs", "exp_avg_sqs"], "ladagrad_step": ["params", "state_sums"],
-                "lrmsprop_step": ["params", "square_avgs", "momentum_buffers"]}[op]
+    expected = {
+        "ladam_step": ["params", "exp_avgs", "exp_avg_sqs"],
+        "ladagrad_step": ["params", "state_sums"],
+        "lrmsprop_step": ["params", "square_avgs", "momentum_buffers"],
+    }[op]
     assert mutated == expected
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CPU")
 
@@ -45,8 +53,10 @@ def test_ops_are_registered_with_their_mutations(op):
 @needs_cpu
 def test_gram_ops_are_registered_with_their_mutations():
     schemas = {op: getattr(torch.ops.fastopt, op).default._schema for op in ("jacobian_products", "batched_gram")}
-    written = {op: [a.name for a in s.arguments if a.alias_info is not None and a.alias_info.is_write]
-               for op, s in schemas.items()}
+    written = {
+        op: [a.name for a in s.arguments if a.alias_info is not None and a.alias_info.is_write]
+        for op, s in schemas.items()
+    }
     assert written == {"jacobian_products": ["out"], "batched_gram": []}
     assert len(schemas["batched_gram"].returns) == 2
     for op in schemas:
@@ -59,10 +69,14 @@ def test_opcheck_gram_ops():
     bf16 input) and batched_gram (new outputs, through its fake implementation)."""
     torch.manual_seed(0)
     a = torch.randn(9, 6)
-    torch.library.opcheck(torch.ops.fastopt.jacobian_products.default, (a, torch.zeros(6, 6)),
-                          dict(scale=0.5, shift=torch.rand(6)))
-    torch.library.opcheck(torch.ops.fastopt.jacobian_products.default,
-                          (torch.randn(6, 9, dtype=torch.bfloat16).t(), torch.zeros(6, 6)), dict(scale=1.0))
+    torch.library.opcheck(
+        torch.ops.fastopt.jacobian_products.default, (a, torch.zeros(6, 6)), dict(scale=0.5, shift=torch.rand(6))
+    )
+    torch.library.opcheck(
+        torch.ops.fastopt.jacobian_products.default,
+        (torch.randn(6, 9, dtype=torch.bfloat16).t(), torch.zeros(6, 6)),
+        dict(scale=1.0),
+    )
     jac = torch.randn(3, 7, 4, dtype=torch.float64)
     torch.library.opcheck(torch.ops.fastopt.batched_gram.default, (jac, torch.randn(3, 7, dtype=torch.float64)))
 
@@ -88,11 +102,16 @@ def test_opcheck_siblings():
     inputs = ladam_inputs()
     p, g, s = inputs["params"], inputs["grads"], inputs["exp_avg_sqs"]
     common = dict(eps=1e-10, weight_decay=0.0, c2=1e-2, stencil="5point")
-    torch.library.opcheck(torch.ops.fastopt.ladagrad_step.default, (p, g, s, inputs["steps"], inputs["use_laps"]),
-                          dict(lr=1e-2, lr_decay=0.01, **common))
-    torch.library.opcheck(torch.ops.fastopt.lrmsprop_step.default,
-                          (p, g, s, inputs["exp_avgs"], inputs["steps"], inputs["use_laps"]),
-                          dict(lr=1e-2, alpha=0.99, momentum=0.9, **common))
+    torch.library.opcheck(
+        torch.ops.fastopt.ladagrad_step.default,
+        (p, g, s, inputs["steps"], inputs["use_laps"]),
+        dict(lr=1e-2, lr_decay=0.01, **common),
+    )
+    torch.library.opcheck(
+        torch.ops.fastopt.lrmsprop_step.default,
+        (p, g, s, inputs["exp_avgs"], inputs["steps"], inputs["use_laps"]),
+        dict(lr=1e-2, alpha=0.99, momentum=0.9, **common),
+    )
 
 
 @needs_cpu
@@ -112,18 +131,28 @@ def test_torch_compile_traces_the_op_in_one_graph():
 
 # -- bad input -------------------------------------------------------------------------------------
 @needs_cpu
-@pytest.mark.parametrize("break_it, message", [
-    (lambda kw: kw["grads"].pop(), r"got 3 params but 2 grads"),
-    (lambda kw: kw["use_laps"].pop(), r"got 3 params but 2 use_laps"),
-    (lambda kw: kw["exp_avgs"].__setitem__(1, torch.zeros(5, 6)), r"exp_avgs\[1\] has shape \[5, 6\] but params\[1\]"),
-    (lambda kw: kw["exp_avg_sqs"].__setitem__(2, torch.zeros(5, 6).t()), r"exp_avg_sqs\[2\] is not contiguous"),
-    (lambda kw: kw["grads"].__setitem__(0, torch.zeros(6, 5, dtype=torch.float64)),
-     r"grads\[0\] has dtype Double but params\[0\] has dtype Float"),
-    (lambda kw: kw["params"].__setitem__(1, torch.zeros(6, 5, dtype=torch.float64)),
-     r"params\[1\] is Double on cpu but params\[0\] is Float"),
-    (lambda kw: kw["steps"].__setitem__(2, torch.tensor(3)), r"steps\[2\] must be a float32 tensor"),
-    (lambda kw: kw.__setitem__("stencil", "7point"), r"invalid stencil '7point'. Choose from: 9point, 5point"),
-])
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda kw: kw["grads"].pop(), r"got 3 params but 2 grads"),
+        (lambda kw: kw["use_laps"].pop(), r"got 3 params but 2 use_laps"),
+        (
+            lambda kw: kw["exp_avgs"].__setitem__(1, torch.zeros(5, 6)),
+            r"exp_avgs\[1\] has shape \[5, 6\] but params\[1\]",
+        ),
+        (lambda kw: kw["exp_avg_sqs"].__setitem__(2, torch.zeros(5, 6).t()), r"exp_avg_sqs\[2\] is not contiguous"),
+        (
+            lambda kw: kw["grads"].__setitem__(0, torch.zeros(6, 5, dtype=torch.float64)),
+            r"grads\[0\] has dtype Double but params\[0\] has dtype Float",
+        ),
+        (
+            lambda kw: kw["params"].__setitem__(1, torch.zeros(6, 5, dtype=torch.float64)),
+            r"params\[1\] is Double on cpu but params\[0\] is Float",
+        ),
+        (lambda kw: kw["steps"].__setitem__(2, torch.tensor(3)), r"steps\[2\] must be a float32 tensor"),
+        (lambda kw: kw.__setitem__("stencil", "7point"), r"invalid stencil '7point'. Choose from: 9point, 5point"),
+    ],
+)
 def test_bad_input_names_the_argument_and_changes_nothing(break_it, message):
     from fastopt.extension import ladam_step_cpu
 
@@ -142,8 +171,9 @@ def test_integer_parameters_are_refused():
     from fastopt.extension import ladam_step_cpu
 
     kw = {**ladam_inputs(n=1), **HYPER}
-    kw = {k: ([t.long() for t in v] if k in ("params", "grads", "exp_avgs", "exp_avg_sqs") else v)
-          for k, v in kw.items()}
+    kw = {
+        k: ([t.long() for t in v] if k in ("params", "grads", "exp_avgs", "exp_avg_sqs") else v) for k, v in kw.items()
+    }
     with pytest.raises(RuntimeError, match=r"params\[0\] has dtype Long; supported: float32, float64, bfloat16"):
         ladam_step_cpu(**kw)
 
@@ -178,8 +208,14 @@ print("STEPPED", bool((p < 0).all()))
 
 def probe(patch="", **env):
     full_env = {**os.environ, **env}
-    out = subprocess.run([sys.executable, "-c", PROBE.format(patch=patch)], capture_output=True, text=True,
-                         env=full_env, cwd=REPO, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(patch=patch)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr
     return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.stdout.splitlines()}, out.stdout
 
@@ -196,9 +232,11 @@ def test_missing_extension_without_run_time_build_falls_back_to_torch():
 
 
 def test_failed_run_time_build_falls_back_to_torch_and_says_why():
-    patch = ("import torch.utils.cpp_extension as ce\n"
-             "def load(*a, **k): raise RuntimeError('Ninja is required to load C++ extensions (simulated)')\n"
-             "ce.load = load")
+    patch = (
+        "import torch.utils.cpp_extension as ce\n"
+        "def load(*a, **k): raise RuntimeError('Ninja is required to load C++ extensions (simulated)')\n"
+        "ce.load = load"
+    )
     lines, out = probe(patch=patch, FASTOPT_JIT_BUILD="1")
     assert lines["AUTO"] == "torch", out
     assert lines["WARNINGS"] == "1", out
@@ -226,18 +264,25 @@ print("DIFF", float((p[0] - q[0]).abs().max()))
 """
 
 
-@pytest.mark.skipif(shutil.which("ninja") is None and not os.path.exists(os.path.join(sys.prefix, "bin", "ninja")),
-                    reason="the run-time build needs ninja (pip install ninja)")
+@pytest.mark.skipif(
+    shutil.which("ninja") is None and not os.path.exists(os.path.join(sys.prefix, "bin", "ninja")),
+    reason="the run-time build needs ninja (pip install ninja)",
+)
 def test_missing_extension_is_built_at_run_time_once():
     """The real thing: compile csrc/ with torch.utils.cpp_extension.load into a fresh cache; a
     second process loads the cached library without compiling."""
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCH_EXTENSIONS_DIR": cache, "FASTOPT_JIT_BUILD": "1",
-               "PATH": os.path.join(sys.prefix, "bin") + os.pathsep + os.environ.get("PATH", "")}
+        env = {
+            **os.environ,
+            "TORCH_EXTENSIONS_DIR": cache,
+            "FASTOPT_JIT_BUILD": "1",
+            "PATH": os.path.join(sys.prefix, "bin") + os.pathsep + os.environ.get("PATH", ""),
+        }
         runs = []
         for _ in range(2):
-            out = subprocess.run([sys.executable, "-c", JIT_PROBE], capture_output=True, text=True, env=env, cwd=REPO,
-                                 timeout=1200)
+            out = subprocess.run(
+                [sys.executable, "-c", JIT_PROBE], capture_output=True, text=True, env=env, cwd=REPO, timeout=1200
+            )
             assert out.returncode == 0, out.stderr[-3000:]
             libs = [os.path.join(d, f) for d, _, files in os.walk(cache) for f in files if f.endswith(".so")]
             assert len(libs) == 1, libs
@@ -249,16 +294,18 @@ def test_missing_extension_is_built_at_run_time_once():
 
 
 # -- CUDA sources: compile checks (no GPU here) -------------------------------------------------------
-NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-                                if os.environ.get("CUDA_HOME") else None)
+NVCC = shutil.which("nvcc") or (
+    os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+)
 needs_nvcc = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason="nvcc not found (set CUDA_HOME)")
 
 
 def compile_all(commands, warnings_ok):
     """Run the compiler commands concurrently; each must succeed (and, unless warnings_ok, say
     nothing about warnings: torch's own headers warn under -std=c++20 with this GCC)."""
-    jobs = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-            for cmd in commands]
+    jobs = [
+        (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) for cmd in commands
+    ]
     for cmd, job in jobs:
         output, _ = job.communicate(timeout=900)
         assert job.returncode == 0, f"{' '.join(cmd)}:\n{output[-5000:]}"
@@ -271,8 +318,23 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     torch header, so the torch at hand (CPU-only here) does not matter. Compiled in parallel."""
     _, cu = build.sources()
     assert cu, "no CUDA sources"
-    compile_all([[NVCC, "-c", src, "-o", str(tmp_path / (os.path.basename(src) + ".o")), "-I", build.CSRC,
-                  *build.NVCC_FLAGS, "-std=c++17"] for src in cu], warnings_ok=False)
+    compile_all(
+        [
+            [
+                NVCC,
+                "-c",
+                src,
+                "-o",
+                str(tmp_path / (os.path.basename(src) + ".o")),
+                "-I",
+                build.CSRC,
+                *build.NVCC_FLAGS,
+                "-std=c++17",
+            ]
+            for src in cu
+        ],
+        warnings_ok=False,
+    )
 
 
 @needs_nvcc
@@ -289,17 +351,67 @@ def test_cuda_host_code_compiles(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
     includes = [build.CSRC, str(tmp_path), *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
-    compile_all([[NVCC, "-x", "c++", "-std=c++20", "-c", os.path.join(build.CSRC, src), "-o",
-                  str(tmp_path / (src + ".o")), "-DFASTOPT_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
-                  *[f"-I{i}" for i in includes]] for src in ("cuda_host.cpp", "bindings.cpp")], warnings_ok=True)
+    compile_all(
+        [
+            [
+                NVCC,
+                "-x",
+                "c++",
+                "-std=c++20",
+                "-c",
+                os.path.join(build.CSRC, src),
+                "-o",
+                str(tmp_path / (src + ".o")),
+                "-DFASTOPT_WITH_CUDA",
+                "-DTORCH_EXTENSION_NAME=_C",
+                *[f"-I{i}" for i in includes],
+            ]
+            for src in ("cuda_host.cpp", "bindings.cpp")
+        ],
+        warnings_ok=True,
+    )
 
 
 @needs_cpu
-def test_empty_lists_do_nothing():
+@pytest.mark.parametrize("op", ["ladam_step_cpu", "ladagrad_step_cpu", "lrmsprop_step_cpu"])
+def test_empty_lists_do_nothing(op):
+    """No tensors: the step returns None, leaves the lists it was given empty, and runs no torch
+    op at all (not even the fastopt kernel, which the dispatcher could not place without a tensor);
+    also with a tensor learning rate and AMP's grad_scale / found_inf, which stay unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from fastopt import extension
 
-    extension.ladam_step_cpu([], [], [], [], [], [], **HYPER)
-    extension.ladagrad_step_cpu([], [], [], [], [], lr=1e-2, lr_decay=0.0, eps=1e-10, weight_decay=0.0, c2=1e-2,
-                                stencil="9point")
-    extension.lrmsprop_step_cpu([], [], [], None, [], [], lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                                momentum=0.0, c2=1e-2, stencil="9point")
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    sibling = dict(eps=1e-10, weight_decay=0.0, c2=1e-2, stencil="9point")
+    # (number of tensor lists, hyperparameters); LRMSProp without momentum takes None for its buffers.
+    calls = {
+        "ladam_step_cpu": [(6, HYPER)],
+        "ladagrad_step_cpu": [(5, dict(lr=1e-2, lr_decay=0.0, **sibling))],
+        "lrmsprop_step_cpu": [
+            (6, dict(lr=1e-2, alpha=0.99, momentum=0.0, **sibling)),
+            (6, dict(lr=1e-2, alpha=0.99, momentum=0.9, **sibling)),
+        ],
+    }[op]
+    amp = dict(lr=torch.tensor([1e-2]), grad_scale=torch.tensor([2.0]), found_inf=torch.tensor([0.0]))
+    for n_lists, hyper in calls:
+        for kwargs in (hyper, {**hyper, **amp}):
+            lists = [[] for _ in range(n_lists)]
+            if kwargs.get("momentum") == 0.0:
+                lists[3] = None
+            before = {key: value.clone() for key, value in kwargs.items() if torch.is_tensor(value)}
+            with Record() as record:
+                returned = getattr(extension, op)(*lists, **kwargs)
+            assert returned is None
+            assert all(tensors is None or tensors == [] for tensors in lists), lists
+            assert record.ops == [], record.ops
+            for key, value in before.items():
+                assert torch.equal(kwargs[key], value), key

@@ -5,6 +5,7 @@ shapes, the input's gradient and every parameter's gradient are compared for 1-D
 several feature counts, n_steps 0 and 3, train and eval. Then state_dict layout and cross-loading,
 ChiNorm's running statistics, repr, and the argument and input checks.
 """
+
 import copy
 import re
 
@@ -177,11 +178,19 @@ def test_init_damping_clamped_like_ladam():
         assert torch.equal(ours.damping_raw, theirs.damping_raw), d
 
 
-@pytest.mark.parametrize("name, kw", [
-    ("WaveNorm", {}), ("WaveNorm", dict(n_steps=0, dt=0.25, c=2.0, chi=0.5)),
-    ("WaveNormDamped", {}), ("WaveNormDamped", dict(n_steps=1, init_damping=0.2)),
-    ("ChiNorm", {}), ("ChiNorm", dict(tau=0.25, eps=1e-3)), ("ChiNorm", dict(tau=0, eps=1)),
-], ids=str)
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("WaveNorm", {}),
+        ("WaveNorm", dict(n_steps=0, dt=0.25, c=2.0, chi=0.5)),
+        ("WaveNormDamped", {}),
+        ("WaveNormDamped", dict(n_steps=1, init_damping=0.2)),
+        ("ChiNorm", {}),
+        ("ChiNorm", dict(tau=0.25, eps=1e-3)),
+        ("ChiNorm", dict(tau=0, eps=1)),
+    ],
+    ids=str,
+)
 def test_extra_repr_like_ladam(name, kw):
     theirs_cls, ours_cls = PAIRS[name]
     assert repr(ours_cls(7, **kw)) == repr(theirs_cls(7, **kw))
@@ -198,8 +207,12 @@ BAD_ARGS = [
     ("WaveNorm", dict(num_features=4, chi="1"), TypeError, "chi must be a real number"),
     ("WaveNormDamped", dict(num_features=-3), ValueError, "num_features: -3"),
     ("WaveNormDamped", dict(num_features=4, dt=float("-inf")), ValueError, "Invalid dt"),
-    ("WaveNormDamped", dict(num_features=4, init_damping=1.5), ValueError,
-     r"init_damping: 1.5 \(must be in \[0.0, 1.0\]\)"),
+    (
+        "WaveNormDamped",
+        dict(num_features=4, init_damping=1.5),
+        ValueError,
+        r"init_damping: 1.5 \(must be in \[0.0, 1.0\]\)",
+    ),
     ("WaveNormDamped", dict(num_features=4, init_damping=-0.1), ValueError, "init_damping"),
     ("WaveNormDamped", dict(num_features=4, init_damping=None), TypeError, "init_damping must be a real number"),
     ("ChiNorm", dict(num_features=0), ValueError, "num_features"),

@@ -1,4 +1,5 @@
 """fastopt.compute_neuron_order / reorder_linear_layer against the real ladam 0.4.1 functions."""
+
 import copy
 
 import pytest
@@ -35,8 +36,15 @@ CASES = {
     # Ties: duplicated columns correlate equally with everything, and constant (dead) neurons all
     # correlate 0 with every neuron (std clamped to 1e-8): ties go to the lowest index.
     "duplicated_columns": lambda: torch.randn(24, 6, generator=gen(7))[:, [0, 1, 2, 1, 3, 0, 4, 2, 5, 1]],
-    "dead_neurons": lambda: torch.cat([torch.randn(20, 4, generator=gen(8)), torch.zeros(20, 5),
-                                       torch.randn(20, 3, generator=gen(9)), torch.ones(20, 2)], dim=1),
+    "dead_neurons": lambda: torch.cat(
+        [
+            torch.randn(20, 4, generator=gen(8)),
+            torch.zeros(20, 5),
+            torch.randn(20, 3, generator=gen(9)),
+            torch.ones(20, 2),
+        ],
+        dim=1,
+    ),
     "all_constant": lambda: torch.full((10, 8), 3.0),
     "anticorrelated": lambda: (lambda a: torch.cat([a, -a, 2 * a], dim=1))(torch.randn(30, 4, generator=gen(10))),
     "float64_input": lambda: torch.randn(50, 12, generator=gen(11), dtype=torch.float64),

@@ -1,4 +1,5 @@
 """fastopt.LM, fit and the Lightning helper: results, guarantees on bad input, options, checkpoints."""
+
 import logging
 
 import pytest
@@ -93,29 +94,41 @@ def test_non_finite_trial_parameters_are_rejected_and_restored():
     assert r.damping > 1e-3
 
 
-@pytest.mark.parametrize("loss_fn,match", [
-    (torch.nn.KLDivLoss(), "Unsupported loss_fn.*subclass fastopt.lm.Loss"),
-    (lambda a, b: (a - b).abs().mean(), "Unsupported loss_fn"),
-])
+@pytest.mark.parametrize(
+    "loss_fn,match",
+    [
+        (torch.nn.KLDivLoss(), "Unsupported loss_fn.*subclass fastopt.lm.Loss"),
+        (lambda a, b: (a - b).abs().mean(), "Unsupported loss_fn"),
+    ],
+)
 def test_unsupported_losses_say_what_to_do(loss_fn, match):
     with pytest.raises(TypeError, match=match):
         fastopt.LM(mlp(), loss_fn)
 
 
-@pytest.mark.parametrize("loss_fn,match", [
-    (torch.nn.MSELoss(reduction="sum"), "reduction='sum'"),
-    (torch.nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing=0.1"),
-])
+@pytest.mark.parametrize(
+    "loss_fn,match",
+    [
+        (torch.nn.MSELoss(reduction="sum"), "reduction='sum'"),
+        (torch.nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing=0.1"),
+    ],
+)
 def test_torch_losses_with_settings_the_residuals_do_not_reproduce(loss_fn, match):
     with pytest.raises(ValueError, match=match):
         fastopt.LM(mlp(), loss_fn)
 
 
-@pytest.mark.parametrize("torch_loss,ours", [
-    (torch.nn.MSELoss(), flm.MSELoss), (torch.nn.L1Loss(), flm.L1Loss), (torch.nn.HuberLoss(delta=0.5), flm.HuberLoss),
-    (torch.nn.CrossEntropyLoss(), flm.CrossEntropyLoss), (torch.nn.BCELoss(), flm.BCELoss),
-    (torch.nn.BCEWithLogitsLoss(), flm.BCEWithLogitsLoss),
-])
+@pytest.mark.parametrize(
+    "torch_loss,ours",
+    [
+        (torch.nn.MSELoss(), flm.MSELoss),
+        (torch.nn.L1Loss(), flm.L1Loss),
+        (torch.nn.HuberLoss(delta=0.5), flm.HuberLoss),
+        (torch.nn.CrossEntropyLoss(), flm.CrossEntropyLoss),
+        (torch.nn.BCELoss(), flm.BCELoss),
+        (torch.nn.BCEWithLogitsLoss(), flm.BCEWithLogitsLoss),
+    ],
+)
 def test_torch_losses_are_converted(torch_loss, ours):
     converted = flm.as_residual_loss(torch_loss)
     assert isinstance(converted, ours)
@@ -134,27 +147,40 @@ def test_mismatched_shapes_are_refused():
         flm.LevenbergMarquardtModule(mlp()).training_step(x, y.squeeze(1))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(solve_method="lu"), ValueError, r"Invalid solve_method: 'lu'. Choose from: \('qr', 'cholesky', 'solve'\)"),
-    (dict(learning_rate=0.0), ValueError, "Invalid learning_rate: 0.0"),
-    (dict(attempts_per_step=0), ValueError, "Invalid attempts_per_step: 0. It must be an integer >= 1"),
-    (dict(max_batch_size=0), ValueError, "Invalid max_batch_size: 0"),
-    (dict(jacobian="numeric"), ValueError, "Invalid jacobian: 'numeric'"),
-    (dict(reuse_factorization="always"), ValueError, "Invalid reuse_factorization"),
-    (dict(fallback="svd"), ValueError, "Invalid fallback: 'svd'"),
-    (dict(backend="fast"), ValueError, "Invalid backend: 'fast'"),
-    (dict(damping="high"), TypeError, "damping must be a number"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (
+            dict(solve_method="lu"),
+            ValueError,
+            r"Invalid solve_method: 'lu'. Choose from: \('qr', 'cholesky', 'solve'\)",
+        ),
+        (dict(learning_rate=0.0), ValueError, "Invalid learning_rate: 0.0"),
+        (dict(attempts_per_step=0), ValueError, r"Invalid attempts_per_step: 0 \(must be >= 1\)"),
+        (dict(max_batch_size=0), ValueError, "Invalid max_batch_size: 0"),
+        (dict(jacobian="numeric"), ValueError, "Invalid jacobian: 'numeric'"),
+        (dict(reuse_factorization="always"), ValueError, "Invalid reuse_factorization"),
+        (dict(fallback="svd"), ValueError, "Invalid fallback: 'svd'"),
+        (dict(backend="fast"), ValueError, "Invalid backend: 'fast'"),
+        (dict(damping="high"), TypeError, "damping must be a number"),
+    ],
+)
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         fastopt.LM(mlp(), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(damping_mode="levenberg"), r"Invalid damping_mode: 'levenberg'. Choose from: \('standard', 'adaptive', 'fletcher'\)"),
-    (dict(inc_factor=-1.0), "Invalid inc_factor: -1.0"),
-    (dict(min_value=1.0, max_value=0.5), "Invalid min_value/max_value"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            dict(damping_mode="levenberg"),
+            r"Invalid damping_mode: 'levenberg'. Choose from: \('standard', 'adaptive', 'fletcher'\)",
+        ),
+        (dict(inc_factor=-1.0), "Invalid inc_factor: -1.0"),
+        (dict(min_value=1.0, max_value=0.5), "Invalid min_value/max_value"),
+    ],
+)
 def test_bad_damping_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         flm.StandardDampingStrategy(**kwargs)
@@ -182,8 +208,12 @@ class FixedSelection(flm.ParamSelectionStrategy):
 
 def test_selection_errors():
     x, y = sinc_data()
-    for idx, match in [(torch.tensor([0, 99]), r"must lie in \[0, 25\)"), (torch.tensor([1, 1]), "distinct"),
-                       (torch.tensor([], dtype=torch.long), "selected no parameters"), ([0, 1], "1-D integer tensor")]:
+    for idx, match in [
+        (torch.tensor([0, 99]), r"must lie in \[0, 25\)"),
+        (torch.tensor([1, 1]), "distinct"),
+        (torch.tensor([], dtype=torch.long), "selected no parameters"),
+        ([0, 1], "1-D integer tensor"),
+    ]:
         with pytest.raises(ValueError, match=match):
             fastopt.LM(mlp(), param_selection=FixedSelection(idx)).step(x, y)
     with pytest.raises(ValueError, match="Invalid mode: 'sequential'"):
@@ -213,8 +243,12 @@ def test_eigh_reuse_takes_the_same_steps(damping_mode):
     x, y = sinc_data()
     runs = []
     for reuse in ("never", "eigh"):
-        lm = fastopt.LM(mlp(), damping=flm.StandardDampingStrategy(damping_mode=damping_mode),
-                        reuse_factorization=reuse, learning_rate=1.5)
+        lm = fastopt.LM(
+            mlp(),
+            damping=flm.StandardDampingStrategy(damping_mode=damping_mode),
+            reuse_factorization=reuse,
+            learning_rate=1.5,
+        )
         runs.append([(r.attempts, r.accepted, r.loss.item()) for r in (lm.step(x, y) for _ in range(6))])
         runs[-1].append(lm.flat_params.clone())
     assert [r[:2] for r in runs[0][:-1]] == [r[:2] for r in runs[1][:-1]]
@@ -233,6 +267,7 @@ def _singular_problem():
 
         def forward(self, x):
             return self.net(x)
+
     return WithUnused(), flm.StandardDampingStrategy(damping_mode="fletcher")
 
 
@@ -260,7 +295,9 @@ def test_failed_cholesky_falls_back_to_lstsq():
         r, p = lm.step(x, y), plain.step(x, y)
         assert r.accepted and (r.attempts, r.damping) == (p.attempts, p.damping)
     assert torch.equal(model.unused.detach(), torch.zeros(2, dtype=torch.float64))
-    assert_close(lm.flat_params[2:], plain.flat_params, rtol=1e-8, atol=1e-10, what="with vs without the unused parameter")
+    assert_close(
+        lm.flat_params[2:], plain.flat_params, rtol=1e-8, atol=1e-10, what="with vs without the unused parameter"
+    )
 
 
 @pytest.mark.parametrize("fallback", ["qr", "solve"])
@@ -349,14 +386,21 @@ def test_fit_runs_epochs_and_stops_when_damping_saturates(capsys):
 def test_lightning_helper():
     pl = pytest.importorskip("pytorch_lightning")
     x, y = sinc_data(96)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32,
-                                         sampler=[i + 3 * j for i in range(3) for j in range(32)])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=32, sampler=[i + 3 * j for i in range(3) for j in range(32)]
+    )
     lm = fastopt.LM(mlp())
     module = flm.LightningLM(lm)
     assert flm.CustomLightningModule is flm.LightningLM and flm.utils.CustomLightningModule is flm.LightningLM
     start = torch.nn.functional.mse_loss(lm.model(x), y).item()
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, loader)
     assert torch.nn.functional.mse_loss(lm.model(x), y).item() < 0.5 * start
     assert lm.steps == 9
@@ -382,7 +426,8 @@ def test_layerwise_jacobian_applies_only_where_it_is_exact():
     assert unsupported_reason(nn.Sequential(nn.Linear(1, 2), nn.Dropout(0.5)).eval()) is None
     with pytest.raises(ValueError, match="jacobian='layerwise' cannot differentiate this model: .*BatchNorm1d"):
         fastopt.LM(cases["BatchNorm1d has parameters or buffers"].double().eval(), jacobian="layerwise").step(
-            *sinc_data())
+            *sinc_data()
+        )
 
 
 def test_auto_falls_back_to_torch_func_with_the_same_result():

@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 must be in the environment before triton is first imported. W
 module sets it when it is collected, unless triton was already imported (then the Triton tests
 skip and say why); a tests/conftest.py that sets it for the whole session makes this a no-op.
 """
+
 import os
 import sys
 
@@ -21,8 +22,12 @@ from fastopt.testing import assert_close  # noqa: E402
 
 OP = "jacobian_products"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ACC = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat16: torch.float32,
-       torch.float16: torch.float32}
+ACC = {
+    torch.float64: torch.float64,
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+}
 # The sum order differs (panels, tiles): fp32 round-off on sums of up to ~100 products; fp64 too.
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
@@ -61,7 +66,7 @@ def test_reference_accumulates_slices_into_one_output():
     jacobian_products_reference(a, whole, scale=1 / 90)
     sliced = torch.zeros(40, 40, dtype=torch.float64)
     for s in range(0, 90, 25):
-        jacobian_products_reference(a[s:s + 25], sliced, scale=1 / 90)
+        jacobian_products_reference(a[s : s + 25], sliced, scale=1 / 90)
     assert_close(sliced.tril(), whole.tril(), rtol=1e-13, atol=1e-14, what="sliced vs whole")
 
 
@@ -84,14 +89,17 @@ def test_transposed_view_gives_j_jt():
     assert_close(symmetrize_lower(out), j @ j.t(), rtol=1e-13, atol=1e-12, what="J J^T")
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(a=torch.zeros(3)), "2-D"),
-    (dict(a=torch.zeros(3, 4, dtype=torch.int64)), "floating-point"),
-    (dict(out=torch.zeros(3, 3)), r"\(4, 4\)"),
-    (dict(out=torch.zeros(4, 4, dtype=torch.float64)), "must be torch.float32"),
-    (dict(shift=torch.zeros(3)), r"shift must be a \(4,\)"),
-    (dict(scale=torch.tensor(1.0)), "scale must be a Python number"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(a=torch.zeros(3)), "2-D"),
+        (dict(a=torch.zeros(3, 4, dtype=torch.int64)), "floating-point"),
+        (dict(out=torch.zeros(3, 3)), r"\(4, 4\)"),
+        (dict(out=torch.zeros(4, 4, dtype=torch.float64)), "must be torch.float32"),
+        (dict(shift=torch.zeros(3)), r"shift must be a \(4,\)"),
+        (dict(scale=torch.tensor(1.0)), "scale must be a Python number"),
+    ],
+)
 def test_errors_name_the_argument(bad, match):
     args = dict(a=torch.zeros(3, 4), out=torch.zeros(4, 4), shift=None, scale=1.0)
     args.update(bad)
@@ -122,8 +130,13 @@ def _backend_params():
 # Small shapes: the interpreter runs ~0.5M elements/s. 70 columns cross tile edges (64 fp32,
 # 32 fp64 wide); 1 and 5 rows/columns are smaller than a tile; the strided cases read a[:, ::2]
 # and a transposed view (the underdetermined J J^T).
-CASES = [(37, 70, "contiguous"), (5, 1, "contiguous"), (1, 5, "contiguous"), (40, 33, "every_other_column"),
-         (29, 45, "transposed")]
+CASES = [
+    (37, 70, "contiguous"),
+    (5, 1, "contiguous"),
+    (1, 5, "contiguous"),
+    (40, 33, "every_other_column"),
+    (29, 45, "transposed"),
+]
 
 
 def _layout(a, layout):
@@ -155,14 +168,17 @@ def test_backend_matches_reference(backend, dtype, k, m, layout):
         assert torch.equal(out.triu(1), upper_before)
 
 
-needs_cpu_op = pytest.mark.skipif(not backends.available("cpu", OP, "cpu", torch.float32),
-                                  reason=str(backends.why_not("cpu", OP, "cpu", torch.float32)))
+needs_cpu_op = pytest.mark.skipif(
+    not backends.available("cpu", OP, "cpu", torch.float32),
+    reason=str(backends.why_not("cpu", OP, "cpu", torch.float32)),
+)
 
 
 @needs_cpu_op
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,m,layout", [(40, 1300, "contiguous"), (1300, 24, "transposed"),
-                                        (20, 700, "every_other_column")])
+@pytest.mark.parametrize(
+    "k,m,layout", [(40, 1300, "contiguous"), (1300, 24, "transposed"), (20, 700, "every_other_column")]
+)
 def test_cpu_op_matches_reference_across_its_blocks(dtype, k, m, layout):
     """Wide enough for the CPU op's blocks below the diagonal (1300 columns: halves of 656 and
     644, then squares of up to 512), into an output with 64-byte aligned rows as fastopt.lm's;
@@ -185,13 +201,16 @@ def test_cpu_op_matches_reference_across_its_blocks(dtype, k, m, layout):
 
 
 @needs_cpu_op
-@pytest.mark.parametrize("bad,match,error", [
-    (dict(out=torch.zeros(3, 3)), r"jacobian_products: out must be a \(4, 4\) tensor", ValueError),
-    (dict(out=torch.zeros(4, 4, dtype=torch.float64)), r"jacobian_products: out must be Float", TypeError),
-    (dict(shift=torch.zeros(3)), r"jacobian_products: shift must be a \(4,\) tensor", ValueError),
-    (dict(a=torch.zeros(3, 4, 1)), r"jacobian_products: a must be a 2-D tensor", ValueError),
-    (dict(a=torch.zeros(3, 4, dtype=torch.int32)), r"jacobian_products: a has dtype Int", TypeError),
-])
+@pytest.mark.parametrize(
+    "bad,match,error",
+    [
+        (dict(out=torch.zeros(3, 3)), r"jacobian_products: out must be a \(4, 4\) tensor", ValueError),
+        (dict(out=torch.zeros(4, 4, dtype=torch.float64)), r"jacobian_products: out must be Float", TypeError),
+        (dict(shift=torch.zeros(3)), r"jacobian_products: shift must be a \(4,\) tensor", ValueError),
+        (dict(a=torch.zeros(3, 4, 1)), r"jacobian_products: a must be a 2-D tensor", ValueError),
+        (dict(a=torch.zeros(3, 4, dtype=torch.int32)), r"jacobian_products: a has dtype Int", TypeError),
+    ],
+)
 def test_cpu_op_itself_rejects_bad_arguments_naming_them(bad, match, error):
     """The C++ op's own checks (torch.ops.fastopt.jacobian_products called directly, without the
     Python wrapper's): the kernels take raw pointers, so nothing wrong may reach them."""

@@ -6,6 +6,7 @@ systems, split batches, every solver, damping mode and loss, parameter selection
 and losses, the package's quirks (first batch fixes B, the last update taken when every attempt
 fails).
 """
+
 import pytest
 import torch
 
@@ -25,8 +26,9 @@ def mlp(sizes, seed=0, out_act=None):
 def regression(n, seed=1, dims=(1, 1)):
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(n, dims[0], generator=gen, dtype=torch.float64) * 2 - 1
-    y = torch.sin(3 * x.sum(1, keepdim=True)).repeat(1, dims[1]) + 0.05 * torch.randn(n, dims[1], generator=gen,
-                                                                                        dtype=torch.float64)
+    y = torch.sin(3 * x.sum(1, keepdim=True)).repeat(1, dims[1]) + 0.05 * torch.randn(
+        n, dims[1], generator=gen, dtype=torch.float64
+    )
     return x, y
 
 
@@ -55,8 +57,15 @@ def run_both(make_model, batches, steps, make_kwargs, seed=0, ours=None):
         for i in range(steps):
             x, y = batches[i % len(batches)]
             _, loss, stop, logs = module.training_step(x, y)
-            rec.append(dict(loss=loss.detach().clone(), stop=stop, attempts=logs["attempts"],
-                            damping=logs["damping"].clone(), params=module.flat_params.detach().clone()))
+            rec.append(
+                dict(
+                    loss=loss.detach().clone(),
+                    stop=stop,
+                    attempts=logs["attempts"],
+                    damping=logs["damping"].clone(),
+                    params=module.flat_params.detach().clone(),
+                )
+            )
         records.append(rec)
     return records
 
@@ -64,15 +73,20 @@ def run_both(make_model, batches, steps, make_kwargs, seed=0, ours=None):
 def assert_same_steps(records, what=""):
     ours_vs_theirs = list(zip(records[1], records[0]))
     for i, (ours, theirs) in enumerate(ours_vs_theirs):
-        assert ours["attempts"] == theirs["attempts"], f"{what} step {i}: attempts {ours['attempts']} vs {theirs['attempts']}"
+        assert ours["attempts"] == theirs["attempts"], (
+            f"{what} step {i}: attempts {ours['attempts']} vs {theirs['attempts']}"
+        )
         assert ours["stop"] == theirs["stop"], f"{what} step {i}: stop_training differs"
-        assert torch.equal(ours["damping"], theirs["damping"]), f"{what} step {i}: damping {ours['damping']} vs {theirs['damping']}"
+        assert torch.equal(ours["damping"], theirs["damping"]), (
+            f"{what} step {i}: damping {ours['damping']} vs {theirs['damping']}"
+        )
         assert_close(ours["loss"], theirs["loss"], rtol=RTOL, atol=ATOL, what=f"{what} step {i} loss")
         assert_close(ours["params"], theirs["params"], rtol=RTOL, atol=ATOL, what=f"{what} step {i} params")
 
 
 def kwargs(**kw):
     """Constructor arguments with the losses/strategies taken from each package by name."""
+
     def make(package):
         out = dict(kw)
         if "loss" in out:
@@ -80,10 +94,11 @@ def kwargs(**kw):
         if "damping" in out:
             out["damping_strategy"] = package.damping.StandardDampingStrategy(**out.pop("damping"))
         return out
+
     return make
 
 
-OVER = regression(40)          # 40 residuals, 25 parameters (1-8-1)
+OVER = regression(40)  # 40 residuals, 25 parameters (1-8-1)
 UNDER = regression(12, seed=4)  # 12 residuals, 25 parameters
 
 
@@ -92,8 +107,9 @@ UNDER = regression(12, seed=4)  # 12 residuals, 25 parameters
 @pytest.mark.parametrize("data", ["over", "under"])
 def test_every_solver_and_damping_mode(solve_method, damping_mode, data):
     batch = OVER if data == "over" else UNDER
-    records = run_both(lambda: mlp([1, 8, 1]), [batch], 4,
-                       kwargs(solve_method=solve_method, damping=dict(damping_mode=damping_mode)))
+    records = run_both(
+        lambda: mlp([1, 8, 1]), [batch], 4, kwargs(solve_method=solve_method, damping=dict(damping_mode=damping_mode))
+    )
     assert_same_steps(records, f"{solve_method}/{damping_mode}/{data}")
 
 
@@ -102,16 +118,23 @@ def test_every_solver_and_damping_mode(solve_method, damping_mode, data):
 def test_torch_func_jacobian(solve_method, data):
     # The MLPs above take the layer-by-layer Jacobian; jacrev forces torch.func's vmap(jacrev).
     batch = OVER if data == "over" else UNDER
-    records = run_both(lambda: mlp([1, 8, 1]), [batch], 5, kwargs(solve_method=solve_method),
-                       ours=dict(jacobian="jacrev"))
+    records = run_both(
+        lambda: mlp([1, 8, 1]), [batch], 5, kwargs(solve_method=solve_method), ours=dict(jacobian="jacrev")
+    )
     assert_same_steps(records, f"jacrev/{solve_method}/{data}")
 
 
 def small_cnn():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Tanh(), torch.nn.MaxPool2d(2),
-                               torch.nn.Conv2d(2, 3, 2, stride=1, bias=False), torch.nn.Tanh(), torch.nn.Flatten(),
-                               torch.nn.Linear(12, 3)).double()
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(2, 3, 2, stride=1, bias=False),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(12, 3),
+    ).double()
 
 
 @pytest.mark.parametrize("jacobian", ["auto", "jacrev"])
@@ -119,8 +142,9 @@ def test_convolutional_classifier(jacobian):
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(40, 1, 6, 6, generator=gen, dtype=torch.float64)
     y = (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 0).long()
-    records = run_both(small_cnn, [(x, y)], 4, kwargs(loss="CrossEntropyLoss", solve_method="cholesky"),
-                       ours=dict(jacobian=jacobian))
+    records = run_both(
+        small_cnn, [(x, y)], 4, kwargs(loss="CrossEntropyLoss", solve_method="cholesky"), ours=dict(jacobian=jacobian)
+    )
     assert_same_steps(records, f"cnn/{jacobian}")
 
 
@@ -132,8 +156,10 @@ def test_linear_layers_on_sequences():
 
     def model():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Flatten(),
-                                   torch.nn.Linear(8, 1)).double()
+        return torch.nn.Sequential(
+            torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8, 1)
+        ).double()
+
     records = run_both(model, [(x, y)], 4, kwargs(solve_method="qr"))
     assert_same_steps(records, "sequence")
 
@@ -142,8 +168,9 @@ def test_linear_layers_on_sequences():
 @pytest.mark.parametrize("data", ["over", "under"])
 def test_split_batches(max_batch_size, data):
     batch = OVER if data == "over" else UNDER
-    records = run_both(lambda: mlp([1, 8, 1]), [batch], 4,
-                       kwargs(solve_method="cholesky", max_batch_size=max_batch_size))
+    records = run_both(
+        lambda: mlp([1, 8, 1]), [batch], 4, kwargs(solve_method="cholesky", max_batch_size=max_batch_size)
+    )
     assert_same_steps(records, f"max_batch_size={max_batch_size}/{data}")
 
 
@@ -154,15 +181,18 @@ def test_multi_output_regression_and_no_vmap():
         assert_same_steps(records, f"3 outputs, use_vmap={use_vmap}")
 
 
-@pytest.mark.parametrize("loss,make_model,data", [
-    ("MSELoss", lambda: mlp([1, 8, 1]), OVER),
-    ("L1Loss", lambda: mlp([1, 8, 1]), OVER),
-    ("HuberLoss", lambda: mlp([1, 8, 1]), OVER),
-    ("CrossEntropyLoss", lambda: mlp([2, 6, 3]), classification(60, 3)),
-    ("CrossEntropyLoss", lambda: mlp([2, 6, 3]), classification(20, 3)),   # underdetermined: 20 < 39
-    ("BCELoss", lambda: mlp([2, 6, 1], out_act=torch.nn.Sigmoid()), binary(50)),
-    ("BCEWithLogitsLoss", lambda: mlp([2, 6, 1]), binary(50)),
-])
+@pytest.mark.parametrize(
+    "loss,make_model,data",
+    [
+        ("MSELoss", lambda: mlp([1, 8, 1]), OVER),
+        ("L1Loss", lambda: mlp([1, 8, 1]), OVER),
+        ("HuberLoss", lambda: mlp([1, 8, 1]), OVER),
+        ("CrossEntropyLoss", lambda: mlp([2, 6, 3]), classification(60, 3)),
+        ("CrossEntropyLoss", lambda: mlp([2, 6, 3]), classification(20, 3)),  # underdetermined: 20 < 39
+        ("BCELoss", lambda: mlp([2, 6, 1], out_act=torch.nn.Sigmoid()), binary(50)),
+        ("BCEWithLogitsLoss", lambda: mlp([2, 6, 1]), binary(50)),
+    ],
+)
 def test_every_loss(loss, make_model, data):
     records = run_both(make_model, [data], 4, kwargs(loss=loss, solve_method="cholesky"))
     assert_same_steps(records, loss)
@@ -171,10 +201,21 @@ def test_every_loss(loss, make_model, data):
 def test_damping_knobs_and_auto_reset():
     # Large steps fail, lambda climbs to max_value quickly: auto_reset, conditional_stopping,
     # and stop_attempts are all exercised.
-    damping = dict(starting_value=1e-2, dec_factor=0.5, inc_factor=100.0, min_value=1e-4, max_value=1e2,
-                   auto_reset=True, conditional_stopping=False)
-    records = run_both(lambda: mlp([1, 8, 1]), [OVER], 8,
-                       kwargs(solve_method="cholesky", learning_rate=3.0, attempts_per_step=4, damping=damping))
+    damping = dict(
+        starting_value=1e-2,
+        dec_factor=0.5,
+        inc_factor=100.0,
+        min_value=1e-4,
+        max_value=1e2,
+        auto_reset=True,
+        conditional_stopping=False,
+    )
+    records = run_both(
+        lambda: mlp([1, 8, 1]),
+        [OVER],
+        8,
+        kwargs(solve_method="cholesky", learning_rate=3.0, attempts_per_step=4, damping=damping),
+    )
     assert_same_steps(records, "auto_reset")
     assert any(r["attempts"] > 1 for r in records[0]), "the configuration should reject some attempts"
 
@@ -182,9 +223,12 @@ def test_damping_knobs_and_auto_reset():
 def test_failed_steps_take_the_last_update_and_keep_the_stale_backup():
     # learning_rate 4 overshoots: every attempt can fail, the last update is applied anyway and the
     # backup is not refreshed (tlm's quirk), which the next step's restore() then reveals.
-    records = run_both(lambda: mlp([1, 8, 1]), [OVER], 8,
-                       kwargs(solve_method="qr", learning_rate=4.0, attempts_per_step=2,
-                              damping=dict(inc_factor=2.0, max_value=1e10)))
+    records = run_both(
+        lambda: mlp([1, 8, 1]),
+        [OVER],
+        8,
+        kwargs(solve_method="qr", learning_rate=4.0, attempts_per_step=2, damping=dict(inc_factor=2.0, max_value=1e10)),
+    )
     assert_same_steps(records, "forced updates")
     assert any(r["attempts"] == 2 for r in records[0])
 
@@ -195,8 +239,12 @@ def test_conditional_stopping_stops_training():
     x = OVER[0]
     with torch.no_grad():
         y = mlp([1, 8, 1])(x)
-    records = run_both(lambda: mlp([1, 8, 1]), [(x, y)], 2,
-                       kwargs(solve_method="cholesky", damping=dict(starting_value=1.0, inc_factor=1e3, max_value=1e6)))
+    records = run_both(
+        lambda: mlp([1, 8, 1]),
+        [(x, y)],
+        2,
+        kwargs(solve_method="cholesky", damping=dict(starting_value=1.0, inc_factor=1e3, max_value=1e6)),
+    )
     assert_same_steps(records, "conditional stopping")
     assert records[0][0]["stop"] and records[0][0]["attempts"] == 2
 
@@ -226,10 +274,17 @@ def test_parameter_selection(strategy):
             sel = package.selection.LayerSelectionStrategy(model.parameters(), mode=strategy.split("_")[1])
         module = package.training.LevenbergMarquardtModule(model, param_selection_strategy=sel, **make_kwargs(package))
         rec = []
-        for i in range(6):
+        for _ in range(6):
             _, loss, stop, logs = module.training_step(*OVER)
-            rec.append(dict(loss=loss.clone(), stop=stop, attempts=logs["attempts"], damping=logs["damping"].clone(),
-                            params=module.flat_params.clone()))
+            rec.append(
+                dict(
+                    loss=loss.clone(),
+                    stop=stop,
+                    attempts=logs["attempts"],
+                    damping=logs["damping"].clone(),
+                    params=module.flat_params.clone(),
+                )
+            )
         records.append(rec)
     assert_same_steps(records, strategy)
 
@@ -238,7 +293,9 @@ def test_custom_damping_subclass_and_custom_loss():
     def make(package):
         class ShiftedDamping(package.damping.StandardDampingStrategy):
             def apply(self, JJ):
-                return JJ + self.damping_factor * (torch.diag(torch.diagonal(JJ)) + torch.eye(JJ.shape[0], dtype=JJ.dtype))
+                return JJ + self.damping_factor * (
+                    torch.diag(torch.diagonal(JJ)) + torch.eye(JJ.shape[0], dtype=JJ.dtype)
+                )
 
         class CubeRootLoss(package.loss.Loss):
             def forward(self, y_pred, y_true):
@@ -255,8 +312,16 @@ def test_custom_damping_subclass_and_custom_loss():
 
 def test_switching_is_changing_the_import():
     # The package's module layout: training, loss, damping, selection, utils.fit.
-    for name in ("training.LevenbergMarquardtModule", "loss.MSELoss", "loss.CrossEntropyLoss", "loss.Loss",
-                 "damping.StandardDampingStrategy", "damping.DampingStrategy", "selection.RandomSelectionStrategy",
-                 "selection.LayerSelectionStrategy", "utils.fit"):
+    for name in (
+        "training.LevenbergMarquardtModule",
+        "loss.MSELoss",
+        "loss.CrossEntropyLoss",
+        "loss.Loss",
+        "damping.StandardDampingStrategy",
+        "damping.DampingStrategy",
+        "selection.RandomSelectionStrategy",
+        "selection.LayerSelectionStrategy",
+        "utils.fit",
+    ):
         mod, attr = name.split(".")
         assert callable(getattr(getattr(flm, mod), attr)), name

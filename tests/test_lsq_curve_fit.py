@@ -1,6 +1,7 @@
 """fastopt.lm.curve_fit against scipy.optimize.curve_fit: popt and pcov, sigma as standard
 deviations and as covariance, absolute_sigma, bounds, batches, undefined covariance, failures,
 errors."""
+
 import math
 import warnings
 
@@ -19,7 +20,7 @@ def decay(x, p):
     return p[..., 0:1] * torch.exp(-p[..., 1:2] * x) + p[..., 2:3]
 
 
-def decay1(x, p):                       # one problem: p (P,), returns (M,)
+def decay1(x, p):  # one problem: p (P,), returns (M,)
     return p[0] * torch.exp(-p[1] * x) + p[2]
 
 
@@ -38,7 +39,7 @@ def _data(seed=0, m=50):
     y = 2.5 * torch.exp(-1.3 * x) + 0.5 + 0.05 * torch.randn(m, generator=gen, dtype=F64)
     sigma = 0.03 + 0.05 * torch.rand(m, generator=gen, dtype=F64)
     a = 0.01 * torch.randn(m, m, generator=gen, dtype=F64)
-    cov = a @ a.T + torch.diag(sigma ** 2)
+    cov = a @ a.T + torch.diag(sigma**2)
     return x, y, sigma, cov
 
 
@@ -75,16 +76,22 @@ def _check_pcov(pcov, ref_pcov, popt_ref, x, y, **kw):
     np.testing.assert_allclose(pcov.numpy(), ref_pcov, rtol=2e-5, atol=1e-14)
 
 
-@pytest.mark.parametrize("case", ["none", "sigma", "sigma_absolute", "scalar_sigma", "covariance",
-                                  "covariance_absolute"])
+@pytest.mark.parametrize(
+    "case", ["none", "sigma", "sigma_absolute", "scalar_sigma", "covariance", "covariance_absolute"]
+)
 def test_single_fit_matches_scipy(case):
     x, y, sigma, cov = _data()
-    kw = {"none": {}, "sigma": dict(sigma=sigma), "sigma_absolute": dict(sigma=sigma, absolute_sigma=True),
-          "scalar_sigma": dict(sigma=0.2), "covariance": dict(sigma=cov),
-          "covariance_absolute": dict(sigma=cov, absolute_sigma=True)}[case]
+    kw = {
+        "none": {},
+        "sigma": dict(sigma=sigma),
+        "sigma_absolute": dict(sigma=sigma, absolute_sigma=True),
+        "scalar_sigma": dict(sigma=0.2),
+        "covariance": dict(sigma=cov),
+        "covariance_absolute": dict(sigma=cov, absolute_sigma=True),
+    }[case]
     popt, pcov = curve_fit(decay1, x, y, P0, **TIGHT, **kw)
     ref_kw = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    if case == "scalar_sigma":      # scipy's jac wrapper needs a (M,) sigma; the same thing spelled out
+    if case == "scalar_sigma":  # scipy's jac wrapper needs a (M,) sigma; the same thing spelled out
         ref_kw["sigma"] = np.full(y.shape, 0.2)
     sp, sc = _scipy_fit(x, y, **ref_kw)
     np.testing.assert_allclose(popt.numpy(), sp, rtol=1e-7)
@@ -107,8 +114,12 @@ def test_batched_fit_matches_scipy_per_problem(sigma_kind):
     data = [_data(seed) for seed in range(batch)]
     x = data[0][0]
     y = torch.stack([d[1] for d in data])
-    sigma = {"none": None, "shared": data[0][2], "per_problem": torch.stack([d[2] for d in data]),
-             "covariance": torch.stack([d[3] for d in data])}[sigma_kind]
+    sigma = {
+        "none": None,
+        "shared": data[0][2],
+        "per_problem": torch.stack([d[2] for d in data]),
+        "covariance": torch.stack([d[3] for d in data]),
+    }[sigma_kind]
     popt, pcov = curve_fit(decay, x, y, P0, sigma=sigma, **TIGHT)
     assert popt.shape == (batch, 3) and pcov.shape == (batch, 3, 3)
     for b in range(batch):
@@ -121,25 +132,28 @@ def test_batched_fit_matches_scipy_per_problem(sigma_kind):
 def test_per_problem_xdata_and_float32_gaussian_peaks():
     t, y, p0, _ = gaussian_peaks(16, torch.float32)
     shift = torch.linspace(-0.5, 0.5, 16).unsqueeze(-1)
-    xdata = t + shift                                            # (B, M): each problem its own grid
+    xdata = t + shift  # (B, M): each problem its own grid
     y = gaussian_peak(xdata.double(), p0.double() * 1.1).float() + 0.02 * torch.randn(
-        16, t.numel(), generator=torch.Generator().manual_seed(2))
+        16, t.numel(), generator=torch.Generator().manual_seed(2)
+    )
     popt, pcov = curve_fit(lambda x, p: gaussian_peak(x, p), xdata, y, p0)
     assert popt.dtype == pcov.dtype == torch.float32
     for b in range(16):
         g = lambda x, a, mu, s, c: a * np.exp(-0.5 * ((x - mu) / s) ** 2) + c
-        sp, sc = scipy_optimize.curve_fit(g, xdata[b].double().numpy(), y[b].double().numpy(),
-                                          p0=p0[b].double().numpy())
+        sp, sc = scipy_optimize.curve_fit(
+            g, xdata[b].double().numpy(), y[b].double().numpy(), p0=p0[b].double().numpy()
+        )
         np.testing.assert_allclose(popt[b].double().numpy(), sp, rtol=2e-3, atol=2e-4)
         np.testing.assert_allclose(pcov[b].double().numpy(), sc, rtol=2e-2, atol=1e-7)
 
 
 def test_bounded_fit_matches_scipy_trf():
     x, y, sigma, _ = _data(3)
-    bounds = ([0.0, 1.4, -1.0], [10.0, 5.0, 1.0])                # binds the decay rate at 1.4
+    bounds = ([0.0, 1.4, -1.0], [10.0, 5.0, 1.0])  # binds the decay rate at 1.4
     popt, pcov = curve_fit(decay1, x, y, [1.0, 2.0, 0.0], sigma=sigma, bounds=bounds)
-    sp, sc = scipy_optimize.curve_fit(decay_np, x.numpy(), y.numpy(), p0=[1.0, 2.0, 0.0], sigma=sigma.numpy(),
-                                      bounds=bounds, jac=decay_jac_np)
+    sp, sc = scipy_optimize.curve_fit(
+        decay_np, x.numpy(), y.numpy(), p0=[1.0, 2.0, 0.0], sigma=sigma.numpy(), bounds=bounds, jac=decay_jac_np
+    )
     assert popt[1].item() == 1.4 and sp[1] == pytest.approx(1.4)
     np.testing.assert_allclose(popt.numpy(), sp, rtol=1e-6)
     np.testing.assert_allclose(pcov.numpy(), sc, rtol=1e-5)
@@ -150,10 +164,14 @@ def test_rank_deficient_jacobian_gives_scipy_pseudo_inverse():
     x, y, _, _ = _data(4)
     f = lambda x_, p: p[0] * torch.exp(-p[1] * x_) + p[2] + 0 * p[3]
     popt, pcov = curve_fit(f, x, y, [1.0, 1.0, 0.0, 0.5])
-    sp, sc = scipy_optimize.curve_fit(lambda x_, a, b, c, d: decay_np(x_, a, b, c) + 0 * d, x.numpy(), y.numpy(),
-                                      p0=[1.0, 1.0, 0.0, 0.5], method="trf",
-                                      jac=lambda x_, a, b, c, d: np.concatenate(
-                                          [decay_jac_np(x_, a, b, c), np.zeros((x_.size, 1))], -1))
+    sp, sc = scipy_optimize.curve_fit(
+        lambda x_, a, b, c, d: decay_np(x_, a, b, c) + 0 * d,
+        x.numpy(),
+        y.numpy(),
+        p0=[1.0, 1.0, 0.0, 0.5],
+        method="trf",
+        jac=lambda x_, a, b, c, d: np.concatenate([decay_jac_np(x_, a, b, c), np.zeros((x_.size, 1))], -1),
+    )
     np.testing.assert_allclose(popt.numpy(), sp, rtol=1e-6)
     np.testing.assert_allclose(pcov.numpy(), sc, rtol=1e-5, atol=1e-12)
     assert pcov[3].abs().max().item() == 0.0
@@ -175,9 +193,14 @@ def test_batch_mixing_full_rank_and_rank_deficient_jacobians():
     for b in range(3):
         zb = float(z[b])
         sp, sc = scipy_optimize.curve_fit(
-            lambda x_, a, k, c, d: decay_np(x_, a, k, c) + d * zb * x_, x.numpy(), ys[b].numpy(),
-            p0=[1.0, 1.0, 0.0, 0.1], method="trf", **TIGHT,
-            jac=lambda x_, a, k, c, d: np.concatenate([decay_jac_np(x_, a, k, c), zb * x_[:, None]], -1))
+            lambda x_, a, k, c, d: decay_np(x_, a, k, c) + d * zb * x_,
+            x.numpy(),
+            ys[b].numpy(),
+            p0=[1.0, 1.0, 0.0, 0.1],
+            method="trf",
+            **TIGHT,
+            jac=lambda x_, a, k, c, d: np.concatenate([decay_jac_np(x_, a, k, c), zb * x_[:, None]], -1),
+        )
         np.testing.assert_allclose(popt[b].numpy(), sp, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(pcov[b].numpy(), sc, rtol=1e-5, atol=1e-12)
     assert pcov[1, 3].abs().max().item() == 0.0 and pcov[0, 3, 3].item() > 0
@@ -185,25 +208,26 @@ def test_batch_mixing_full_rank_and_rank_deficient_jacobians():
 
 def test_undefined_covariance_is_inf_with_a_warning_as_scipy():
     x, y, _, _ = _data(5, m=3)
-    f2 = lambda x_, p: p[0] * x_ + p[1] * x_ ** 2 + p[2]              # 3 points, 3 parameters: exact fit
+    f2 = lambda x_, p: p[0] * x_ + p[1] * x_**2 + p[2]  # 3 points, 3 parameters: exact fit
     with pytest.warns(OptimizeWarning, match="Covariance of the parameters could not be estimated"):
         popt, pcov = curve_fit(f2, x, y, [0.0, 0.0, 0.0])
     with pytest.warns(scipy_optimize.OptimizeWarning):
-        sp, sc = scipy_optimize.curve_fit(lambda x_, a, b, c: a * x_ + b * x_ ** 2 + c, x.numpy(), y.numpy(),
-                                          p0=[0.0, 0.0, 0.0])
+        sp, sc = scipy_optimize.curve_fit(
+            lambda x_, a, b, c: a * x_ + b * x_**2 + c, x.numpy(), y.numpy(), p0=[0.0, 0.0, 0.0]
+        )
     assert bool(torch.isinf(pcov).all()) and np.isinf(sc).all()
     np.testing.assert_allclose(popt.numpy(), sp, rtol=1e-6, atol=1e-9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, pcov_abs = curve_fit(f2, x, y, [0.0, 0.0, 0.0], absolute_sigma=True)   # defined: no scaling
+        _, pcov_abs = curve_fit(f2, x, y, [0.0, 0.0, 0.0], absolute_sigma=True)  # defined: no scaling
     assert bool(torch.isfinite(pcov_abs).all())
 
 
 def test_batched_covariance_warning_counts_problems():
     x = torch.linspace(0, 1, 3, dtype=F64)
-    y = torch.stack([x, 2 * x, x ** 2])
+    y = torch.stack([x, 2 * x, x**2])
     with pytest.warns(OptimizeWarning, match="for 3 of 3 problems"):
-        curve_fit(lambda x_, p: p[:, :1] * x_ + p[:, 1:2] * x_ ** 2 + p[:, 2:], x, y, [0.0, 0.0, 0.0])
+        curve_fit(lambda x_, p: p[:, :1] * x_ + p[:, 1:2] * x_**2 + p[:, 2:], x, y, [0.0, 0.0, 0.0])
 
 
 def test_failures_raise_alone_and_warn_in_a_batch():
@@ -222,19 +246,22 @@ def test_full_output():
     assert int(ier) in (1, 2, 3, 4) and isinstance(mesg, str) and int(info["nfev"]) >= 1
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (dict(p0=None), ValueError, "p0 is required"),
-    (dict(method="trf"), ValueError, "Invalid method: 'trf'"),
-    (dict(sigma=torch.ones(7, dtype=F64)), ValueError, r"`sigma` has incorrect shape \(7,\)"),
-    (dict(sigma=-torch.eye(50, dtype=F64)), ValueError, "`sigma` must be positive definite."),
-    (dict(sigma=torch.zeros(50, dtype=F64)), ValueError, "sigma must be finite and nonzero"),
-    (dict(ydata=torch.zeros(2, 3, 4, dtype=F64)), ValueError, r"ydata must have shape \(B, M\) or \(M,\)"),
-    (dict(p0=torch.zeros(2, 3, dtype=F64)), ValueError, r"p0 must have shape \(P,\) for one problem"),
-    (dict(args=(1,)), TypeError, r"unexpected keyword argument\(s\) \['args'\]"),
-    (dict(max_nfev=5, maxfev=5), ValueError, "give max_nfev or maxfev, not both"),
-    (dict(ydata=torch.full((50,), math.nan, dtype=F64)), ValueError, "ydata must not contain NaN or inf"),
-    (dict(f=3), TypeError, "f must be callable"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (dict(p0=None), ValueError, "p0 is required"),
+        (dict(method="trf"), ValueError, "Invalid method: 'trf'"),
+        (dict(sigma=torch.ones(7, dtype=F64)), ValueError, r"`sigma` has incorrect shape \(7,\)"),
+        (dict(sigma=-torch.eye(50, dtype=F64)), ValueError, "`sigma` must be positive definite."),
+        (dict(sigma=torch.zeros(50, dtype=F64)), ValueError, "sigma must be finite and nonzero"),
+        (dict(ydata=torch.zeros(2, 3, 4, dtype=F64)), ValueError, r"ydata must have shape \(B, M\) or \(M,\)"),
+        (dict(p0=torch.zeros(2, 3, dtype=F64)), ValueError, r"p0 must have shape \(P,\) for one problem"),
+        (dict(args=(1,)), TypeError, r"unexpected keyword argument\(s\) \['args'\]"),
+        (dict(max_nfev=5, maxfev=5), ValueError, "give max_nfev or maxfev, not both"),
+        (dict(ydata=torch.full((50,), math.nan, dtype=F64)), ValueError, "ydata must not contain NaN or inf"),
+        (dict(f=3), TypeError, "f must be callable"),
+    ],
+)
 def test_bad_arguments_raise_naming_them(call, error, match):
     x, y, _, _ = _data()
     kw = dict(f=decay1, xdata=x, ydata=y, p0=P0)
@@ -267,9 +294,13 @@ def test_user_jacobian(sigma_kind):
 
 
 def test_shared_xdata_as_long_as_the_batch():
-    t, y, p0, _ = gaussian_peaks(64, m=64)                       # B == M: xdata (M,) is still shared
+    t, y, p0, _ = gaussian_peaks(64, m=64)  # B == M: xdata (M,) is still shared
     popt, pcov = curve_fit(lambda x, p: gaussian_peak(x, p), t, y, p0)
     assert popt.shape == (64, 4) and bool(torch.isfinite(pcov).all())
-    ref = [scipy_optimize.curve_fit(lambda x, a, mu, s, c: a * np.exp(-0.5 * ((x - mu) / s) ** 2) + c,
-                                    t.numpy(), y[b].numpy(), p0=p0[b].numpy())[0] for b in range(0, 64, 8)]
+    ref = [
+        scipy_optimize.curve_fit(
+            lambda x, a, mu, s, c: a * np.exp(-0.5 * ((x - mu) / s) ** 2) + c, t.numpy(), y[b].numpy(), p0=p0[b].numpy()
+        )[0]
+        for b in range(0, 64, 8)
+    ]
     np.testing.assert_allclose(popt[::8].numpy(), np.stack(ref), rtol=1e-5, atol=1e-6)

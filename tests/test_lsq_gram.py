@@ -2,22 +2,27 @@
 products, its dispatch, and the Triton kernel in Triton's interpreter and compiled for GPUs.
 
 The Triton checks run in subprocesses (tests/lsq_triton_checks.py): the interpreter needs
-TRITON_INTERPRET=1 before triton is imported, and this keeps triton out of the test process."""
+TRITON_INTERPRET=1 before triton is imported, and the compile checks need it unset."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from lsq_problems import assert_backend_fits_like_torch
 
 from fastopt import backends
 from fastopt.reference import batched_gram_reference
-from lsq_problems import assert_backend_fits_like_torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(7, 64, 4), (3, 5, 9), (1, 1, 1), (4, 0, 3), (0, 6, 2), (2, 33, 40)]
-TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
@@ -38,7 +43,7 @@ def test_reference_matches_float64_products(shape, dtype):
 def test_reference_takes_any_strides():
     gen = torch.Generator().manual_seed(1)
     storage = torch.randn(4, 10, 30, generator=gen, dtype=torch.float64)
-    jac = storage.permute(1, 2, 0)                 # (10, 30, 4), P-major as torch.func.jacfwd returns
+    jac = storage.permute(1, 2, 0)  # (10, 30, 4), P-major as torch.func.jacfwd returns
     res = torch.randn(30, 10, generator=gen, dtype=torch.float64).t()
     jtj, jtr = batched_gram_reference(jac, res)
     jtj_c, jtr_c = batched_gram_reference(jac.contiguous(), res.contiguous())
@@ -66,16 +71,16 @@ def _run_checks(mode, interpret):
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, os.path.join(HERE, "lsq_triton_checks.py"), mode], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "lsq_triton_checks.py"), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
-def _triton_missing():
-    probe = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True, text=True)
-    return probe.returncode != 0
-
-
-needs_triton = pytest.mark.skipif(_triton_missing(), reason='needs triton: pip install "fastopt[triton]"')
+needs_triton = pytest.mark.skipif(backends.why_not("triton") is not None, reason=str(backends.why_not("triton")))
 
 
 @needs_triton
@@ -95,8 +100,10 @@ def test_triton_kernel_compiles_for_sm80_and_sm90():
 
 
 # -- backend "cpu": the C++ kernel of fastopt._C -------------------------------------------------------
-needs_cpu = pytest.mark.skipif(not backends.available("cpu", "batched_gram", "cpu", torch.float32),
-                               reason=str(backends.why_not("cpu", "batched_gram", "cpu", torch.float32)))
+needs_cpu = pytest.mark.skipif(
+    not backends.available("cpu", "batched_gram", "cpu", torch.float32),
+    reason=str(backends.why_not("cpu", "batched_gram", "cpu", torch.float32)),
+)
 # P = 40 and 9 cross the kernel's 2 x 4 column blocks; N = 300 its 256-row chunks; P = 130 takes
 # the gemm path of large problems (csrc/gram_cpu.cpp: kGemmFromParams).
 CPU_SHAPES = SHAPES + [(3, 300, 7), (2, 1, 9), (2, 50, 130)]

@@ -1,5 +1,6 @@
 """fastopt.noise core: noise estimates against analytic values, the smoother against the seed's
 numbers, the policy's bounds and rules, NumPy and torch inputs alike, errors, state round trips."""
+
 import math
 
 import numpy as np
@@ -28,11 +29,11 @@ def test_statistics_of_a_constructed_batch_match_the_formulas():
     batch, per_row = 8, 4
     g = exact_batch(mean, stds, batch)
     est = NoiseEstimator()
-    trace = float((stds ** 2).sum())                      # tr(Sigma_row) = 14.25
-    np.testing.assert_allclose(est.compute_variance(g), stds ** 2, rtol=1e-12)
+    trace = float((stds**2).sum())  # tr(Sigma_row) = 14.25
+    np.testing.assert_allclose(est.compute_variance(g), stds**2, rtol=1e-12)
     assert est.estimate_noise(g) == pytest.approx(math.sqrt(trace / 4), rel=1e-12)
     s = est.noise_statistics(g, samples_per_row=per_row)
-    g2 = float((mean ** 2).sum())                          # |g_bar|^2 = |mean|^2 = 21.25
+    g2 = float((mean**2).sum())  # |g_bar|^2 = |mean|^2 = 21.25
     assert s.mean_grad_sq_norm == pytest.approx(g2, rel=1e-12)
     assert s.trace_row_covariance == pytest.approx(trace, rel=1e-12)
     assert s.true_grad_sq_norm == pytest.approx(g2 - trace / batch, rel=1e-12)
@@ -56,8 +57,8 @@ def test_noise_estimators_are_unbiased():
     """Averaged over many batches, S and |g_bar|^2 - S/B approach tr(Sigma) and |G|^2, while the
     naive |g_bar|^2 is off by tr(Sigma)/B (far more than the Monte Carlo error here)."""
     rng = np.random.default_rng(2)
-    true_mean = np.array([1.0, 0.0, -1.0, 0.5])              # |G|^2 = 2.25
-    sigma = np.array([2.0, 1.0, 1.5, 0.5])                   # tr(Sigma) = 7.5
+    true_mean = np.array([1.0, 0.0, -1.0, 0.5])  # |G|^2 = 2.25
+    sigma = np.array([2.0, 1.0, 1.5, 0.5])  # tr(Sigma) = 7.5
     batch, trials = 6, 4000
     est = NoiseEstimator()
     stats = [est.noise_statistics(true_mean + sigma * rng.standard_normal((batch, 4))) for _ in range(trials)]
@@ -72,10 +73,12 @@ def test_noise_estimators_are_unbiased():
 def test_micro_batch_rows_estimate_the_per_sample_noise_scale():
     """Rows that average b samples: b * S estimates the per-sample tr(Sigma), and |G|^2 is unchanged."""
     rng = np.random.default_rng(3)
-    true_mean, sigma, b = np.array([0.5, -0.5, 1.0]), np.array([1.0, 2.0, 1.0]), 8   # tr(Sigma) = 6, |G|^2 = 1.5
+    true_mean, sigma, b = np.array([0.5, -0.5, 1.0]), np.array([1.0, 2.0, 1.0]), 8  # tr(Sigma) = 6, |G|^2 = 1.5
     est = NoiseEstimator()
-    stats = [est.noise_statistics((true_mean + sigma * rng.standard_normal((5, b, 3))).mean(axis=1),
-                                  samples_per_row=b) for _ in range(4000)]
+    stats = [
+        est.noise_statistics((true_mean + sigma * rng.standard_normal((5, b, 3))).mean(axis=1), samples_per_row=b)
+        for _ in range(4000)
+    ]
     trace = np.array([s.trace_covariance for s in stats])
     g2 = np.array([s.true_grad_sq_norm for s in stats])
     assert abs(trace.mean() - 6.0) < 4 * trace.std() / math.sqrt(len(stats))
@@ -117,16 +120,19 @@ def test_low_precision_tensors_are_upcast():
     assert est.compute_variance(g.half()).dtype == torch.float16
 
 
-@pytest.mark.parametrize("bad,error,match", [
-    (np.ones((1, 5)), ValueError, r"gradients has batch_size 1 .* at least 2"),
-    (np.ones(5), ValueError, r"gradients must have shape \(batch_size, num_params\)"),
-    (np.ones((4, 0)), ValueError, "no parameters"),
-    (np.array([[1.0, np.nan], [0.0, 1.0]]), ValueError, "1 non-finite"),
-    (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), ValueError, "non-finite"),
-    (np.ones((3, 2), dtype=complex), TypeError, "real numbers"),
-    (torch.ones(3, 2, dtype=torch.bool), TypeError, "real numbers"),
-    (np.array([["a", "b"], ["c", "d"]]), TypeError, "real numbers"),
-])
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (np.ones((1, 5)), ValueError, r"gradients has batch_size 1 .* at least 2"),
+        (np.ones(5), ValueError, r"gradients must have shape \(batch_size, num_params\)"),
+        (np.ones((4, 0)), ValueError, "no parameters"),
+        (np.array([[1.0, np.nan], [0.0, 1.0]]), ValueError, "1 non-finite"),
+        (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), ValueError, "non-finite"),
+        (np.ones((3, 2), dtype=complex), TypeError, "real numbers"),
+        (torch.ones(3, 2, dtype=torch.bool), TypeError, "real numbers"),
+        (np.array([["a", "b"], ["c", "d"]]), TypeError, "real numbers"),
+    ],
+)
 def test_bad_gradients_raise_naming_the_argument(bad, error, match):
     with pytest.raises(error, match=match):
         NoiseEstimator().estimate_noise(bad)
@@ -209,7 +215,7 @@ def test_smoother_state_round_trip():
 
 # -- NoiseAdaptiveLR ------------------------------------------------------------------------------------------
 def clean_batch(n=8, p=5):
-    return np.tile(np.linspace(1.0, 2.0, p), (n, 1))     # identical rows: noise fraction 0
+    return np.tile(np.linspace(1.0, 2.0, p), (n, 1))  # identical rows: noise fraction 0
 
 
 def pure_noise_batch(n=8, p=5, seed=0):
@@ -243,7 +249,7 @@ def test_target_is_ceiling_times_one_minus_noise_fraction():
 
 def test_loss_rise_cuts_the_rate_lowers_the_ceiling_and_holds_for_the_cooldown():
     policy = NoiseAdaptiveLR(0.01, max_lr=0.08, growth=1.0, decrease_factor=0.5, cooldown=3, rise_tolerance=0.0)
-    for loss in (5.0, 4.0, 3.0):                                # falling loss, clean gradient: 0.02, 0.04, 0.08
+    for loss in (5.0, 4.0, 3.0):  # falling loss, clean gradient: 0.02, 0.04, 0.08
         policy.update_policy(0.0, loss)
     assert policy.lr == pytest.approx(0.08)
     assert policy.update_policy(0.0, 3.5) == pytest.approx(0.04)  # rise: cut
@@ -256,17 +262,22 @@ def test_loss_rise_cuts_the_rate_lowers_the_ceiling_and_holds_for_the_cooldown()
 def test_rise_tolerance_ignores_rises_within_the_loss_fluctuation():
     policy = NoiseAdaptiveLR(0.01, rise_tolerance=2.0, growth=0.1)
     policy.update_policy(0.0, 1.0, loss_deviation=0.5)
-    policy.update_policy(0.0, 1.9, loss_deviation=0.5)   # 1.9 <= best + 2 * 0.5
+    policy.update_policy(0.0, 1.9, loss_deviation=0.5)  # 1.9 <= best + 2 * 0.5
     assert policy.num_cuts == 0
     policy.update_policy(0.0, 2.1, loss_deviation=0.5)
     assert policy.num_cuts == 1
 
 
 @settings(max_examples=60, deadline=None)
-@given(base=st.floats(1e-5, 1.0), low=st.floats(0.01, 1.0), high=st.floats(1.0, 100.0),
-       growth=st.floats(0.01, 10.0), decrease=st.floats(0.01, 1.0), cooldown=st.integers(0, 5),
-       steps=st.lists(st.tuples(st.floats(0.0, 1.0), st.floats(-1e6, 1e6), st.floats(0.0, 1e3)),
-                      min_size=1, max_size=40))
+@given(
+    base=st.floats(1e-5, 1.0),
+    low=st.floats(0.01, 1.0),
+    high=st.floats(1.0, 100.0),
+    growth=st.floats(0.01, 10.0),
+    decrease=st.floats(0.01, 1.0),
+    cooldown=st.integers(0, 5),
+    steps=st.lists(st.tuples(st.floats(0.0, 1.0), st.floats(-1e6, 1e6), st.floats(0.0, 1e3)), min_size=1, max_size=40),
+)
 def test_rate_stays_within_bounds(base, low, high, growth, decrease, cooldown, steps):
     min_lr, max_lr = base * low, base * high
     policy = NoiseAdaptiveLR(base, min_lr, max_lr, growth=growth, decrease_factor=decrease, cooldown=cooldown)
@@ -277,8 +288,13 @@ def test_rate_stays_within_bounds(base, low, high, growth, decrease, cooldown, s
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2 ** 32 - 1), batch=st.integers(2, 9), scale=st.floats(1e-3, 1e3),
-       offset=st.floats(-3.0, 3.0), losses=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=15))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(2, 9),
+    scale=st.floats(1e-3, 1e3),
+    offset=st.floats(-3.0, 3.0),
+    losses=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=15),
+)
 def test_rate_from_gradients_stays_within_bounds(seed, batch, scale, offset, losses):
     rng = np.random.default_rng(seed)
     policy = NoiseAdaptiveLR(0.01, 0.002, 0.03, growth=0.5, cooldown=1)
@@ -321,29 +337,33 @@ def test_policy_state_round_trip_continues_identically():
     b = NoiseAdaptiveLR(0.05, cooldown=2, window=3)
     b.load_state_dict(a.state_dict())
     assert b.last_statistics == a.last_statistics
-    assert [a.get_adapted_lr(g, x) for g, x in zip(batches[15:], losses[15:])] == \
-           [b.get_adapted_lr(g, x) for g, x in zip(batches[15:], losses[15:])]
+    assert [a.get_adapted_lr(g, x) for g, x in zip(batches[15:], losses[15:])] == [
+        b.get_adapted_lr(g, x) for g, x in zip(batches[15:], losses[15:])
+    ]
     with pytest.raises(ValueError, match="hyperparameters"):
         NoiseAdaptiveLR(0.05, cooldown=3).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="expected a dict with keys"):
         b.load_state_dict({"lr": 1.0})
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(base_lr=0.0), r"Invalid base_lr: 0\.0"),
-    (dict(base_lr=-1.0), "Invalid base_lr"),
-    (dict(base_lr=float("inf")), "Invalid base_lr"),
-    (dict(base_lr=0.1, min_lr=0.2), r"min_lr <= base_lr <= max_lr"),
-    (dict(base_lr=0.1, max_lr=0.05), r"min_lr <= base_lr <= max_lr"),
-    (dict(base_lr=0.1, min_lr=0.0), "Invalid min_lr"),
-    (dict(base_lr=0.1, growth=0.0), "Invalid growth"),
-    (dict(base_lr=0.1, decrease_factor=0.0), "Invalid decrease_factor"),
-    (dict(base_lr=0.1, decrease_factor=1.5), "Invalid decrease_factor"),
-    (dict(base_lr=0.1, noise_beta=1.0), "Invalid noise_beta"),
-    (dict(base_lr=0.1, cooldown=-1), "Invalid cooldown"),
-    (dict(base_lr=0.1, rise_tolerance=-0.5), "Invalid rise_tolerance"),
-    (dict(base_lr=0.1, alpha=1.0), "Invalid alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(base_lr=0.0), r"Invalid base_lr: 0\.0"),
+        (dict(base_lr=-1.0), "Invalid base_lr"),
+        (dict(base_lr=float("inf")), "Invalid base_lr"),
+        (dict(base_lr=0.1, min_lr=0.2), r"min_lr <= base_lr <= max_lr"),
+        (dict(base_lr=0.1, max_lr=0.05), r"min_lr <= base_lr <= max_lr"),
+        (dict(base_lr=0.1, min_lr=0.0), "Invalid min_lr"),
+        (dict(base_lr=0.1, growth=0.0), "Invalid growth"),
+        (dict(base_lr=0.1, decrease_factor=0.0), "Invalid decrease_factor"),
+        (dict(base_lr=0.1, decrease_factor=1.5), "Invalid decrease_factor"),
+        (dict(base_lr=0.1, noise_beta=1.0), "Invalid noise_beta"),
+        (dict(base_lr=0.1, cooldown=-1), "Invalid cooldown"),
+        (dict(base_lr=0.1, rise_tolerance=-0.5), "Invalid rise_tolerance"),
+        (dict(base_lr=0.1, alpha=1.0), "Invalid alpha"),
+    ],
+)
 def test_bad_hyperparameters_raise_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NoiseAdaptiveLR(**kwargs)

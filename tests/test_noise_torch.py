@@ -1,5 +1,6 @@
 """fastopt.noise PyTorch integration: the wrapper's noise statistics against gradients computed one
 by one, its steps against the bare optimizer's, lr bounds, checkpoints, errors."""
+
 import copy
 import io
 
@@ -71,8 +72,9 @@ def test_accumulation_statistics_stay_accurate_when_the_mean_dominates():
 def test_parameters_that_get_a_gradient_late_count_as_zero_before():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     opt = NoiseAdaptiveOptimizer(torch.optim.SGD([a, b], lr=0.1))
-    rows = torch.tensor([[1.0, 2.0, 3.0, 0.0, 0.0], [0.0, 1.0, 0.0, 4.0, -1.0], [2.0, 2.0, 2.0, 1.0, 1.0]],
-                        dtype=torch.float64)
+    rows = torch.tensor(
+        [[1.0, 2.0, 3.0, 0.0, 0.0], [0.0, 1.0, 0.0, 4.0, -1.0], [2.0, 2.0, 2.0, 1.0, 1.0]], dtype=torch.float64
+    )
     a.grad = rows[0, :3].float().clone()
     opt.record_micro_batch(1.0)
     a.grad += rows[1, :3].float()
@@ -94,7 +96,7 @@ def test_per_sample_statistics_match_gradients_computed_one_by_one(chunk_size):
     rows = []
     for i in range(13):
         model.zero_grad()
-        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         rows.append(flat_grad(model))
     model.zero_grad()
     want = NoiseEstimator().noise_statistics(torch.stack(rows))
@@ -182,12 +184,12 @@ def test_rate_follows_the_noise_and_stays_in_bounds():
         assert 0.05 <= opt.lr <= 0.4
         return opt.lr
 
-    clean = [step(torch.ones(4, 4)) for _ in range(6)]     # identical micro-batches: no noise
+    clean = [step(torch.ones(4, 4)) for _ in range(6)]  # identical micro-batches: no noise
     assert clean[-1] == pytest.approx(0.4)
     noisy = []
     for _ in range(8):
         rows = torch.randn(4, 4, generator=gen)
-        noisy.append(step(rows - rows.mean(0)))              # mean exactly 0: pure noise
+        noisy.append(step(rows - rows.mean(0)))  # mean exactly 0: pure noise
     assert noisy[-1] == pytest.approx(0.05)
 
 
@@ -335,6 +337,7 @@ def test_constructor_and_recording_errors():
 def test_grad_scaler_drives_the_wrapper_like_unscaled_gradients():
     """torch.amp.GradScaler.step(wrapper) works, and scaling the loss by 2^10 leaves the noise
     fraction (a ratio) and so the rates unchanged."""
+
     def run(scaler):
         model = make_model(torch.float32)
         opt = NoiseAdaptiveOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))

@@ -1,5 +1,6 @@
 """fastopt.noise utilities and demo: the landscape's gradient, minima and smoothing against
 analytic values, the plots, the missing-matplotlib error, the demo on small settings."""
+
 import math
 import sys
 
@@ -7,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastopt.noise import (NoiseEstimator, compute_gradient_variance, create_noisy_landscape, plot_training_curves,
-                           visualize_landscape)
-from fastopt.noise import demo
+from fastopt.noise import (
+    NoiseEstimator,
+    compute_gradient_variance,
+    create_noisy_landscape,
+    demo,
+    plot_training_curves,
+    visualize_landscape,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -19,8 +25,10 @@ def test_gradient_matches_central_differences():
     x = np.array([0.3, -1.2, 2.0])
     loss, grad = land.compute_loss_and_grad(x)
     h = 1e-6
-    numeric = [(land.compute_loss_and_grad(x + h * e)[0] - land.compute_loss_and_grad(x - h * e)[0]) / (2 * h)
-               for e in np.eye(3)]
+    numeric = [
+        (land.compute_loss_and_grad(x + h * e)[0] - land.compute_loss_and_grad(x - h * e)[0]) / (2 * h)
+        for e in np.eye(3)
+    ]
     np.testing.assert_allclose(grad, numeric, rtol=1e-7, atol=1e-8)
     # Batched rows give the same values; torch in, torch out.
     losses, grads = land.compute_loss_and_grad(np.stack([x, 2 * x]))
@@ -94,13 +102,16 @@ def test_compute_gradient_variance_is_the_sum_of_per_parameter_variances():
     assert compute_gradient_variance(g) == pytest.approx(NoiseEstimator().compute_variance(g).sum(), rel=1e-12)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dim=0, noise_scale=0.1), "Invalid dim"),
-    (dict(dim=2, noise_scale=-0.1), "Invalid noise_scale"),
-    (dict(dim=2, noise_scale=0.1, frequency=0.0), "Invalid frequency"),
-    (dict(dim=2, noise_scale=0.1, curvature=[1.0, -1.0]), "Invalid curvature"),
-    (dict(dim=2, noise_scale=0.1, spread=-1.0), "Invalid spread"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dim=0, noise_scale=0.1), "Invalid dim"),
+        (dict(dim=2, noise_scale=-0.1), "Invalid noise_scale"),
+        (dict(dim=2, noise_scale=0.1, frequency=0.0), "Invalid frequency"),
+        (dict(dim=2, noise_scale=0.1, curvature=[1.0, -1.0]), "Invalid curvature"),
+        (dict(dim=2, noise_scale=0.1, spread=-1.0), "Invalid spread"),
+    ],
+)
 def test_bad_landscape_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         create_noisy_landscape(**kwargs)
@@ -114,8 +125,9 @@ def test_bad_params_shape():
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_visualize_landscape_writes_a_png(tmp_path, dim):
     land = create_noisy_landscape(dim, 0.3, seed=0)
-    path = visualize_landscape(land, tmp_path / "sub" / "land.png", trajectories={"run": np.zeros((5, dim)) + 0.5},
-                               resolution=40)
+    path = visualize_landscape(
+        land, tmp_path / "sub" / "land.png", trajectories={"run": np.zeros((5, dim)) + 0.5}, resolution=40
+    )
     with open(path, "rb") as f:
         assert f.read(8) == PNG_MAGIC
     with pytest.raises(ValueError, match=r"trajectories\['bad'\] must have shape \(steps, %d\)" % dim):
@@ -123,9 +135,14 @@ def test_visualize_landscape_writes_a_png(tmp_path, dim):
 
 
 def test_plot_training_curves_writes_a_png(tmp_path):
-    path = plot_training_curves({"fixed": {"loss": [3, 2, 1], "lr": [0.1] * 3},
-                                 "adaptive": {"loss": [3, 1.5, 0.5], "lr": [0.1, 0.2, 0.1], "noise": [0, 1, 0]}},
-                                tmp_path / "curves.png", title="t")
+    path = plot_training_curves(
+        {
+            "fixed": {"loss": [3, 2, 1], "lr": [0.1] * 3},
+            "adaptive": {"loss": [3, 1.5, 0.5], "lr": [0.1, 0.2, 0.1], "noise": [0, 1, 0]},
+        },
+        tmp_path / "curves.png",
+        title="t",
+    )
     with open(path, "rb") as f:
         assert f.read(8) == PNG_MAGIC
     plot_training_curves({"plain": [1.0, -1.0]}, tmp_path / "plain.png")
@@ -158,11 +175,14 @@ def test_demo_runs_every_rule_from_the_same_start():
 
 def test_demo_sign_test():
     result = demo.DemoResult()
-    result.escaped = {demo.ADAPTIVE: [True] * 6 + [False] * 2, demo.FIXED_BASE: [False] * 6 + [True, False],
-                      demo.FIXED_MAX: [True] * 8}
+    result.escaped = {
+        demo.ADAPTIVE: [True] * 6 + [False] * 2,
+        demo.FIXED_BASE: [False] * 6 + [True, False],
+        demo.FIXED_MAX: [True] * 8,
+    }
     wins, losses, p = result.sign_test(demo.ADAPTIVE, demo.FIXED_BASE)
     assert (wins, losses) == (6, 1)
-    assert p == pytest.approx(2 * (1 + 7) / 2 ** 7)  # two-sided exact binomial, 7 discordant seeds
+    assert p == pytest.approx(2 * (1 + 7) / 2**7)  # two-sided exact binomial, 7 discordant seeds
     assert result.sign_test(demo.ADAPTIVE, demo.FIXED_MAX)[:2] == (0, 2)
 
 

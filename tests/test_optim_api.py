@@ -1,5 +1,6 @@
 """The LAdam family as torch optimizers: checkpoints (own, ladam's, torch's), errors, failed steps
 that change nothing, closures, schedulers, parameter groups."""
+
 import copy
 import io
 
@@ -8,7 +9,7 @@ import torch
 
 import fastopt
 from fastopt.backends import BackendUnavailableError
-from fastopt.testing import assert_all_close, assert_close, clone_params, grad_stream, make_params, set_grads
+from fastopt.testing import assert_all_close, clone_params, grad_stream, make_params, set_grads
 
 ladam = pytest.importorskip("ladam")
 
@@ -27,7 +28,7 @@ FP32 = dict(rtol=1e-5, atol=1e-6)
 def _state_tensors(opt, params):
     out = []
     for p in params:
-        for key, val in sorted(opt.state[p].items()):
+        for _key, val in sorted(opt.state[p].items()):
             if torch.is_tensor(val):
                 out.append(val)
     return out
@@ -96,7 +97,8 @@ def test_ladam_state_keys_are_translated():
     assert set(state) == {"step", "exp_avg", "exp_avg_sq", "prev_exp_avg_sq", "wave_e0_sq", "use_lap"}
     assert torch.is_tensor(state["step"]) and state["step"].item() == 1.0
     assert torch.is_tensor(state["wave_e0_sq"]) and state["wave_e0_sq"].item() == pytest.approx(
-        theirs.state[params[0]]["wave_E0_auto"])
+        theirs.state[params[0]]["wave_E0_auto"]
+    )
 
 
 def test_c2_zero_is_adamw_and_state_dicts_load_both_ways_with_torch_adamw():
@@ -115,8 +117,12 @@ def test_c2_zero_is_adamw_and_state_dicts_load_both_ways_with_torch_adamw():
     ours_from_torch.load_state_dict(theirs.state_dict())
     torch_from_ours = torch.optim.AdamW(torch_from_ours_params, lr=1e-2, weight_decay=0.1)
     torch_from_ours.load_state_dict(copy.deepcopy(ours.state_dict()))  # torch.optim does not copy
-    for opt, ps in ((ours, params), (theirs, torch_params), (ours_from_torch, ours_from_torch_params),
-                    (torch_from_ours, torch_from_ours_params)):
+    for opt, ps in (
+        (ours, params),
+        (theirs, torch_params),
+        (ours_from_torch, ours_from_torch_params),
+        (torch_from_ours, torch_from_ours_params),
+    ):
         _run(opt, ps, grads[10:])
     assert_all_close(ours_from_torch_params, torch_params, what="LAdam resumed from AdamW", **FP32)
     assert_all_close(torch_from_ours_params, params, what="AdamW resumed from LAdam", **FP32)
@@ -258,7 +264,7 @@ def test_torch_lr_scheduler_drives_the_learning_rate_like_ladam():
         ours.step(), theirs.step()
         for s in scheds:
             s.step()
-    assert ours.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 3)
+    assert ours.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**3)
     assert_all_close(params, theirs_params, what="with StepLR", **FP32)
 
 
@@ -276,8 +282,11 @@ def test_chi_anneal_matches_ladam_and_round_trips():
     again = fastopt.ChiAnnealScheduler(ours_opt, total_steps=50)
     again.load_state_dict(ours.state_dict())
     assert again.state_dict() == ours.state_dict()
-    for kw, match in ((dict(total_steps=0), "total_steps"), (dict(total_steps=10, warmup_frac=1.0), "warmup_frac"),
-                      (dict(total_steps=10, warmup_frac=0.6, settle_frac=0.6), r"warmup_frac \+ settle_frac")):
+    for kw, match in (
+        (dict(total_steps=0), "total_steps"),
+        (dict(total_steps=10, warmup_frac=1.0), "warmup_frac"),
+        (dict(total_steps=10, warmup_frac=0.6, settle_frac=0.6), r"warmup_frac \+ settle_frac"),
+    ):
         with pytest.raises(ValueError, match=match):
             fastopt.ChiAnnealScheduler(ours_opt, **kw)
 
@@ -294,8 +303,16 @@ def test_constructor_mirrors_ladam_positionally_and_aliases():
     p = make_params(names=["many"])
     opt = fastopt.LAdam(p, 1e-2, (0.8, 0.99), 1e-7, 0.01, 1e-3, "update_lap", "5point", 8)
     g = opt.param_groups[0]
-    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"], g["c2"], g["mode"], g["stencil"],
-            g["min_spatial_size"]) == (1e-2, (0.8, 0.99), 1e-7, 0.01, 1e-3, "update_lap", "5point", 8)
+    assert (
+        g["lr"],
+        g["betas"],
+        g["eps"],
+        g["weight_decay"],
+        g["c2"],
+        g["mode"],
+        g["stencil"],
+        g["min_spatial_size"],
+    ) == (1e-2, (0.8, 0.99), 1e-7, 0.01, 1e-3, "update_lap", "5point", 8)
     assert opt.backend == "auto"
 
 
@@ -326,10 +343,13 @@ def test_parameters_that_never_get_a_gradient_have_no_state():
     assert opt.state[params[0]]["step"].item() == 1 and len(opt.state[params[1]]) == 0
 
 
-@pytest.mark.parametrize("ours_cls,torch_cls,kw", [
-    ("LAdaGrad", torch.optim.Adagrad, dict(lr=1e-2, lr_decay=0.01)),
-    ("LRMSProp", torch.optim.RMSprop, dict(lr=1e-3, alpha=0.9, momentum=0.5)),
-])
+@pytest.mark.parametrize(
+    "ours_cls,torch_cls,kw",
+    [
+        ("LAdaGrad", torch.optim.Adagrad, dict(lr=1e-2, lr_decay=0.01)),
+        ("LRMSProp", torch.optim.RMSprop, dict(lr=1e-3, alpha=0.9, momentum=0.5)),
+    ],
+)
 def test_siblings_with_c2_zero_are_torch_adagrad_and_rmsprop_and_swap_checkpoints(ours_cls, torch_cls, kw):
     params = make_params()
     torch_params = clone_params(params)
@@ -344,8 +364,12 @@ def test_siblings_with_c2_zero_are_torch_adagrad_and_rmsprop_and_swap_checkpoint
     ours_from_torch.load_state_dict(theirs.state_dict())
     torch_from_ours = torch_cls(torch_from_ours_params, **kw)
     torch_from_ours.load_state_dict(copy.deepcopy(ours.state_dict()))
-    for opt, ps in ((ours, params), (theirs, torch_params), (ours_from_torch, ours_from_torch_params),
-                    (torch_from_ours, torch_from_ours_params)):
+    for opt, ps in (
+        (ours, params),
+        (theirs, torch_params),
+        (ours_from_torch, ours_from_torch_params),
+        (torch_from_ours, torch_from_ours_params),
+    ):
         _run(opt, ps, grads[6:])
     assert_all_close(ours_from_torch_params, torch_params, what="resumed from torch", **FP32)
     assert_all_close(torch_from_ours_params, params, what="torch resumed from fastopt", **FP32)

@@ -4,7 +4,6 @@ The shape zoo, every mode, both stencils, weight decay on and off, parameter gro
 c2 and stencil, gradients that are None on some steps, 25+ steps; parameters and every state
 tensor are compared after every step.
 """
-import copy
 
 import pytest
 import torch
@@ -19,8 +18,11 @@ STEPS = 27
 # fp32 round-off: observed differences are a few 1e-7 on O(1) parameters (the Laplacian sums in
 # another order than ladam's conv2d); fp64 checks the math itself.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-11, atol=1e-12)}
-LADAM_KEYS = {"LAdam": {"exp_avg": "m", "exp_avg_sq": "v", "prev_exp_avg_sq": "v_prev"},
-              "LAdaGrad": {"sum": "sum"}, "LRMSProp": {"square_avg": "square_avg", "momentum_buffer": "momentum_buffer"}}
+LADAM_KEYS = {
+    "LAdam": {"exp_avg": "m", "exp_avg_sq": "v", "prev_exp_avg_sq": "v_prev"},
+    "LAdaGrad": {"sum": "sum"},
+    "LRMSProp": {"square_avg": "square_avg", "momentum_buffer": "momentum_buffer"},
+}
 
 
 def run_both(ours_cls, theirs_cls, groups_of, dtype=torch.float32, steps=STEPS, **kw):
@@ -58,8 +60,10 @@ def one_group(params):
 def two_groups(params):
     """Own c2 and stencil per group; the second keeps the default min_spatial_size."""
     half = len(params) // 2
-    return [{"params": params[:half], "c2": 3e-2, "stencil": "5point"},
-            {"params": params[half:], "c2": 1e-2, "min_spatial_size": 16}]
+    return [
+        {"params": params[:half], "c2": 3e-2, "stencil": "5point"},
+        {"params": params[half:], "c2": 1e-2, "min_spatial_size": 16},
+    ]
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -69,14 +73,25 @@ def test_ladam_matches_ladam(mode, stencil, weight_decay):
     # wave_variance in fp32 is chaotic once v sits on its eps floor (ladam in fp32 and in fp64 then
     # differ by 1e-1): a background level E0 = 3 keeps v away from it; fp64 below checks the defaults.
     extra = dict(wave_E0=3.0) if mode == "wave_variance" else {}
-    run_both(fastopt.LAdam, ladam.LAdamW, one_group, lr=1e-2, c2=1e-2, mode=mode, stencil=stencil,
-             weight_decay=weight_decay, min_spatial_size=4, **extra)
+    run_both(
+        fastopt.LAdam,
+        ladam.LAdamW,
+        one_group,
+        lr=1e-2,
+        c2=1e-2,
+        mode=mode,
+        stencil=stencil,
+        weight_decay=weight_decay,
+        min_spatial_size=4,
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("mode", ["variance_lap", "update_lap", "weight_lap", "wave_variance"])
 def test_ladam_matches_ladam_float64_defaults(mode):
-    run_both(fastopt.LAdam, ladam.LAdamW, one_group, dtype=torch.float64, mode=mode, lr=1e-2, c2=1e-2,
-             weight_decay=0.05)
+    run_both(
+        fastopt.LAdam, ladam.LAdamW, one_group, dtype=torch.float64, mode=mode, lr=1e-2, c2=1e-2, weight_decay=0.05
+    )
 
 
 @pytest.mark.parametrize("mode", ["variance_lap", "update_lap", "weight_lap", "wave_variance"])
@@ -89,16 +104,35 @@ def test_ladam_param_groups_with_own_c2_and_stencil(mode):
 @pytest.mark.parametrize("stencil", ["9point", "5point"])
 @pytest.mark.parametrize("lr_decay", [0.0, 0.05])
 def test_ladagrad_matches_ladam(stencil, weight_decay, lr_decay):
-    run_both(fastopt.LAdaGrad, ladam.LAdaGrad, one_group, lr=1e-2, lr_decay=lr_decay, c2=1e-2,
-             stencil=stencil, weight_decay=weight_decay, min_spatial_size=4)
+    run_both(
+        fastopt.LAdaGrad,
+        ladam.LAdaGrad,
+        one_group,
+        lr=1e-2,
+        lr_decay=lr_decay,
+        c2=1e-2,
+        stencil=stencil,
+        weight_decay=weight_decay,
+        min_spatial_size=4,
+    )
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("stencil", ["9point", "5point"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_lrmsprop_matches_ladam(stencil, weight_decay, momentum):
-    run_both(fastopt.LRMSProp, ladam.LRMSProp, one_group, lr=1e-3, alpha=0.9, momentum=momentum,
-             c2=1e-2, stencil=stencil, weight_decay=weight_decay, min_spatial_size=4)
+    run_both(
+        fastopt.LRMSProp,
+        ladam.LRMSProp,
+        one_group,
+        lr=1e-3,
+        alpha=0.9,
+        momentum=momentum,
+        c2=1e-2,
+        stencil=stencil,
+        weight_decay=weight_decay,
+        min_spatial_size=4,
+    )
 
 
 @pytest.mark.parametrize("cls", ["LAdam", "LAdaGrad", "LRMSProp"])
@@ -141,8 +175,14 @@ def test_low_precision_step_is_the_fp32_step_rounded_once(dtype, mode):
     """The dtype policy: bf16/fp16 parameters and state, math in fp32. Each step from a given
     low-precision state equals ladam's fp32 step from the same (upcast) state, rounded once."""
     params = [p for p in make_params(dtype) if p.is_contiguous()]
-    kw = dict(lr=1e-2, c2=1e-2, mode=mode, min_spatial_size=4, weight_decay=0.1,
-              **(dict(wave_E0=3.0) if mode == "wave_variance" else {}))
+    kw = dict(
+        lr=1e-2,
+        c2=1e-2,
+        mode=mode,
+        min_spatial_size=4,
+        weight_decay=0.1,
+        **(dict(wave_E0=3.0) if mode == "wave_variance" else {}),
+    )
     ours = fastopt.LAdam(params, backend="torch", **kw)
     for t, grads in enumerate(grad_stream(params, 6, none_every=0)):
         fp32 = [p.detach().float().requires_grad_() for p in params]
@@ -150,8 +190,9 @@ def test_low_precision_step_is_the_fp32_step_rounded_once(dtype, mode):
         for p, q in zip(params, fp32):
             s = ours.state[p]
             if s:
-                theirs.state[q].update(step=int(s["step"]), use_lap=s["use_lap"], m=s["exp_avg"].float(),
-                                       v=s["exp_avg_sq"].float())
+                theirs.state[q].update(
+                    step=int(s["step"]), use_lap=s["use_lap"], m=s["exp_avg"].float(), v=s["exp_avg_sq"].float()
+                )
                 if mode == "wave_variance":
                     theirs.state[q].update(v_prev=s["prev_exp_avg_sq"].float(), wave_E0_auto=float(s["wave_e0_sq"]))
         set_grads(params, grads)
@@ -161,7 +202,13 @@ def test_low_precision_step_is_the_fp32_step_rounded_once(dtype, mode):
         for i, (p, q) in enumerate(zip(params, fp32)):
             # One rounding of the same fp32 value: equal, or one ulp apart where ladam's conv2d and
             # fastopt's stencil round differently right at a rounding boundary.
-            assert_close(p.float(), q.to(dtype).float(), rtol=torch.finfo(dtype).eps, atol=0,
-                         what=f"{dtype} step {t} param {i}")
-            assert_close(ours.state[p]["exp_avg_sq"].float(), theirs.state[q]["v"].to(dtype).float(),
-                         rtol=torch.finfo(dtype).eps, atol=0, what=f"v step {t} param {i}")
+            assert_close(
+                p.float(), q.to(dtype).float(), rtol=torch.finfo(dtype).eps, atol=0, what=f"{dtype} step {t} param {i}"
+            )
+            assert_close(
+                ours.state[p]["exp_avg_sq"].float(),
+                theirs.state[q]["v"].to(dtype).float(),
+                rtol=torch.finfo(dtype).eps,
+                atol=0,
+                what=f"v step {t} param {i}",
+            )

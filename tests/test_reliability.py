@@ -1,6 +1,7 @@
 """What users of fused optimizers trip over: AMP, non-finite gradients, empty and mixed-dtype
 parameters, tensor learning rates, checkpoints moved between backends (DDP and FSDP2:
 tests/test_distributed.py)."""
+
 import copy
 import io
 import itertools
@@ -32,7 +33,7 @@ def test_grad_scaler_unscales_and_matches_an_unscaled_run():
     plain = clone_params(params)
     opt = fastopt.LAdam(params, lr=1e-2, c2=1e-2)
     ref = fastopt.LAdam(plain, lr=1e-2, c2=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for grads in grad_stream(params, 5, none_every=0):
         # Scaled by a power of two, unscaling is exact: the steps must be identical.
         opt.zero_grad()
@@ -48,7 +49,7 @@ def test_grad_scaler_unscales_and_matches_an_unscaled_run():
 def test_grad_scaler_skips_a_step_with_non_finite_gradients(bad):
     params = make_params(names=["many", "4d_conv"])
     opt = fastopt.LAdam(params, lr=1e-2, c2=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     stream = list(grad_stream(params, 3, none_every=0))
     for grads in stream[:2]:
         opt.zero_grad()
@@ -79,9 +80,11 @@ def test_non_finite_gradients_without_a_scaler_propagate_like_torch_adam():
     g = torch.randn(8, 8)
     g[3, 4] = float("nan")
     results = {}
-    for name, make in {"adam": lambda q: torch.optim.AdamW(q, lr=1e-2, weight_decay=0.0),
-                       "c2=0": lambda q: fastopt.LAdam(q, lr=1e-2, c2=0.0),
-                       "c2>0": lambda q: fastopt.LAdam(q, lr=1e-2, c2=1e-2)}.items():
+    for name, make in {
+        "adam": lambda q: torch.optim.AdamW(q, lr=1e-2, weight_decay=0.0),
+        "c2=0": lambda q: fastopt.LAdam(q, lr=1e-2, c2=0.0),
+        "c2>0": lambda q: fastopt.LAdam(q, lr=1e-2, c2=1e-2),
+    }.items():
         q = p.detach().clone().requires_grad_()
         q.grad = g.clone()
         make([q]).step()
@@ -128,8 +131,10 @@ def test_an_empty_tensor_ladam_cannot_step_is_stepped():
 
 def test_mixed_dtypes_in_one_group_step_each_dtype_by_its_own_rules():
     torch.manual_seed(0)
-    mixed = [torch.randn(9, 11, dtype=dt, requires_grad=True)
-             for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float32)]
+    mixed = [
+        torch.randn(9, 11, dtype=dt, requires_grad=True)
+        for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float32)
+    ]
     alone = clone_params(mixed)
     opt = fastopt.LAdam(mixed, lr=1e-2, c2=1e-2)
     singles = [fastopt.LAdam([p], lr=1e-2, c2=1e-2) for p in alone]
@@ -163,11 +168,16 @@ def test_tensor_learning_rate_is_read_each_step():
 def _backend_pairs():
     # Every backend on every device type it can run on (triton on CPU: the interpreter); CUDA
     # pairs are listed (and skipped with their reason) on machines without a GPU.
-    combos = [(b, d) for b in backends.BACKENDS for d in ("cpu", "cuda")
-              if d in backends._SPECS[b].devices]
+    combos = [(b, d) for b in backends.BACKENDS for d in ("cpu", "cuda") if d in backends._SPECS[b].devices]
     for (a, da), (b, db) in itertools.product(combos, repeat=2):
-        reasons = [r for r in (backends.why_not(a, "ladam_step", da, torch.float32),
-                               backends.why_not(b, "ladam_step", db, torch.float32)) if r]
+        reasons = [
+            r
+            for r in (
+                backends.why_not(a, "ladam_step", da, torch.float32),
+                backends.why_not(b, "ladam_step", db, torch.float32),
+            )
+            if r
+        ]
         marks = [pytest.mark.skip(reason="; ".join(reasons))] if reasons else []
         yield pytest.param(a, da, b, db, marks=marks, id=f"{a}-{da}->{b}-{db}")
 
@@ -183,11 +193,17 @@ def test_checkpoint_moves_between_backends_and_devices(save_backend, save_device
     torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, map_location=load_device)
-    moved = [torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=load_device).copy_(p).requires_grad_()
-             for p in ckpt["params"]]
+    moved = [
+        torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=load_device).copy_(p).requires_grad_()
+        for p in ckpt["params"]
+    ]
     resumed = fastopt.LAdam(moved, backend=load_backend, **kw)
     resumed.load_state_dict(ckpt["opt"])
     _run(opt, params, stream[5:])
     _run(resumed, moved, [[None if g is None else g.to(load_device) for g in gs] for gs in stream[5:]])
-    assert_all_close([p.cpu() for p in moved], [p.cpu() for p in params], **TOLERANCES[torch.float32],
-                     what=f"{save_backend}/{save_device} -> {load_backend}/{load_device}")
+    assert_all_close(
+        [p.cpu() for p in moved],
+        [p.cpu() for p in params],
+        **TOLERANCES[torch.float32],
+        what=f"{save_backend}/{save_device} -> {load_backend}/{load_device}",
+    )

@@ -1,6 +1,7 @@
 """The HomotopyLR family against closed-form curvature: the rate falls above the target, warmup
 emerges where the curvature decays, the seed's Experiment 1 problem; torch scheduler conventions
 (get_last_lr, state_dict round trips), fastopt.LAdam, histories and plots, errors."""
+
 import copy
 import io
 import math
@@ -11,12 +12,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from _curvature_problems import Quadratic, SharpValley, half_mse, one_thread, quadratic_data  # noqa: F401
 
 import fastopt
-from _curvature_problems import Quadratic, SharpValley, half_mse, one_thread, quadratic_data  # noqa: F401
-from fastopt.schedulers import (AdaptiveHomotopyLR, CurvatureAdaptiveLR, CurvatureEstimator, CurvatureWarmup,
-                                HomotopyAdam, HomotopyLR, PerLayerHomotopyLR, curvature_aware_clip, homotopy_scale)
+from fastopt.schedulers import (
+    AdaptiveHomotopyLR,
+    CurvatureAdaptiveLR,
+    CurvatureEstimator,
+    CurvatureWarmup,
+    HomotopyAdam,
+    HomotopyLR,
+    PerLayerHomotopyLR,
+    curvature_aware_clip,
+    homotopy_scale,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +48,7 @@ def _diagonal_quadratic(a=(1.0, 4.0, 16.0), start=(1.0, -1.0, 0.5)):
     with torch.no_grad():
         model.theta.copy_(torch.tensor(start, dtype=DT))
     a = torch.tensor(a, dtype=DT)
-    loss = lambda theta, _: 0.5 * (a * theta ** 2).sum()  # noqa: E731
+    loss = lambda theta, _: 0.5 * (a * theta**2).sum()  # noqa: E731
 
     class Identity(nn.Module):
         def __init__(self):
@@ -106,8 +115,17 @@ def test_warmup_emerges_where_curvature_decays():
     vanishes, kappa grows again and the rate falls. Every rate is checked against the closed form."""
     model = SharpValley().to(DT)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    sched = HomotopyLR(opt, model, model.loss, base_lr=0.5, curvature_target=1.0, alpha=1.0, estimation_freq=1,
-                       smoothing=0.0, estimator=CurvatureEstimator(model, model.loss, n_samples=2))
+    sched = HomotopyLR(
+        opt,
+        model,
+        model.loss,
+        base_lr=0.5,
+        curvature_target=1.0,
+        alpha=1.0,
+        estimation_freq=1,
+        smoothing=0.0,
+        estimator=CurvatureEstimator(model, model.loss, n_samples=2),
+    )
     lrs = []
     for _ in range(400):
         opt.zero_grad()
@@ -122,7 +140,7 @@ def test_warmup_emerges_where_curvature_decays():
     assert lrs[0] < 0.5 / 50  # starts 50-100x below base: the kappa at the start is about 100
     reached = next(i for i, lr in enumerate(lrs) if lr == 0.5)
     assert 20 < reached < 300  # base is reached later, by itself
-    assert all(b >= a for a, b in zip(lrs[:reached], lrs[1:reached + 1]))  # monotone warmup
+    assert all(b >= a for a, b in zip(lrs[:reached], lrs[1 : reached + 1]))  # monotone warmup
     assert min(lrs[reached:]) < 0.1  # and the rate falls again near the minimum
 
 
@@ -136,8 +154,9 @@ def test_experiment1_quadratic_with_known_curvature():
     model = Quadratic(8).to(DT)
     opt = torch.optim.SGD(model.parameters(), lr=1.0 / lam)
     est = CurvatureEstimator(model, half_mse, method="power", n_iterations=200, tol=1e-12)
-    sched = HomotopyLR(opt, model, half_mse, base_lr=1.0 / lam, curvature_target=1.0, estimation_freq=5,
-                       smoothing=0.0, estimator=est)
+    sched = HomotopyLR(
+        opt, model, half_mse, base_lr=1.0 / lam, curvature_target=1.0, estimation_freq=5, smoothing=0.0, estimator=est
+    )
     for step in range(40):
         opt.zero_grad()
         half_mse(model(x), y).backward()
@@ -157,8 +176,9 @@ def test_curvature_adaptive_lr_uses_the_step_graph_in_the_seed_loop():
     model = _mlp()
     twin = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    sched = CurvatureAdaptiveLR(opt, model, base_lr=1e-2, curvature_target=0.5, adaptation_rate=0.25,
-                                estimation_freq=2, n_samples=4)
+    sched = CurvatureAdaptiveLR(
+        opt, model, base_lr=1e-2, curvature_target=0.5, adaptation_rate=0.25, estimation_freq=2, n_samples=4
+    )
     reference = CurvatureEstimator(twin, half_mse, n_samples=4)
     smoothed = 0.5
     with warnings.catch_warnings():
@@ -204,8 +224,15 @@ def test_curvature_adaptive_lr_explains_a_freed_graph_and_a_late_call():
 def test_adaptive_homotopy_lr_warmup_then_learned_target():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    sched = AdaptiveHomotopyLR(opt, model, half_mse, base_lr=0.05, warmup_steps=5, adaptation_rate=0.2,
-                               estimator=CurvatureEstimator(model, half_mse, n_samples=3))
+    sched = AdaptiveHomotopyLR(
+        opt,
+        model,
+        half_mse,
+        base_lr=0.05,
+        warmup_steps=5,
+        adaptation_rate=0.2,
+        estimator=CurvatureEstimator(model, half_mse, n_samples=3),
+    )
     assert sched.get_last_lr() == [pytest.approx(0.05 / 5)]
     for t, (x, y) in enumerate(_batches(12)):
         opt.zero_grad()
@@ -254,8 +281,15 @@ def test_per_layer_rates_from_per_layer_curvature():
 def test_curvature_warmup_grows_geometrically_and_holds_at_high_curvature():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    warm = CurvatureWarmup(opt, model, half_mse, target_lr=0.3, warmup_steps=8, curvature_threshold=1e12,
-                           estimator=CurvatureEstimator(model, half_mse, n_samples=2))
+    warm = CurvatureWarmup(
+        opt,
+        model,
+        half_mse,
+        target_lr=0.3,
+        warmup_steps=8,
+        curvature_threshold=1e12,
+        estimator=CurvatureEstimator(model, half_mse, n_samples=2),
+    )
     assert opt.param_groups[0]["lr"] == pytest.approx(0.003)
     for i, (x, y) in enumerate(_batches(12)):
         lr = warm.step(x, y)
@@ -278,7 +312,8 @@ def test_curvature_aware_clip():
     torch.testing.assert_close(out[0], g[0] * 0.4)
     assert curvature_aware_clip(g, curvature=0.0, max_norm=10.0)[0] is g[0]  # under the bound: untouched
     assert curvature_aware_clip(g, curvature=3.0, max_norm=4.0, curvature_scale=1.0)[2].item() == pytest.approx(
-        4.0 * (1.0 / 5.0))
+        4.0 * (1.0 / 5.0)
+    )
     with pytest.raises(ValueError, match="Invalid curvature"):
         curvature_aware_clip(g, curvature=-1.0)
     with pytest.raises(ValueError, match="Invalid max_norm"):
@@ -292,10 +327,16 @@ def test_homotopy_adam_sets_rates_then_steps_like_adam():
     twin = copy.deepcopy(model)
     est = CurvatureEstimator(model, half_mse, n_samples=3)
     twin_est = CurvatureEstimator(twin, half_mse, n_samples=3)
-    opt = HomotopyAdam([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}], lr=0.1,
-                       curvature_estimator=est, curvature_scale=2.0, betas=(0.8, 0.9))
-    ref = torch.optim.Adam([{"params": twin[0].parameters()}, {"params": twin[2].parameters(), "lr": 0.5}], lr=0.1,
-                           betas=(0.8, 0.9))
+    opt = HomotopyAdam(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}],
+        lr=0.1,
+        curvature_estimator=est,
+        curvature_scale=2.0,
+        betas=(0.8, 0.9),
+    )
+    ref = torch.optim.Adam(
+        [{"params": twin[0].parameters()}, {"params": twin[2].parameters(), "lr": 0.5}], lr=0.1, betas=(0.8, 0.9)
+    )
     for x, y in _batches(4):
         for o, m in ((opt, model), (ref, twin)):
             o.zero_grad()
@@ -344,24 +385,38 @@ def _make(kind, model):
         return opt, opt
     if kind == "PerLayerHomotopyLR":
         opt = torch.optim.SGD(PerLayerHomotopyLR.param_groups(model), lr=0.01, momentum=0.9)
-        return opt, PerLayerHomotopyLR(model, half_mse, base_lr=0.02, optimizer=opt, estimator=est,
-                                       estimation_freq=2)
+        return opt, PerLayerHomotopyLR(model, half_mse, base_lr=0.02, optimizer=opt, estimator=est, estimation_freq=2)
     opt = fastopt.LAdam(model.parameters(), lr=0.01, backend="torch")
     if kind == "HomotopyLR":
-        return opt, HomotopyLR(opt, model, half_mse, base_lr=0.01, curvature_target=0.2, estimation_freq=3,
-                               estimator=est)
+        return opt, HomotopyLR(
+            opt, model, half_mse, base_lr=0.01, curvature_target=0.2, estimation_freq=3, estimator=est
+        )
     if kind == "AdaptiveHomotopyLR":
-        return opt, AdaptiveHomotopyLR(opt, model, half_mse, base_lr=0.01, warmup_steps=4, adaptation_rate=0.3,
-                                       estimation_freq=2, estimator=est)
+        return opt, AdaptiveHomotopyLR(
+            opt, model, half_mse, base_lr=0.01, warmup_steps=4, adaptation_rate=0.3, estimation_freq=2, estimator=est
+        )
     if kind == "CurvatureAdaptiveLR":
-        return opt, CurvatureAdaptiveLR(opt, model, base_lr=0.01, curvature_target=0.2, estimation_freq=3,
-                                        estimator=CurvatureEstimator(model, None, n_samples=2))
-    return opt, CurvatureWarmup(opt, model, half_mse, target_lr=0.01, warmup_steps=10, curvature_threshold=5.0,
-                                estimator=est)
+        return opt, CurvatureAdaptiveLR(
+            opt,
+            model,
+            base_lr=0.01,
+            curvature_target=0.2,
+            estimation_freq=3,
+            estimator=CurvatureEstimator(model, None, n_samples=2),
+        )
+    return opt, CurvatureWarmup(
+        opt, model, half_mse, target_lr=0.01, warmup_steps=10, curvature_threshold=5.0, estimator=est
+    )
 
 
-KINDS = ["HomotopyLR", "AdaptiveHomotopyLR", "CurvatureAdaptiveLR", "PerLayerHomotopyLR", "CurvatureWarmup",
-         "HomotopyAdam"]
+KINDS = [
+    "HomotopyLR",
+    "AdaptiveHomotopyLR",
+    "CurvatureAdaptiveLR",
+    "PerLayerHomotopyLR",
+    "CurvatureWarmup",
+    "HomotopyAdam",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -397,8 +452,15 @@ def test_scheduler_rates_drive_ladam_exactly():
     twin = copy.deepcopy(model)
     opt = fastopt.LAdam(model.parameters(), lr=0.01, c2=1e-3, min_spatial_size=4, backend="torch")
     ref = fastopt.LAdam(twin.parameters(), lr=0.01, c2=1e-3, min_spatial_size=4, backend="torch")
-    sched = HomotopyLR(opt, model, half_mse, base_lr=0.01, curvature_target=0.05, estimation_freq=2,
-                       estimator=CurvatureEstimator(model, half_mse, n_samples=3))
+    sched = HomotopyLR(
+        opt,
+        model,
+        half_mse,
+        base_lr=0.01,
+        curvature_target=0.05,
+        estimation_freq=2,
+        estimator=CurvatureEstimator(model, half_mse, n_samples=3),
+    )
     for x, y in _batches(6):
         lr = opt.param_groups[0]["lr"]
         for o, m in ((opt, model), (ref, twin)):
@@ -454,7 +516,10 @@ def test_plots_write_pngs_and_explain_a_missing_matplotlib(tmp_path, monkeypatch
         sched.update_curvature(x, y)
         opt.step()
         sched.step()
-    for path in (sched.plot_curvature_history(str(tmp_path / "k.png")), sched.plot_lr_history(str(tmp_path / "lr.png"))):
+    for path in (
+        sched.plot_curvature_history(str(tmp_path / "k.png")),
+        sched.plot_lr_history(str(tmp_path / "lr.png")),
+    ):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     per_layer = PerLayerHomotopyLR(model, half_mse)
@@ -485,12 +550,18 @@ def test_errors_name_the_argument():
         (lambda: AdaptiveHomotopyLR(opt, model, half_mse, percentile=101.0), ValueError, "Invalid percentile"),
         (lambda: AdaptiveHomotopyLR(opt, model, half_mse, adaptation_rate=2.0), ValueError, "Invalid adaptation_rate"),
         (lambda: PerLayerHomotopyLR(model, half_mse, base_lr=float("nan")), ValueError, "Invalid base_lr"),
-        (lambda: PerLayerHomotopyLR(model, half_mse, estimator=CurvatureEstimator(model, half_mse)), ValueError,
-         "needs an estimator with groups"),
+        (
+            lambda: PerLayerHomotopyLR(model, half_mse, estimator=CurvatureEstimator(model, half_mse)),
+            ValueError,
+            "needs an estimator with groups",
+        ),
         (lambda: CurvatureWarmup(opt, model, half_mse, 0.1, start_factor=0.0), ValueError, "Invalid start_factor"),
         (lambda: CurvatureWarmup(opt, model, half_mse, 0.1, warmup_steps=-2), ValueError, "Invalid warmup_steps"),
-        (lambda: CurvatureWarmup(opt, model, half_mse, 0.1, curvature_threshold=-1), ValueError,
-         "Invalid curvature_threshold"),
+        (
+            lambda: CurvatureWarmup(opt, model, half_mse, 0.1, curvature_threshold=-1),
+            ValueError,
+            "Invalid curvature_threshold",
+        ),
         (lambda: HomotopyAdam(model.parameters(), curvature_scale=0), ValueError, "Invalid curvature_scale"),
     ]
     for make, exc, pattern in cases:

@@ -1,15 +1,16 @@
 """torch-levenberg-marquardt 1.2.3's public names beyond the LM module, against the package itself:
 training.OptimizerModule / TrainingModule, utils.FastDataLoader, utils.fit with torchmetrics,
 utils.CustomLightningModule, the tree helpers, and fit's loader fast path."""
+
 from __future__ import annotations
 
 import importlib
 import inspect
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -72,14 +73,17 @@ def _run_seeded(make_loader, seed=7):
 @pytest.mark.parametrize("batch_size", [10, 103, 500])
 def test_fast_data_loader_yields_the_package_batches(shuffle, repeat, batch_size):
     dataset = _data()
-    theirs, state_theirs = _run_seeded(lambda: tlm.utils.FastDataLoader(dataset, batch_size, repeat=repeat,
-                                                                        shuffle=shuffle))
-    ours, state_ours = _run_seeded(lambda: flm.utils.FastDataLoader(dataset, batch_size, repeat=repeat,
-                                                                    shuffle=shuffle))
+    theirs, state_theirs = _run_seeded(
+        lambda: tlm.utils.FastDataLoader(dataset, batch_size, repeat=repeat, shuffle=shuffle)
+    )
+    ours, state_ours = _run_seeded(
+        lambda: flm.utils.FastDataLoader(dataset, batch_size, repeat=repeat, shuffle=shuffle)
+    )
     _same_batches(theirs, ours)
     assert torch.equal(state_theirs, state_ours)  # the same random draws
-    assert len(flm.utils.FastDataLoader(dataset, batch_size, repeat=repeat)) == \
-        len(tlm.utils.FastDataLoader(dataset, batch_size, repeat=repeat))
+    assert len(flm.utils.FastDataLoader(dataset, batch_size, repeat=repeat)) == len(
+        tlm.utils.FastDataLoader(dataset, batch_size, repeat=repeat)
+    )
     assert isinstance(flm.utils.FastDataLoader(dataset, batch_size), DataLoader)
 
 
@@ -164,7 +168,8 @@ def test_loader_fast_path_yields_the_dataloader_batches(case):
     assert torch.equal(state_theirs, state_ours)
     if loader.generator is not None:
         reference = make()
-        [*reference, *reference]
+        for _epoch in range(2):  # the same two epochs, drawing from the reference's generator
+            list(reference)
         assert torch.equal(reference.generator.get_state(), loader.generator.get_state())
 
 
@@ -176,13 +181,17 @@ class _Loader(DataLoader):
     pass
 
 
-@pytest.mark.parametrize("make", [
-    lambda d: DataLoader(d, batch_size=4, collate_fn=_collate_list),
-    lambda d: _Loader(d, batch_size=4),
-    lambda d: DataLoader(torch.utils.data.Subset(d, range(20)), batch_size=4),
-    lambda d: DataLoader(d, batch_size=None),
-    lambda d: DataLoader(d, batch_size=4, num_workers=1),
-], ids=["custom-collate", "subclass", "subset", "no-batching", "workers"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: DataLoader(d, batch_size=4, collate_fn=_collate_list),
+        lambda d: _Loader(d, batch_size=4),
+        lambda d: DataLoader(torch.utils.data.Subset(d, range(20)), batch_size=4),
+        lambda d: DataLoader(d, batch_size=None),
+        lambda d: DataLoader(d, batch_size=4, num_workers=1),
+    ],
+    ids=["custom-collate", "subclass", "subset", "no-batching", "workers"],
+)
 def test_other_loaders_are_iterated_as_they_are(make):
     loader = make(_data(20))
     assert not indexes_tensors_directly(loader)
@@ -191,6 +200,7 @@ def test_other_loaders_are_iterated_as_they_are(make):
 
 class _Counting(TensorDataset):
     """A TensorDataset subclass that counts per-sample fetches (not taken by the fast path)."""
+
     fetches = 0
 
     def __getitem__(self, i):
@@ -215,6 +225,7 @@ def test_fit_does_not_fetch_samples_one_by_one(monkeypatch):
 
 def _assert_same_tree(a, b):
     from torch.utils._pytree import tree_flatten
+
     (leaves_a, spec_a), (leaves_b, spec_b) = tree_flatten(a), tree_flatten(b)
     assert spec_a == spec_b
     for u, v in zip(leaves_a, leaves_b):
@@ -225,8 +236,12 @@ def _assert_same_tree(a, b):
 def test_tree_helpers_match_the_package():
     batch = {"a": torch.arange(12.0).reshape(6, 2), "b": [torch.arange(6), (torch.ones(6, 1), 3.5)], "name": "s"}
     indices = [4, 0, 2]
-    for fn, args in (("tree_slice", (1, 4)), ("tree_unsqueeze", (1,)), ("tree_first_tensor", ()),
-                     ("tree_to_device", ("cpu",))):
+    for fn, args in (
+        ("tree_slice", (1, 4)),
+        ("tree_unsqueeze", (1,)),
+        ("tree_first_tensor", ()),
+        ("tree_to_device", ("cpu",)),
+    ):
         theirs = getattr(tlm.tree, fn)(batch, *args)
         ours = getattr(flm.tree, fn)(batch, *args)
         _assert_same_tree(ours, theirs)
@@ -245,8 +260,9 @@ def _sinc_module(package, kind, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
     if kind == "adam":
-        return package.training.OptimizerModule(model, torch.optim.Adam(model.parameters(), lr=0.01),
-                                                torch.nn.MSELoss())
+        return package.training.OptimizerModule(
+            model, torch.optim.Adam(model.parameters(), lr=0.01), torch.nn.MSELoss()
+        )
     return package.training.LevenbergMarquardtModule(model, loss_fn=package.loss.MSELoss(), solve_method="cholesky")
 
 
@@ -294,11 +310,13 @@ def _postfix_values(record):
 @pytest.mark.parametrize("every", [1, 4])
 def test_fit_shows_what_the_package_shows(monkeypatch, capsys, overwrite, every):
     # OptimizerModule: the same arithmetic in both packages, so the same numbers exactly.
-    theirs, module_t = _fit_recorded(tlm, monkeypatch, "adam", overwrite_progress_bar=overwrite,
-                                     update_every_n_steps=every)
+    theirs, module_t = _fit_recorded(
+        tlm, monkeypatch, "adam", overwrite_progress_bar=overwrite, update_every_n_steps=every
+    )
     printed_t = capsys.readouterr().out
-    ours, module_o = _fit_recorded(flm, monkeypatch, "adam", overwrite_progress_bar=overwrite,
-                                   update_every_n_steps=every)
+    ours, module_o = _fit_recorded(
+        flm, monkeypatch, "adam", overwrite_progress_bar=overwrite, update_every_n_steps=every
+    )
     printed_o = capsys.readouterr().out
     assert ours == theirs
     assert printed_o == printed_t
@@ -327,8 +345,9 @@ def test_fit_records_metric_values_per_epoch():
     module = flm.training.OptimizerModule(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss())
     metric = torchmetrics.MeanSquaredError()
     loader = DataLoader(TensorDataset(x, y), batch_size=20)
-    history = flm.fit(module, loader, epochs=1, progress=False, metrics={"mse": metric,
-                                                                         "plain": lambda o, t: (o - t).abs().max()})
+    history = flm.fit(
+        module, loader, epochs=1, progress=False, metrics={"mse": metric, "plain": lambda o, t: (o - t).abs().max()}
+    )
     expected = torchmetrics.MeanSquaredError()
     # Recompute the epoch's MSE from the same steps: SGD from the same start.
     model2 = tanh_mlp((1, 4, 1))
@@ -410,8 +429,10 @@ def test_lightning_without_pytorch_lightning_names_the_extra(monkeypatch):
 def test_extras_are_declared():
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    names = {e: {r.split("[")[0].split(">")[0].split("=")[0].strip().lower().replace("-", "_") for r in reqs}
-             for e, reqs in extras.items()}
+    names = {
+        e: {r.split("[")[0].split(">")[0].split("=")[0].strip().lower().replace("-", "_") for r in reqs}
+        for e, reqs in extras.items()
+    }
     assert "tqdm" in names["progress"] and "matplotlib" in names["plot"]
     assert "pytorch_lightning" in names["lightning"] and "torchmetrics" in names["metrics"]
     assert any(r.startswith("fastopt[") and "progress" in r and "lightning" in r for r in extras["all"])
@@ -427,12 +448,22 @@ def test_custom_lightning_module_logs_what_the_package_logs():
         module = _sinc_module(package, "adam", seed=1)
         wrapper = package.utils.CustomLightningModule(module, metrics={"mae": torchmetrics.MeanAbsoluteError()})
         loader = package.utils.FastDataLoader(TensorDataset(x, y), 30, shuffle=True)
-        trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, accelerator="cpu")
+        trainer = pl.Trainer(
+            max_epochs=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
         torch.manual_seed(2)
         trainer.fit(wrapper, loader)
-        logged.append(({k: float(v) for k, v in trainer.callback_metrics.items()},
-                       [p.detach().clone() for p in module.model.parameters()]))
+        logged.append(
+            (
+                {k: float(v) for k, v in trainer.callback_metrics.items()},
+                [p.detach().clone() for p in module.model.parameters()],
+            )
+        )
     (metrics_t, params_t), (metrics_o, params_o) = logged
     assert sorted(metrics_t) == sorted(metrics_o)
     for key in metrics_t:

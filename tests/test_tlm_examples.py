@@ -1,6 +1,7 @@
 """torch-levenberg-marquardt's own examples (sinc curve fitting, MNIST classification on locally
 drawn 28 x 28 digits) run with only the package import changed, shortened: fastopt.lm reaches the
 package's losses, and the loader fast path changes nothing."""
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,11 @@ def _quiet_bars(monkeypatch):
     """Both packages' tqdm bars switched off (the package's fit has no option for it)."""
     tqdm = pytest.importorskip("tqdm")
     monkeypatch.setattr(tlm.utils, "tqdm", functools.partial(tqdm.tqdm, disable=True))
-    monkeypatch.setattr(importlib.import_module("fastopt.lm.fit"), "_progress_bar_class",
-                        lambda: functools.partial(tqdm.tqdm, disable=True))
+    monkeypatch.setattr(
+        importlib.import_module("fastopt.lm.fit"),
+        "_progress_bar_class",
+        lambda: functools.partial(tqdm.tqdm, disable=True),
+    )
 
 
 @pytest.mark.parametrize("loader", ["fast", "dataloader"])

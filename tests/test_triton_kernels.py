@@ -8,6 +8,7 @@ already-updated state gets a wrong answer here, so the parity tests with many ti
 catch a race in the protocol, and test_a_naive_in_place_stencil_is_caught shows that they would.
 With a GPU the same tests run the compiled kernels on CUDA tensors.
 """
+
 import contextlib
 
 import pytest
@@ -15,15 +16,24 @@ import torch
 
 import fastopt
 from fastopt import backends
-from fastopt.testing import CHECKS, TOLERANCES, _COMMON, assert_close, clone_params, grad_stream, make_params, \
-    set_grads
+from fastopt.testing import (
+    CHECKS,
+    COMMON,
+    clone_params,
+    compare_optimizers,
+    grad_stream,
+    make_params,
+    set_grads,
+    step_side_by_side,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(backends.why_not("triton", device=DEVICE) is not None,
-                                reason=str(backends.why_not("triton", device=DEVICE)))
+pytestmark = pytest.mark.skipif(
+    backends.why_not("triton", device=DEVICE) is not None, reason=str(backends.why_not("triton", device=DEVICE))
+)
 if backends.why_not("triton", device=DEVICE) is None:
-    from fastopt.kernels import _multi_tensor as mt
     import fastopt.kernels as kernels
+    from fastopt.kernels import _multi_tensor as mt
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CONFIGS = [pytest.param(c, id=c[0].replace(" ", "-")) for c in CHECKS]
@@ -48,38 +58,13 @@ def _device_params(params):
     return [p.detach().to(DEVICE).requires_grad_() for p in params]
 
 
-def _run(cls_name, kwargs, params, steps, backend, none_every=5, grad_scale=1.0):
-    opt = getattr(fastopt, cls_name)(params, backend=backend, **kwargs)
-    for grads in grad_stream(params, steps, none_every=none_every):
-        set_grads(params, [None if g is None else g * grad_scale for g in grads])
-        opt.step()
-    return opt
-
-
-def _close(actual, expected, dtype, what):
-    # Kernels and reference round differently by an ulp here and there (e.g. torch's CPU sqrt is
-    # not always correctly rounded); that ulp is of the largest terms, which can be far larger than
-    # a result that cancels (a momentum buffer): atol scales with the tensor's magnitude.
-    tol = dict(TOLERANCES[dtype])
-    tol["atol"] *= max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
-    assert_close(actual.detach().cpu(), expected.detach().cpu(), what=what, **tol)
-
-
-def _assert_same_as_reference(cls_name, kwargs, params, steps=3, none_every=5, grad_scale=1.0):
-    """Step ``params`` with backend='triton' and a copy with backend='torch'; compare each param
-    and each state tensor (step counts and use_lap included)."""
-    dtype = params[0].dtype
-    expected = clone_params([p.detach().cpu() for p in params])
-    ours = _run(cls_name, kwargs, params, steps, "triton", none_every, grad_scale)
-    ref = _run(cls_name, kwargs, expected, steps, "torch", none_every, grad_scale)
-    for i, (a, e) in enumerate(zip(params, expected)):
-        _close(a, e, dtype, f"param[{i}] {tuple(a.shape)}")
-        assert ours.state[a].keys() == ref.state[e].keys()
-        for key, value in ref.state[e].items():
-            if torch.is_tensor(value):
-                _close(ours.state[a][key], value, value.dtype, f"state[{i}][{key!r}] {tuple(a.shape)}")
-            else:
-                assert ours.state[a][key] == value, (i, key)
+def _assert_same_as_reference(cls_name, hyper, params, **kwargs):
+    """Step ``params`` with backend='triton' and CPU copies with backend='torch'; compare each
+    param and every state entry (step counts and use_lap included). Kernels and reference round
+    differently by an ulp here and there (e.g. torch's CPU sqrt is not always correctly rounded);
+    that ulp is of the largest terms, which can be far larger than a result that cancels (a
+    momentum buffer): atol scales with the tensor's magnitude."""
+    step_side_by_side(cls_name, params, backend="triton", hyper=hyper, scale_atol=True, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -89,7 +74,7 @@ def test_matches_reference_on_the_zoo(config, dtype):
     rounding of results and state to the params' dtype (and keep the interpreter's time down)."""
     label, cls_name, kw, op = config
     params = _device_params(make_params(dtype) + [torch.randn(s, dtype=dtype) for s in CROSSING])
-    _assert_same_as_reference(cls_name, {**_COMMON, **kw}, params, steps=3 if dtype == torch.float32 else 2)
+    _assert_same_as_reference(cls_name, {**COMMON, **kw}, params, steps=3 if dtype == torch.float32 else 2)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -98,7 +83,7 @@ def test_tiles_smaller_than_the_tensors(config):
     torch.manual_seed(0)
     params = _device_params([make(torch.float32) for make in TINY_SHAPES.values()])
     with mt.use_settings(**TINY_TILES):
-        _assert_same_as_reference(cls_name, {**_COMMON, **kw}, params, steps=2, none_every=0)
+        _assert_same_as_reference(cls_name, {**COMMON, **kw}, params, steps=2, none_every=0)
 
 
 def test_tiles_smaller_than_the_tensors_bf16():
@@ -106,7 +91,7 @@ def test_tiles_smaller_than_the_tensors_bf16():
     torch.manual_seed(0)
     params = _device_params([make(torch.bfloat16) for make in TINY_SHAPES.values()])
     with mt.use_settings(**TINY_TILES):
-        _assert_same_as_reference("LAdam", dict(_COMMON), params, steps=2, none_every=0)
+        _assert_same_as_reference("LAdam", dict(COMMON), params, steps=2, none_every=0)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -117,9 +102,15 @@ def test_empty_tensors_ride_along(config):
     label, cls_name, kw, op = config
     torch.manual_seed(0)
     empty_channels_last = torch.randn(0, 0, 0, 2, dtype=torch.float16).to(memory_format=torch.channels_last)
-    params = _device_params([empty_channels_last, torch.randn(5, 7, dtype=torch.float16),
-                             torch.randn(0, dtype=torch.float16), torch.randn(0, 6, dtype=torch.float16).t()])
-    _assert_same_as_reference(cls_name, {**_COMMON, **kw}, params, steps=2, none_every=0)
+    params = _device_params(
+        [
+            empty_channels_last,
+            torch.randn(5, 7, dtype=torch.float16),
+            torch.randn(0, dtype=torch.float16),
+            torch.randn(0, 6, dtype=torch.float16).t(),
+        ]
+    )
+    _assert_same_as_reference(cls_name, {**COMMON, **kw}, params, steps=2, none_every=0)
 
 
 def test_use_lap_without_a_stencil_still_clamps_at_eps():
@@ -127,7 +118,7 @@ def test_use_lap_without_a_stencil_still_clamps_at_eps():
     tensor whose layout has no stencil (1 row, 2 columns, 3 elements). Gradients of 1e-5 put v_hat
     (1e-10) below eps = 1e-8, where the clamp changes the step tenfold."""
     params = _device_params(make_params(torch.float32, ["rows1", "cols2", "1d_3", "many"]))
-    _assert_same_as_reference("LAdam", dict(_COMMON), params, steps=2, none_every=0, grad_scale=1e-5)
+    _assert_same_as_reference("LAdam", dict(COMMON), params, steps=2, none_every=0, grad_scale=1e-5)
 
 
 @pytest.mark.parametrize("wave_E0", [0.0, "auto"])
@@ -137,16 +128,17 @@ def test_wave_records_the_mean_of_the_first_squared_gradient(wave_E0):
     torch.manual_seed(0)
     params = _device_params([torch.randn(9, 13), torch.randn(37), torch.randn(2, 3)])
     with mt.use_settings(**TINY_TILES):
-        _assert_same_as_reference("LAdam", {**_COMMON, "mode": "wave_variance", "wave_E0": wave_E0}, params,
-                                  steps=2, none_every=0)
+        _assert_same_as_reference(
+            "LAdam", {**COMMON, "mode": "wave_variance", "wave_E0": wave_E0}, params, steps=2, none_every=0
+        )
 
 
 def test_grads_need_not_share_the_params_layout():
     torch.manual_seed(0)
     params = _device_params([torch.randn(9, 13), torch.randn(5, 2, 3, 3).to(memory_format=torch.channels_last)])
     expected = clone_params([p.detach().cpu() for p in params])
-    ours = fastopt.LAdam(params, backend="triton", **_COMMON)
-    ref = fastopt.LAdam(expected, backend="torch", **_COMMON)
+    ours = fastopt.LAdam(params, backend="triton", **COMMON)
+    ref = fastopt.LAdam(expected, backend="torch", **COMMON)
     for step in range(2):
         grads = [torch.randn(p.shape) for p in params]
         params[0].grad = grads[0].t().contiguous().t().to(DEVICE) if step else grads[0].to(DEVICE)  # column-major
@@ -155,9 +147,7 @@ def test_grads_need_not_share_the_params_layout():
         with mt.use_settings(**TINY_TILES):
             ours.step()
         ref.step()
-    for a, e in zip(params, expected):
-        _close(a, e, torch.float32, "param")
-        _close(ours.state[a]["exp_avg_sq"], ref.state[e]["exp_avg_sq"], torch.float32, "exp_avg_sq")
+    compare_optimizers(ours, ref, params, expected, scale_atol=True).check()
 
 
 def test_the_64_bit_index_path(monkeypatch):
@@ -167,10 +157,11 @@ def test_the_64_bit_index_path(monkeypatch):
     torch.manual_seed(0)
     params = _device_params([torch.randn(9, 13), torch.randn(37), torch.randn(3, 4)])
     with mt.use_settings(**TINY_TILES):
-        table = mt.table_for(params, [[torch.zeros_like(p) for p in params]], [torch.ones((), device=DEVICE)] * 3,
-                             [True] * 3)
+        table = mt.table_for(
+            params, [[torch.zeros_like(p) for p in params]], [torch.ones((), device=DEVICE)] * 3, [True] * 3
+        )
         assert table.index_64
-        _assert_same_as_reference("LAdam", dict(_COMMON), params, steps=2, none_every=0)
+        _assert_same_as_reference("LAdam", dict(COMMON), params, steps=2, none_every=0)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a race shows deterministically only in the interpreter")
@@ -187,7 +178,7 @@ def test_a_naive_in_place_stencil_is_caught(monkeypatch):
     torch.manual_seed(0)
     params = _device_params([torch.randn(9, 13), torch.randn(37)])
     with mt.use_settings(**TINY_TILES), pytest.raises(AssertionError, match="elements differ"):
-        _assert_same_as_reference("LAdam", dict(_COMMON), params, steps=2, none_every=0)
+        _assert_same_as_reference("LAdam", dict(COMMON), params, steps=2, none_every=0)
 
 
 # -- launches, the table cache ---------------------------------------------------------------------
@@ -208,11 +199,23 @@ def _counting_launches(monkeypatch, run_them=True):
 
 
 def _KERNELS():
-    from fastopt.kernels import (ladagrad_step, ladam_step, ladam_update_lap_step, ladam_wave_step,
-                                 ladam_weight_lap_step, lrmsprop_step)
-    return [ladam_step._ladam_step_kernel, ladam_update_lap_step._ladam_update_lap_step_kernel,
-            ladam_weight_lap_step._ladam_weight_lap_step_kernel, ladam_wave_step._ladam_wave_step_kernel,
-            ladagrad_step._ladagrad_step_kernel, lrmsprop_step._lrmsprop_step_kernel]
+    from fastopt.kernels import (
+        ladagrad_step,
+        ladam_step,
+        ladam_update_lap_step,
+        ladam_wave_step,
+        ladam_weight_lap_step,
+        lrmsprop_step,
+    )
+
+    return [
+        ladam_step._ladam_step_kernel,
+        ladam_update_lap_step._ladam_update_lap_step_kernel,
+        ladam_weight_lap_step._ladam_weight_lap_step_kernel,
+        ladam_wave_step._ladam_wave_step_kernel,
+        ladagrad_step._ladagrad_step_kernel,
+        lrmsprop_step._lrmsprop_step_kernel,
+    ]
 
 
 def _aten_ops(fn):
@@ -236,7 +239,7 @@ def test_one_launch_per_step_whatever_the_number_of_tensors(config, monkeypatch)
     per_step = {}
     for n in (2, 12):
         params = _device_params([torch.randn(3 + i, 5) for i in range(n)])
-        opt = getattr(fastopt, cls_name)(params, backend="triton", **{**_COMMON, **kw})
+        opt = getattr(fastopt, cls_name)(params, backend="triton", **{**COMMON, **kw})
         with _counting_launches(monkeypatch) as launched:
             for grads in grad_stream(params, 2, none_every=0):
                 set_grads(params, grads)
@@ -290,9 +293,14 @@ def test_the_table_is_dropped_when_a_tensor_dies():
 # -- errors ----------------------------------------------------------------------------------------
 def _lists(n=2, shape=(4, 5)):
     params = [torch.randn(shape, device=DEVICE) for _ in range(n)]
-    return dict(params=params, grads=[torch.randn_like(p) for p in params],
-                exp_avgs=[torch.zeros_like(p) for p in params], exp_avg_sqs=[torch.zeros_like(p) for p in params],
-                steps=[torch.ones((), device=DEVICE) for _ in params], use_laps=[True] * n)
+    return dict(
+        params=params,
+        grads=[torch.randn_like(p) for p in params],
+        exp_avgs=[torch.zeros_like(p) for p in params],
+        exp_avg_sqs=[torch.zeros_like(p) for p in params],
+        steps=[torch.ones((), device=DEVICE) for _ in params],
+        use_laps=[True] * n,
+    )
 
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, c2=1e-2, stencil="9point")
@@ -301,19 +309,26 @@ HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, c2=1e-
 def _swap(key, index, make):
     def breakage(args, hyper):
         args[key][index] = make(args[key][index])
+
     return breakage
 
 
-@pytest.mark.parametrize("breakage,match", [
-    (_swap("grads", 1, lambda g: torch.randn(5, 4, device=DEVICE)), r"grads\[1\] has shape \(5, 4\)"),
-    (_swap("grads", 0, lambda g: g.double()), r"grads\[0\] is torch.float64"),
-    (_swap("exp_avgs", 1, lambda m: torch.zeros(5, 4, device=DEVICE).t()), r"state list 0\[1\] must be contiguous"),
-    (_swap("steps", 0, lambda s: s.long()), r"steps\[0\] must be a 1-element float32"),
-    (lambda args, hyper: args["exp_avg_sqs"].pop(), r"state list 1 has 1 tensors for 2 params"),
-    (_swap("params", 0, lambda p: torch.randn(1, 5, device=DEVICE).expand(4, 5)),
-     r"params\[0\] has overlapping memory"),
-    (lambda args, hyper: hyper.update(stencil="7point"), r"Invalid stencil: '7point'. Choose from"),
-], ids=["grad shape", "grad dtype", "state layout", "step dtype", "list lengths", "overlapping param", "stencil"])
+@pytest.mark.parametrize(
+    "breakage,match",
+    [
+        (_swap("grads", 1, lambda g: torch.randn(5, 4, device=DEVICE)), r"grads\[1\] has shape \(5, 4\)"),
+        (_swap("grads", 0, lambda g: g.double()), r"grads\[0\] is torch.float64"),
+        (_swap("exp_avgs", 1, lambda m: torch.zeros(5, 4, device=DEVICE).t()), r"state list 0\[1\] must be contiguous"),
+        (_swap("steps", 0, lambda s: s.long()), r"steps\[0\] must be a 1-element float32"),
+        (lambda args, hyper: args["exp_avg_sqs"].pop(), r"state list 1 has 1 tensors for 2 params"),
+        (
+            _swap("params", 0, lambda p: torch.randn(1, 5, device=DEVICE).expand(4, 5)),
+            r"params\[0\] has overlapping memory",
+        ),
+        (lambda args, hyper: hyper.update(stencil="7point"), r"Invalid stencil: '7point'. Choose from"),
+    ],
+    ids=["grad shape", "grad dtype", "state layout", "step dtype", "list lengths", "overlapping param", "stencil"],
+)
 def test_bad_input_is_refused_before_anything_is_written(breakage, match):
     args, hyper = _lists(), dict(HYPER)
     breakage(args, hyper)
@@ -356,7 +371,13 @@ def test_the_stash_holds_exactly_the_borders_the_cost_figures_count(monkeypatch)
     params = [torch.randn(s, device=DEVICE) for s in shapes]
     with mt.use_settings(**TINY_TILES) as settings:
         state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-        kernels.ladam_step_triton(params, [torch.randn_like(p) for p in params], *state,
-                                  [torch.ones((), device=DEVICE) for _ in params], [True] * len(params), **HYPER)
+        kernels.ladam_step_triton(
+            params,
+            [torch.randn_like(p) for p in params],
+            *state,
+            [torch.ones((), device=DEVICE) for _ in params],
+            [True] * len(params),
+            **HYPER,
+        )
         expected = sum(mt.tile_grid(s, True, settings).border_elements() for s in shapes)
     assert int((~torch.isnan(stashes[-1])).sum()) == expected > 0

@@ -18,31 +18,71 @@ The Gauss-Newton products run through the ``jacobian_products`` op of :mod:`fast
 (Triton on CUDA; on CPU the C++ op of fastopt._C, else eager torch), the lower triangle only.
 ``LightningLM`` (alias ``CustomLightningModule``) needs pytorch_lightning and loads on first use.
 """
-from . import damping, loss, selection, training, tree
+
+from . import damping, loss, selection, training, tree, utils
+from .curve_fitting import OptimizeWarning, curve_fit
 from .damping import DAMPING_MODES, DampingStrategy, StandardDampingStrategy
 from .fit import fit
 from .front import LM, StepResult
-from .loss import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, L1Loss, Loss, LossWrapper, MSELoss,
-                   as_residual_loss)
+from .loader import FastDataLoader, iterate_batches
+from .loss import (
+    BCELoss,
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    HuberLoss,
+    L1Loss,
+    Loss,
+    LossWrapper,
+    MSELoss,
+    as_residual_loss,
+)
+from .nonlinear_lsq import TERMINATION_MESSAGES, LeastSquaresResult, least_squares
 from .selection import LayerSelectionStrategy, ParamSelectionStrategy, RandomSelectionStrategy
 from .training import LevenbergMarquardtModule, OptimizerModule, TrainingModule
-from .loader import FastDataLoader, iterate_batches
-from . import utils
-from .curve_fitting import OptimizeWarning, curve_fit
-from .nonlinear_lsq import TERMINATION_MESSAGES, LeastSquaresResult, least_squares
 
 __all__ = [
-    "LM", "StepResult", "fit", "LevenbergMarquardtModule", "TrainingModule", "OptimizerModule", "FastDataLoader", "iterate_batches",
-    "Loss", "LossWrapper", "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss",
-    "as_residual_loss", "DampingStrategy", "StandardDampingStrategy", "DAMPING_MODES",
-    "ParamSelectionStrategy", "RandomSelectionStrategy", "LayerSelectionStrategy",
-    "LightningLM", "CustomLightningModule", "damping", "loss", "selection", "training", "tree", "utils",
-    "least_squares", "curve_fit", "LeastSquaresResult", "OptimizeWarning", "TERMINATION_MESSAGES",
+    "LM",
+    "StepResult",
+    "fit",
+    "LevenbergMarquardtModule",
+    "TrainingModule",
+    "OptimizerModule",
+    "FastDataLoader",
+    "iterate_batches",
+    "Loss",
+    "LossWrapper",
+    "MSELoss",
+    "L1Loss",
+    "HuberLoss",
+    "CrossEntropyLoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "as_residual_loss",
+    "DampingStrategy",
+    "StandardDampingStrategy",
+    "DAMPING_MODES",
+    "ParamSelectionStrategy",
+    "RandomSelectionStrategy",
+    "LayerSelectionStrategy",
+    "LightningLM",
+    "CustomLightningModule",
+    "damping",
+    "loss",
+    "selection",
+    "training",
+    "tree",
+    "utils",
+    "least_squares",
+    "curve_fit",
+    "LeastSquaresResult",
+    "OptimizeWarning",
+    "TERMINATION_MESSAGES",
 ]
 
 
 def __getattr__(name):
     if name in ("LightningLM", "CustomLightningModule"):
         from . import lightning
+
         return getattr(lightning, name)
     raise AttributeError(f"module 'fastopt.lm' has no attribute {name!r}")

@@ -20,6 +20,7 @@ The loss of a batch is the sample-weighted mean of the shards' losses,
 Not supported: the underdetermined form (fewer residuals than parameters, ``J J^T``, N x N):
 its matrix couples every pair of samples across ranks, so it is not a sum of per-rank pieces.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -39,12 +40,17 @@ def check_process_group(process_group):
     if process_group is None:
         return None
     import torch.distributed as dist
+
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("process_group: torch.distributed is not initialized; call "
-                           "torch.distributed.init_process_group() first (torchrun sets up the environment)")
+        raise RuntimeError(
+            "process_group: torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group() first (torchrun sets up the environment)"
+        )
     if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError("process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD) "
-                        f"or None; got {type(process_group).__name__}")
+        raise TypeError(
+            "process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD) "
+            f"or None; got {type(process_group).__name__}"
+        )
     return process_group
 
 
@@ -53,6 +59,7 @@ class DataParallel:
 
     def __init__(self, group, device: torch.device, dtype: torch.dtype, workspace: Workspace):
         import torch.distributed as dist
+
         self.dist, self.group = dist, group
         self.device, self.dtype, self.workspace = device, dtype, workspace
         self.global_rows = 0  # the samples of the current step, over all ranks
@@ -75,8 +82,9 @@ class DataParallel:
         # An empty shard's mean loss is NaN; it contributes nothing.
         return loss.to(self.dtype) * rows if rows > 0 else torch.zeros((), dtype=self.dtype, device=self.device)
 
-    def reduce_system(self, gram: Tensor, loss: Tensor, rows: int, residuals: int,
-                      batch_size: Optional[int] = None) -> Tuple[Tensor, int, int]:
+    def reduce_system(
+        self, gram: Tensor, loss: Tensor, rows: int, residuals: int, batch_size: Optional[int] = None
+    ) -> Tuple[Tensor, int, int]:
         """All-reduce the rank's unscaled ``[J | r]^T [J | r]`` in ``gram`` (lower panels), its loss
         and counts in one call; ``gram`` becomes the global sum / B, with B = ``batch_size`` or,
         when None, the global sample count. Returns (global loss, global samples, global residuals).

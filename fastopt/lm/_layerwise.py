@@ -14,22 +14,49 @@ rule, summed in another order); measured on this project's CPU (one thread) 0.76
 dominates. Anything else (other layers, buffers, custom containers, dropout in training mode)
 goes to torch.func: :func:`unsupported_reason` says why.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import torch
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 __all__ = ["LayerwiseJacobian", "unsupported_reason"]
 
 # Modules without parameters that act on each sample separately (batch dimension first).
 _SAMPLEWISE = (
-    nn.Identity, nn.Tanh, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.LogSigmoid, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.Identity,
+    nn.Tanh,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )
 
@@ -57,14 +84,18 @@ def _leaf_reason(m: nn.Module) -> Optional[str]:
         return f"{kind.__name__} has parameters or buffers"
     if kind in (nn.Flatten, nn.Unflatten):
         # A negative dimension may reach the batch dimension: only positive ones are sample-wise.
-        dim = m.start_dim if kind is nn.Flatten else m.dim
+        dim = cast(nn.Flatten, m).start_dim if kind is nn.Flatten else cast(nn.Unflatten, m).dim
         return None if dim >= 1 else f"{kind.__name__} with dimension {dim} may act across samples"
     if kind in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout):
         return None if (not m.training or m.p == 0) else "dropout in training mode (random per sample)"
     if kind in (nn.Softmax, nn.LogSoftmax):
         # dim=-1 is the feature dimension of any input with one (a batch of vectors or more).
-        return None if m.dim is not None and (m.dim >= 1 or m.dim == -1) else \
-            f"{kind.__name__}(dim={m.dim}) may act across samples"
+        softmax_dim = cast(Union[nn.Softmax, nn.LogSoftmax], m).dim
+        return (
+            None
+            if softmax_dim is not None and (softmax_dim >= 1 or softmax_dim == -1)
+            else f"{kind.__name__}(dim={softmax_dim}) may act across samples"
+        )
     if kind in _SAMPLEWISE:
         return None
     return f"{kind.__name__} is not a layer fastopt differentiates layer by layer"
@@ -100,7 +131,7 @@ class LayerwiseJacobian:
     def _forward(self, x: Tensor) -> Tuple[Tensor, List[Tuple[nn.Module, Tensor, Tensor]]]:
         """The outputs, and per parameterised layer (module, input, output); the first layer's
         output is made a leaf of the graph, so that backward stops there."""
-        records = []
+        records: List[Tuple[nn.Module, Tensor, Tensor]] = []
         h = x
         graph_started = False
         for m in self.leaves:
@@ -109,8 +140,15 @@ class LayerwiseJacobian:
                 h = F.linear(a, m.weight.detach(), None if m.bias is None else m.bias.detach())
             elif type(m) is nn.Conv2d:
                 a = h
-                h = F.conv2d(a, m.weight.detach(), None if m.bias is None else m.bias.detach(), m.stride,
-                             m.padding, m.dilation, m.groups)
+                h = F.conv2d(
+                    a,
+                    m.weight.detach(),
+                    None if m.bias is None else m.bias.detach(),
+                    m.stride,
+                    m.padding,
+                    m.dilation,
+                    m.groups,
+                )
             else:
                 h = m(h)
                 continue
@@ -129,14 +167,17 @@ class LayerwiseJacobian:
             batch = residuals.shape[0]
             per_sample = residuals[0].numel() if batch else 1
             if batch * per_sample != out.shape[0]:
-                raise ValueError(f"{batch} samples x {per_sample} residuals do not fill the {out.shape[0]} rows expected")
+                raise ValueError(
+                    f"{batch} samples x {per_sample} residuals do not fill the {out.shape[0]} rows expected"
+                )
             flat_r = residuals.reshape(batch, per_sample)
             rows = out.view(batch, per_sample, out.shape[1])
             rows[:, :, -1].copy_(flat_r.detach())
             outs = [z for _, _, z in records]
             for o in range(per_sample):
-                deltas = torch.autograd.grad(flat_r[:, o].sum(), outs, retain_graph=o + 1 < per_sample,
-                                             allow_unused=True)
+                deltas = torch.autograd.grad(
+                    flat_r[:, o].sum(), outs, retain_graph=o + 1 < per_sample, allow_unused=True
+                )
                 target = rows[:, o, :]
                 for (m, a, _), delta in zip(records, deltas):
                     self._write_layer(m, a, delta, target)
@@ -149,7 +190,7 @@ class LayerwiseJacobian:
             if p is None or id(p) not in self.offsets:
                 continue  # no bias, or a frozen parameter (not in the flat vector)
             start = self.offsets[id(p)]
-            block = rows[:, start:start + p.numel()]
+            block = rows[:, start : start + p.numel()]
             if delta is None:  # this layer does not reach the residual
                 block.zero_()
                 continue
@@ -164,7 +205,9 @@ class LayerwiseJacobian:
                 else:
                     block.copy_(torch.einsum("b...o,b...i->boi", delta, a).reshape(batch, -1))
             else:  # Conv2d: per-sample weight gradient from the unfolded input
-                padding = 0 if m.padding == "valid" else m.padding
-                cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+                conv = cast(nn.Conv2d, m)
+                # _leaf_reason admits no padding string but "valid": the rest are numbers.
+                padding = 0 if conv.padding == "valid" else cast(Tuple[int, ...], conv.padding)
+                cols = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
                 grad = torch.bmm(delta.flatten(2), cols.transpose(1, 2))
                 block.copy_(grad.reshape(batch, -1))

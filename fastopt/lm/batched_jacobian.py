@@ -18,9 +18,10 @@ gets a wrong Jacobian: pass ``jac=callable`` for such functions.
 (tensors of two or more dimensions whose leading dimension is B) when the solver drops finished
 problems from the batch.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -53,6 +54,7 @@ class ProblemData:
     def _map(self, fn: Callable[[Tensor], Tensor], batch: int) -> "ProblemData":
         def pick(v):
             return fn(v) if is_per_problem(v, self.batch) else v
+
         weights = self.sqrt_weights
         if weights is not None and weights.dim() == 2:
             weights = fn(weights)
@@ -86,14 +88,23 @@ class Evaluator:
     solver still drops finished problems from the batch.
     """
 
-    def __init__(self, residual_fn: Callable, jac: Any, single: bool, reduce: Optional[Callable] = None,
-                 compile: bool = False, fuse_reduce: bool = False, chunk: int = 1 << 16):
+    def __init__(
+        self,
+        residual_fn: Callable,
+        jac: Any,
+        single: bool,
+        reduce: Optional[Callable] = None,
+        compile: bool = False,
+        fuse_reduce: bool = False,
+        chunk: int = 1 << 16,
+    ):
         self.residual_fn, self.jac, self.single, self.reduce = residual_fn, jac, single, reduce
         self.compile, self.fuse_reduce, self.chunk = compile, compile and fuse_reduce, chunk
         self._evaluate_terms, self._evaluate_jacobian = self._terms, self._residuals_and_jacobian
         if compile:
-            self._evaluate_terms = torch.compile(self._terms if self.fuse_reduce else self._residuals_and_jacobian,
-                                                 dynamic=False)
+            self._evaluate_terms = torch.compile(
+                self._terms if self.fuse_reduce else self._residuals_and_jacobian, dynamic=False
+            )
             self._evaluate_jacobian = torch.compile(self._residuals_and_jacobian, dynamic=False)
 
     def raw(self, x: Tensor, data: ProblemData) -> Tensor:
@@ -108,10 +119,12 @@ class Evaluator:
 
     def residuals_and_jacobian(self, x: Tensor, data: ProblemData) -> Tuple[Tensor, Tensor]:
         """(f, J) at x: (B, N) weighted residuals and their (B, N, P) Jacobian."""
-        return self._chunked(self._evaluate_jacobian, x, data)
+        # _residuals_and_jacobian returns the pair (f, J); _chunked keeps the arity of fn's result.
+        return cast(Tuple[Tensor, Tensor], self._chunked(self._evaluate_jacobian, x, data))
 
     def terms(self, x: Tensor, data: ProblemData) -> Tuple[Tensor, ...]:
         """``reduce(f, J)`` at x."""
+        assert self.reduce is not None, "terms() needs an Evaluator built with reduce"
         if self.compile and not self.fuse_reduce:
             return self.reduce(*self._chunked(self._evaluate_terms, x, data))
         return self._chunked(self._evaluate_terms, x, data)
@@ -132,12 +145,13 @@ class Evaluator:
                 index = torch.arange(start, start + chunk, device=x.device).clamp_max(stop - 1)
                 xs, ds = x.index_select(0, index), data.take(index)
             out = fn(xs, ds.sqrt_weights, ds.args, ds.kwargs)
-            parts.append([o[:stop - start] for o in out])
+            parts.append([o[: stop - start] for o in out])
         if len(parts) == 1:
             return tuple(parts[0])
         return tuple(torch.cat(p) for p in zip(*parts))
 
     def _terms(self, x: Tensor, sqrt_weights: Optional[Tensor], args: Tuple, kwargs: Dict):
+        assert self.reduce is not None  # only terms() evaluates it, and it checks the same
         return self.reduce(*self._residuals_and_jacobian(x, sqrt_weights, args, kwargs))
 
     def _residuals_and_jacobian(self, x: Tensor, sqrt_weights: Optional[Tensor], args: Tuple, kwargs: Dict):
@@ -149,15 +163,18 @@ class Evaluator:
             j = j.unsqueeze(0) if self.single else j
             return f, (j if sqrt_weights is None else j * sqrt_weights.unsqueeze(-1))
         if self.jac == "jacfwd":
+
             def shifted(v):
                 f = self.residuals(x + v, data)
                 return f, f
+
             j, f = jacfwd(shifted, has_aux=True)(torch.zeros_like(x[0]))
             return f, j
 
         def summed(xx):
             f = self.residuals(xx, data)
             return f.sum(0), f
+
         j, f = jacrev(summed, has_aux=True)(x)
         return f, j.permute(1, 0, 2)
 

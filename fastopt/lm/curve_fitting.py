@@ -20,6 +20,7 @@ Differences from scipy, all because problems are batched:
   singular values; fastopt discards them for every fit (scipy's "trf" branch). For a Jacobian of
   full rank the two agree to rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,7 @@ from .nonlinear_lsq import least_squares
 
 __all__ = ["curve_fit", "OptimizeWarning", "covariance_from_jacobian"]
 
-_FORWARDED = ("ftol", "xtol", "gtol", "max_nfev", "loss", "f_scale", "check_every", "compact", "compile",
-              "backend")
+_FORWARDED = ("ftol", "xtol", "gtol", "max_nfev", "loss", "f_scale", "check_every", "compact", "compile", "backend")
 
 
 class OptimizeWarning(UserWarning):
@@ -89,10 +89,21 @@ def _as_float(name: str, value: Any, dtype: torch.dtype, device: torch.device) -
     return t.to(dtype)
 
 
-def curve_fit(f: Callable[[Any, Tensor], Tensor], xdata: Any, ydata: Any, p0: Any, sigma: Any = None,
-              absolute_sigma: bool = False, bounds: Any = (-math.inf, math.inf), *, method: Optional[str] = None,
-              jac: Union[str, Callable[[Any, Tensor], Tensor]] = "auto", check_finite: bool = True,
-              full_output: bool = False, **kwargs) -> Union[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Dict, Any, Tensor]]:
+def curve_fit(
+    f: Callable[[Any, Tensor], Tensor],
+    xdata: Any,
+    ydata: Any,
+    p0: Any,
+    sigma: Any = None,
+    absolute_sigma: bool = False,
+    bounds: Any = (-math.inf, math.inf),
+    *,
+    method: Optional[str] = None,
+    jac: Union[str, Callable[[Any, Tensor], Tensor]] = "auto",
+    check_finite: bool = True,
+    full_output: bool = False,
+    **kwargs: Any,
+) -> Union[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Dict, Any, Tensor]]:
     """Fit ``ydata ~ f(xdata, p)`` for one problem or a batch, as scipy.optimize.curve_fit.
 
     Args:
@@ -128,8 +139,10 @@ def curve_fit(f: Callable[[Any, Tensor], Tensor], xdata: Any, ydata: Any, p0: An
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     if method is not None:
-        raise ValueError(f"Invalid method: {method!r}. fastopt.lm.curve_fit runs its batched Levenberg-Marquardt "
-                         "(with bounds by projection); leave method=None")
+        raise ValueError(
+            f"Invalid method: {method!r}. fastopt.lm.curve_fit runs its batched Levenberg-Marquardt "
+            "(with bounds by projection); leave method=None"
+        )
     if p0 is None:
         raise ValueError("p0 is required: f takes the parameters as one tensor, so their number cannot be inferred")
     if "maxfev" in kwargs:
@@ -138,8 +151,10 @@ def curve_fit(f: Callable[[Any, Tensor], Tensor], xdata: Any, ydata: Any, p0: An
         kwargs["max_nfev"] = kwargs.pop("maxfev")
     unknown = sorted(set(kwargs) - set(_FORWARDED))
     if unknown:
-        raise TypeError(f"curve_fit got unexpected keyword argument(s) {unknown}; it forwards {_FORWARDED} "
-                        "to least_squares ('args' is not supported: close over extra data in f)")
+        raise TypeError(
+            f"curve_fit got unexpected keyword argument(s) {unknown}; it forwards {_FORWARDED} "
+            "to least_squares ('args' is not supported: close over extra data in f)"
+        )
     if not torch.is_tensor(p0):
         p0 = torch.as_tensor(p0, dtype=torch.float64)
     if p0.dtype not in (torch.float32, torch.float64):
@@ -156,8 +171,10 @@ def curve_fit(f: Callable[[Any, Tensor], Tensor], xdata: Any, ydata: Any, p0: An
         if p0.dim() == 1:
             p0 = p0.expand(batch, -1)
         if p0.dim() != 2 or p0.shape[0] != batch:
-            raise ValueError(f"p0 must have shape (P,) or (B, P) = ({batch}, P) for ydata of shape {tuple(y.shape)}, "
-                             f"got {tuple(p0.shape)}")
+            raise ValueError(
+                f"p0 must have shape (P,) or (B, P) = ({batch}, P) for ydata of shape {tuple(y.shape)}, "
+                f"got {tuple(p0.shape)}"
+            )
     n_params = p0.shape[-1]
     if torch.is_tensor(xdata) and xdata.is_floating_point():
         xdata = xdata.to(device=device, dtype=dtype)
@@ -183,9 +200,17 @@ def curve_fit(f: Callable[[Any, Tensor], Tensor], xdata: Any, ydata: Any, p0: An
         return j if kind == "none" else j * tb.unsqueeze(-1)
 
     args = (y, transform) + ((xdata,) if per_problem_x else ())
-    res = least_squares(residuals, p0, args=args, jac=transformed_jac if callable(jac) else jac, bounds=bounds,
-                        return_jac=True, **kwargs)
+    res = least_squares(
+        residuals,
+        p0,
+        args=args,
+        jac=transformed_jac if callable(jac) else jac,
+        bounds=bounds,
+        return_jac=True,
+        **kwargs,
+    )
 
+    assert res.jac is not None  # return_jac=True
     pcov = covariance_from_jacobian(res.jac if not single else res.jac.unsqueeze(0))
     status = res.status.reshape(-1)
     cost = res.cost.reshape(-1)
@@ -203,11 +228,16 @@ def curve_fit(f: Callable[[Any, Tensor], Tensor], xdata: Any, ydata: Any, p0: An
     failed = status <= 0
     if bool(failed.any()):
         if single:
-            raise RuntimeError("Optimal parameters not found: " + res.message)
+            message = res.message
+            assert isinstance(message, str)  # one problem: one message
+            raise RuntimeError("Optimal parameters not found: " + message)
         first = failed.nonzero().flatten()[:10].tolist()
-        warnings.warn(f"Optimal parameters not found for {int(failed.sum())} of {batch} problems (e.g. {first}); "
-                      "their popt is the last iterate (full_output=True gives each problem's status)",
-                      OptimizeWarning, stacklevel=2)
+        warnings.warn(
+            f"Optimal parameters not found for {int(failed.sum())} of {batch} problems (e.g. {first}); "
+            "their popt is the last iterate (full_output=True gives each problem's status)",
+            OptimizeWarning,
+            stacklevel=2,
+        )
     popt = res.x
     if single:
         pcov = pcov[0]
@@ -234,8 +264,9 @@ def _transform(sigma, y: Tensor, single: bool, batch: int, m: int, dtype, device
             raise ValueError("`sigma` must be positive definite.")
         return chol, "cov"
     want = "a scalar, (M,) or (M, M)" if single else "a scalar, (M,), (B, M) or (B, M, M)"
-    raise ValueError(f"`sigma` has incorrect shape {tuple(s.shape)}: give {want} with M = {m}" +
-                     ("" if single else f", B = {batch}"))
+    raise ValueError(
+        f"`sigma` has incorrect shape {tuple(s.shape)}: give {want} with M = {m}" + ("" if single else f", B = {batch}")
+    )
 
 
 def _apply(kind: str, t: Tensor, r: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ training, with ``conditional_stopping``). Custom strategies subclass :class:`Dam
 full matrix whenever ``apply`` is overridden, and otherwise adds :meth:`StandardDampingStrategy.damping_diagonal`
 to the diagonal in place, which is the same sum without building two P x P matrices.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -21,6 +22,8 @@ from typing import Any, Dict
 
 import torch
 from torch import Tensor
+
+from .. import _validation as v
 
 __all__ = ["DampingStrategy", "StandardDampingStrategy", "DAMPING_MODES"]
 
@@ -63,12 +66,6 @@ class DampingStrategy(ABC):
         """The damped Gauss-Newton matrix (a new tensor; ``JJ`` is left as it is)."""
 
 
-def _positive_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"Invalid {name}: {value!r}. It must be a number > 0")
-    return float(value)
-
-
 class StandardDampingStrategy(DampingStrategy):
     """Standard Levenberg-Marquardt damping.
 
@@ -83,16 +80,28 @@ class StandardDampingStrategy(DampingStrategy):
         auto_reset: reset lambda to ``starting_value`` when it reaches ``max_value``.
     """
 
-    def __init__(self, starting_value: float = 1e-3, dec_factor: float = 0.1, inc_factor: float = 10.0,
-                 min_value: float = 1e-10, max_value: float = 1e10, damping_mode: str = "standard",
-                 conditional_stopping: bool = True, auto_reset: bool = False) -> None:
-        for name, value in (("starting_value", starting_value), ("dec_factor", dec_factor),
-                            ("inc_factor", inc_factor), ("min_value", min_value), ("max_value", max_value)):
-            _positive_number(name, value)
+    def __init__(
+        self,
+        starting_value: float = 1e-3,
+        dec_factor: float = 0.1,
+        inc_factor: float = 10.0,
+        min_value: float = 1e-10,
+        max_value: float = 1e10,
+        damping_mode: str = "standard",
+        conditional_stopping: bool = True,
+        auto_reset: bool = False,
+    ) -> None:
+        for name, value in (
+            ("starting_value", starting_value),
+            ("dec_factor", dec_factor),
+            ("inc_factor", inc_factor),
+            ("min_value", min_value),
+            ("max_value", max_value),
+        ):
+            v.positive(name, value)
         if not min_value <= max_value:
             raise ValueError(f"Invalid min_value/max_value: {min_value} > {max_value}")
-        if damping_mode not in DAMPING_MODES:
-            raise ValueError(f"Invalid damping_mode: {damping_mode!r}. Choose from: {DAMPING_MODES}")
+        v.one_of(DAMPING_MODES)("damping_mode", damping_mode)
         self.starting_value = torch.tensor(starting_value)
         self.dec_factor = torch.tensor(dec_factor)
         self.inc_factor = torch.tensor(inc_factor)
@@ -158,8 +167,9 @@ class StandardDampingStrategy(DampingStrategy):
     def state_dict(self) -> Dict[str, Any]:
         """lambda, the factors and bounds (tensors) and the flags."""
         state: Dict[str, Any] = {k: getattr(self, k).clone() for k in self._STATE}
-        state.update(damping_mode=self.damping_mode, conditional_stopping=self.conditional_stopping,
-                     auto_reset=self.auto_reset)
+        state.update(
+            damping_mode=self.damping_mode, conditional_stopping=self.conditional_stopping, auto_reset=self.auto_reset
+        )
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -167,8 +177,7 @@ class StandardDampingStrategy(DampingStrategy):
         if missing:
             raise KeyError(f"StandardDampingStrategy.load_state_dict: missing {missing}")
         mode = state.get("damping_mode", self.damping_mode)
-        if mode not in DAMPING_MODES:
-            raise ValueError(f"Invalid damping_mode: {mode!r}. Choose from: {DAMPING_MODES}")
+        v.one_of(DAMPING_MODES)("damping_mode", mode)
         for k in self._STATE:
             setattr(self, k, torch.as_tensor(state[k]).clone())
         self.damping_mode = mode

@@ -1,13 +1,14 @@
 """A training loop with a tqdm progress bar, metrics and early stopping (torch-levenberg-marquardt's
 ``utils.fit``), returning a record per epoch."""
+
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sized
 
 from torch import Tensor
 
-from ..optim._validation import flag, int_at_least
+from .._validation import flag, int_at_least
 from .loader import iterate_batches
 from .tree import tree_to_device
 
@@ -30,13 +31,15 @@ def _progress_bar_class():
     try:
         from tqdm.auto import tqdm
     except ImportError as err:
-        raise ImportError("fastopt.lm.fit's progress bar needs tqdm: pip install 'fastopt[progress]' "
-                          "(or pass progress=False)") from err
+        raise ImportError(
+            "fastopt.lm.fit's progress bar needs tqdm: pip install 'fastopt[progress]' (or pass progress=False)"
+        ) from err
     return tqdm
 
 
 class _NoBar:
     """What fit calls on a bar, doing nothing: ``progress=False`` needs no tqdm."""
+
     leave = False
 
     def update(self, n: int) -> None:
@@ -87,8 +90,15 @@ class _Meter:
         self._sum, self._count = 0.0, 0
 
 
-def fit(training_module: Any, dataloader: Iterable, epochs: int, metrics: Optional[Dict[str, Callable]] = None,
-        overwrite_progress_bar: bool = True, update_every_n_steps: int = 1, progress: bool = True) -> List[Dict[str, Any]]:
+def fit(
+    training_module: Any,
+    dataloader: Iterable,
+    epochs: int,
+    metrics: Optional[Dict[str, Callable]] = None,
+    overwrite_progress_bar: bool = True,
+    update_every_n_steps: int = 1,
+    progress: bool = True,
+) -> List[Dict[str, Any]]:
     """Train for ``epochs`` passes over ``dataloader`` (batches of ``(inputs, targets)``).
 
     Args (torch-levenberg-marquardt's ``utils.fit``, same meanings):
@@ -117,7 +127,9 @@ def fit(training_module: Any, dataloader: Iterable, epochs: int, metrics: Option
     flag("overwrite_progress_bar", overwrite_progress_bar)
     flag("progress", progress)
     if not callable(getattr(training_module, "training_step", None)):
-        raise TypeError(f"training_module must have training_step(inputs, targets); got {type(training_module).__name__}")
+        raise TypeError(
+            f"training_module must have training_step(inputs, targets); got {type(training_module).__name__}"
+        )
     if metrics is not None and not isinstance(metrics, dict):
         raise TypeError(f"metrics must be a dict of name -> metric, got {type(metrics).__name__}")
     for name, metric in (metrics or {}).items():
@@ -129,9 +141,14 @@ def fit(training_module: Any, dataloader: Iterable, epochs: int, metrics: Option
     meters = {name: _Meter(metric, device) for name, metric in (metrics or {}).items()}
     history: List[Dict[str, Any]] = []
     for epoch in range(epochs):
-        total = len(dataloader) if hasattr(dataloader, "__len__") else None
-        bar = (bar_class(total=total, desc=f"Epoch {epoch + 1}/{epochs}", leave=not overwrite_progress_bar,
-                         dynamic_ncols=True) if bar_class is not None else _NoBar())
+        total = len(dataloader) if isinstance(dataloader, Sized) else None
+        bar = (
+            bar_class(
+                total=total, desc=f"Epoch {epoch + 1}/{epochs}", leave=not overwrite_progress_bar, dynamic_ncols=True
+            )
+            if bar_class is not None
+            else _NoBar()
+        )
         loss_sum, steps, pending, stop, logs = 0.0, 0, 0, False, {}
         for inputs, targets in iterate_batches(dataloader):
             inputs, targets = tree_to_device(inputs, device), tree_to_device(targets, device)
@@ -154,9 +171,14 @@ def fit(training_module: Any, dataloader: Iterable, epochs: int, metrics: Option
         if pending:
             bar.update(pending)
             bar.set_postfix(shown)
-        record = {"epoch": epoch + 1, "loss": loss_sum / max(steps, 1), "steps": steps, "stopped": stop,
-                  **{k: _scalar(v) for k, v in logs.items()},
-                  **{name: meter.epoch_value() for name, meter in meters.items()}}
+        record = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(steps, 1),
+            "steps": steps,
+            "stopped": stop,
+            **{k: _scalar(v) for k, v in logs.items()},
+            **{name: meter.epoch_value() for name, meter in meters.items()},
+        }
         history.append(record)
         for meter in meters.values():
             meter.reset()

@@ -16,19 +16,20 @@ these differences in behaviour:
 * the default solver is 'cholesky' (the package's is 'qr'), and ``damping`` takes a number (the
   starting lambda) as well as a strategy.
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor
 
-from .tree import batch_size_of
 from .damping import DampingStrategy, StandardDampingStrategy
 from .loss import CrossEntropyLoss, LossWrapper, MSELoss
 from .training import _LevenbergMarquardtBase
+from .tree import batch_size_of
 
 __all__ = ["LM", "StepResult"]
 
@@ -43,6 +44,7 @@ class StepResult:
     outputs: the model's outputs at the parameters the step started from; solver_failures:
     attempts whose damped system could not be solved (each raised lambda, as a rejection does).
     """
+
     loss: Tensor
     damping: float
     attempts: int
@@ -61,8 +63,9 @@ def _residual_count(loss_fn: Any, targets: Any) -> Optional[int]:
     with class indices."""
     if not isinstance(targets, Tensor) or targets.dim() == 0:
         return None
-    if type(loss_fn) is MSELoss or (isinstance(loss_fn, LossWrapper) and loss_fn.elementwise
-                                    and type(loss_fn).residuals is LossWrapper.residuals):
+    if type(loss_fn) is MSELoss or (
+        isinstance(loss_fn, LossWrapper) and loss_fn.elementwise and type(loss_fn).residuals is LossWrapper.residuals
+    ):
         return targets.numel()
     if type(loss_fn) is CrossEntropyLoss and not targets.is_floating_point():
         return targets.numel()
@@ -116,21 +119,54 @@ class LM(_LevenbergMarquardtBase):
     See bench/lm_data_parallel_example.py.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Any = None, *,
-                 damping: Union[None, float, DampingStrategy] = None, learning_rate: float = 1.0,
-                 attempts_per_step: int = 10, solve_method: str = "cholesky", param_selection: Any = None,
-                 use_vmap: bool = True, max_batch_size: Optional[int] = None, backend: str = "auto",
-                 jacobian: str = "auto", reuse_factorization: str = "auto", fallback: Optional[str] = None,
-                 process_group: Any = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Any = None,
+        *,
+        damping: Union[None, float, DampingStrategy] = None,
+        learning_rate: float = 1.0,
+        attempts_per_step: int = 10,
+        solve_method: str = "cholesky",
+        param_selection: Any = None,
+        use_vmap: bool = True,
+        max_batch_size: Optional[int] = None,
+        backend: str = "auto",
+        jacobian: str = "auto",
+        reuse_factorization: str = "auto",
+        fallback: Optional[str] = None,
+        process_group: Any = None,
+    ) -> None:
         if isinstance(damping, (int, float)) and not isinstance(damping, bool):
             damping = StandardDampingStrategy(starting_value=float(damping))
-        elif damping is not None and not isinstance(damping, DampingStrategy) and not callable(getattr(damping, "apply", None)):
-            raise TypeError(f"damping must be a number (the starting lambda) or a DampingStrategy; got "
-                            f"{type(damping).__name__}")
-        super().__init__(model, loss_fn, damping, learning_rate, attempts_per_step, solve_method, param_selection,
-                         use_vmap, max_batch_size, backend=backend, jacobian=jacobian,
-                         reuse_factorization=reuse_factorization, fallback=fallback, process_group=process_group,
-                         min_attempts=1)
+        elif (
+            damping is not None
+            and not isinstance(damping, DampingStrategy)
+            and not callable(getattr(damping, "apply", None))
+        ):
+            raise TypeError(
+                f"damping must be a number (the starting lambda) or a DampingStrategy; got {type(damping).__name__}"
+            )
+        # A number became a StandardDampingStrategy above and anything else without apply() raised
+        # (a bool too): what is left is a DampingStrategy, or an object with its methods, which the
+        # base class checks.
+        super().__init__(
+            model,
+            loss_fn,
+            cast(Optional[DampingStrategy], damping),
+            learning_rate,
+            attempts_per_step,
+            solve_method,
+            param_selection,
+            use_vmap,
+            max_batch_size,
+            backend=backend,
+            jacobian=jacobian,
+            reuse_factorization=reuse_factorization,
+            fallback=fallback,
+            process_group=process_group,
+            min_attempts=1,
+        )
         self.steps = 0
 
     _failure_log_level = logging.DEBUG
@@ -146,18 +182,36 @@ class LM(_LevenbergMarquardtBase):
             outputs = self.forward(inputs)
             residuals = self.loss_fn.residuals(outputs, targets)
             if residuals.dim() == 0:
-                raise ValueError("loss_fn.residuals must return one residual or more per sample (first dimension = "
-                                 "batch); got a 0-dim tensor")
+                raise ValueError(
+                    "loss_fn.residuals must return one residual or more per sample (first dimension = "
+                    "batch); got a 0-dim tensor"
+                )
             if residuals.shape[0] != rows:
-                raise ValueError(f"inputs hold {rows} samples but the residuals {residuals.shape[0]} (residuals of "
-                                 f"shape {tuple(residuals.shape)}): outputs and targets must share the batch dimension")
+                raise ValueError(
+                    f"inputs hold {rows} samples but the residuals {residuals.shape[0]} (residuals of "
+                    f"shape {tuple(residuals.shape)}): outputs and targets must share the batch dimension"
+                )
             count = residuals.numel()
         self._flat.save()  # restore() must return to this step's start, whatever happened before
-        outcome = self._run_step(inputs, targets, outputs, batch_size=rows, num_residuals=count,
-                                 apply_last_attempt=False, require_finite=True)
+        outcome = self._run_step(
+            inputs,
+            targets,
+            outputs,
+            batch_size=rows,
+            num_residuals=count,
+            apply_last_attempt=False,
+            require_finite=True,
+        )
         self.steps += 1
-        return StepResult(outcome.loss, float(self.damping_strategy.get_current_damping()), outcome.attempts,
-                          outcome.accepted, outcome.stop_training, outcome.outputs, outcome.solver_failures)
+        return StepResult(
+            outcome.loss,
+            float(self.damping_strategy.get_current_damping()),
+            outcome.attempts,
+            outcome.accepted,
+            outcome.stop_training,
+            outcome.outputs,
+            outcome.solver_failures,
+        )
 
     def training_step(self, inputs: Any, targets: Any) -> Tuple[Any, Tensor, bool, dict]:
         """:meth:`step` in torch-levenberg-marquardt's form, for :func:`fastopt.lm.fit` and Lightning."""
@@ -168,15 +222,16 @@ class LM(_LevenbergMarquardtBase):
     def state_dict(self) -> Dict[str, Any]:
         """The step count and the damping strategy's state (if it has ``state_dict``); the model's
         parameters are in ``model.state_dict()``."""
-        strategy = self.damping_strategy
-        damping = strategy.state_dict() if callable(getattr(strategy, "state_dict", None)) else None
+        strategy_state = getattr(self.damping_strategy, "state_dict", None)  # not part of DampingStrategy
+        damping = strategy_state() if callable(strategy_state) else None
         return {"steps": self.steps, "damping": damping}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or "steps" not in state:
             raise KeyError("LM.load_state_dict: expected a dict from LM.state_dict() with key 'steps'")
         if state.get("damping") is not None:
-            if not callable(getattr(self.damping_strategy, "load_state_dict", None)):
+            load_strategy_state = getattr(self.damping_strategy, "load_state_dict", None)  # optional, as state_dict
+            if not callable(load_strategy_state):
                 raise TypeError(f"the damping strategy {type(self.damping_strategy).__name__} has no load_state_dict")
-            self.damping_strategy.load_state_dict(state["damping"])
+            load_strategy_state(state["damping"])
         self.steps = int(state["steps"])

@@ -8,9 +8,10 @@ Levenberg-Marquardt step, logs the loss, damping and attempts, and stops the tra
 step says so (damping at its maximum). ``CustomLightningModule`` is the same class under
 torch-levenberg-marquardt's name.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -30,8 +31,9 @@ class LightningLM(pl.LightningModule):
     def __init__(self, training_module: Any, metrics: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         if not callable(getattr(training_module, "training_step", None)):
-            raise TypeError(f"training_module must have training_step(inputs, targets); got "
-                            f"{type(training_module).__name__}")
+            raise TypeError(
+                f"training_module must have training_step(inputs, targets); got {type(training_module).__name__}"
+            )
         # The model is not registered as a submodule: Lightning would move it to its device, which
         # replaces the parameters' storage and unbinds them from the module's flat vector. Build
         # the LM on the model where it will train, as with torch-levenberg-marquardt.
@@ -44,7 +46,7 @@ class LightningLM(pl.LightningModule):
             if hasattr(metric, "to"):
                 metric.to(self.device)
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Sequence[Any], batch_idx: int) -> Tensor:
         inputs, targets = batch
         outputs, loss, stop_training, logs = self.training_module.training_step(inputs, targets)
         values = {k: (v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v))) for k, v in logs.items()}
@@ -56,7 +58,7 @@ class LightningLM(pl.LightningModule):
             self.trainer.should_stop = True
         return loss
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> List[torch.optim.Optimizer]:
         return []  # the Levenberg-Marquardt step updates the parameters itself
 
     def forward(self, x: Any) -> Any:

@@ -16,14 +16,15 @@ project's CPU. The same batches are one ``index_select`` per tensor away, so:
   batches for the same random state; a ``TensorDataset`` is taken as its tensors, without the
   package's sample-by-sample ``list(dataset)``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Union, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-from ..optim._validation import flag, int_at_least
+from .._validation import flag, int_at_least
 from .tree import tree_indices, tree_to_device
 
 __all__ = ["FastDataLoader", "iterate_batches", "indexes_tensors_directly"]
@@ -36,13 +37,19 @@ def indexes_tensors_directly(loader: Any) -> bool:
     anything) over a ``TensorDataset`` itself, batching with its batch sampler (``batch_size`` not
     None), the default collate, no worker processes and no pinned memory.
     """
-    return (type(loader) is DataLoader and type(loader.dataset) is TensorDataset
-            and loader.batch_sampler is not None and loader.collate_fn is default_collate
-            and loader.num_workers == 0 and not loader.pin_memory)
+    return (
+        type(loader) is DataLoader
+        and type(loader.dataset) is TensorDataset
+        and loader.batch_sampler is not None
+        and loader.collate_fn is default_collate
+        and loader.num_workers == 0
+        and not loader.pin_memory
+    )
 
 
 def _tensor_batches(loader: DataLoader) -> Iterator[List[torch.Tensor]]:
-    tensors = loader.dataset.tensors
+    tensors = cast(TensorDataset, loader.dataset).tensors
+    assert loader.batch_sampler is not None  # indexes_tensors_directly checked it
     # The order of DataLoader.__iter__: the sampler's iterator is made (a generator, it draws
     # nothing yet), then the base seed for workers is drawn from the loader's generator, then the
     # sampler draws its permutation on the first batch. Drawing in the same order leaves the
@@ -59,7 +66,7 @@ def iterate_batches(loader: Iterable) -> Iterator[Any]:
     """Iterate ``loader``'s batches; see :func:`indexes_tensors_directly` for when they are built
     by indexing the dataset's tensors instead of collating samples (same values, same order)."""
     if indexes_tensors_directly(loader):
-        return _tensor_batches(loader)
+        return _tensor_batches(cast(DataLoader, loader))
     return iter(loader)
 
 
@@ -78,9 +85,17 @@ class FastDataLoader(DataLoader):
         generator: fastopt's addition: a ``torch.Generator`` for the shuffles.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, repeat: int = 1, shuffle: bool = False,
-                 device: Union[torch.device, str] = "cpu", collate_fn: Optional[Callable[[list], Any]] = None,
-                 *, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        repeat: int = 1,
+        shuffle: bool = False,
+        device: Union[torch.device, str] = "cpu",
+        collate_fn: Optional[Callable[[list], Any]] = None,
+        *,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
         int_at_least(1)("batch_size", batch_size)
         int_at_least(1)("repeat", repeat)
         flag("shuffle", shuffle)
@@ -91,6 +106,7 @@ class FastDataLoader(DataLoader):
         device = torch.device(device)
         super().__init__(dataset=dataset, batch_size=int(batch_size))
         self.repeat = int(repeat)
+        self._batch_size = int(batch_size)
         self.shuffle = shuffle
         self.shuffle_generator = generator
         if type(dataset) is TensorDataset and collate_fn in (None, default_collate):
@@ -98,18 +114,18 @@ class FastDataLoader(DataLoader):
             examples: Any = list(dataset.tensors)
             self.num_examples = len(dataset)
         else:
-            samples = list(dataset)
+            samples = list(cast(Iterable[Any], dataset))  # the package's way: any indexable dataset
             self.num_examples = len(samples)
             examples = (collate_fn or default_collate)(samples)
         self.examples = tree_to_device(examples, device)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # batches, not a DataLoader iterator
         for _ in range(self.repeat):
             order = torch.arange(self.num_examples)
             if self.shuffle:
                 order = order[torch.randperm(self.num_examples, generator=self.shuffle_generator)]
-            for start in range(0, self.num_examples, self.batch_size):
-                yield tree_indices(self.examples, order[start:start + self.batch_size])
+            for start in range(0, self.num_examples, self._batch_size):
+                yield tree_indices(self.examples, order[start : start + self._batch_size])
 
     def __len__(self) -> int:
-        return self.repeat * -(-self.num_examples // self.batch_size)
+        return self.repeat * -(-self.num_examples // self._batch_size)

@@ -17,25 +17,37 @@ Custom residuals: subclass :class:`Loss` and define ``forward`` (the reported lo
 
 :func:`as_residual_loss` turns the matching ``torch.nn`` losses (``nn.MSELoss()``, ...) into these.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
-__all__ = ["Loss", "MSELoss", "LossWrapper", "L1Loss", "HuberLoss", "CrossEntropyLoss", "BCELoss",
-           "BCEWithLogitsLoss", "as_residual_loss"]
+__all__ = [
+    "Loss",
+    "MSELoss",
+    "LossWrapper",
+    "L1Loss",
+    "HuberLoss",
+    "CrossEntropyLoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "as_residual_loss",
+]
 
 
 def _check_same_shape(name: str, y_pred: Tensor, y_true: Tensor) -> None:
     # Broadcasting (B, 1) against (B,) silently makes B x B residuals: refuse it.
     if isinstance(y_pred, Tensor) and isinstance(y_true, Tensor) and y_pred.shape != y_true.shape:
-        raise ValueError(f"{name}: predictions of shape {tuple(y_pred.shape)} and targets of shape "
-                         f"{tuple(y_true.shape)} differ; the loss is elementwise, reshape the targets "
-                         f"(e.g. targets.view_as(outputs))")
+        raise ValueError(
+            f"{name}: predictions of shape {tuple(y_pred.shape)} and targets of shape "
+            f"{tuple(y_true.shape)} differ; the loss is elementwise, reshape the targets "
+            f"(e.g. targets.view_as(outputs))"
+        )
 
 
 class Loss(torch.nn.Module, ABC):
@@ -105,6 +117,7 @@ class HuberLoss(LossWrapper):
 def _huber_with(delta: float):
     def huber(input, target, reduction="mean"):
         return F.huber_loss(input, target, reduction=reduction, delta=delta)
+
     return huber
 
 
@@ -135,14 +148,18 @@ class BCEWithLogitsLoss(LossWrapper):
 def _defaults_only(loss: torch.nn.Module, attributes) -> None:
     """Refuse torch losses configured beyond what the residual form reproduces."""
     if getattr(loss, "reduction", "mean") != "mean":
-        raise ValueError(f"{type(loss).__name__}(reduction={loss.reduction!r}) is not supported: Levenberg-"
-                         "Marquardt compares mean losses; use reduction='mean'")
+        raise ValueError(
+            f"{type(loss).__name__}(reduction={loss.reduction!r}) is not supported: Levenberg-"
+            "Marquardt compares mean losses; use reduction='mean'"
+        )
     for name, default in attributes.items():
         value = getattr(loss, name, default)
         same = value is None if default is None else (value == default)
         if not same:
-            raise ValueError(f"{type(loss).__name__}({name}={value!r}) is not supported by the built-in "
-                             f"residuals; subclass fastopt.lm.Loss to define residuals for it")
+            raise ValueError(
+                f"{type(loss).__name__}({name}={value!r}) is not supported by the built-in "
+                f"residuals; subclass fastopt.lm.Loss to define residuals for it"
+            )
 
 
 def as_residual_loss(loss_fn: Any) -> Any:
@@ -177,6 +194,8 @@ def as_residual_loss(loss_fn: Any) -> Any:
         _defaults_only(loss_fn, {"weight": None})
         return BCELoss()
     supported = "MSELoss, L1Loss, HuberLoss, CrossEntropyLoss, BCELoss, BCEWithLogitsLoss"
-    raise TypeError(f"Unsupported loss_fn: {loss_fn!r}. Levenberg-Marquardt needs residuals: pass a "
-                    f"fastopt.lm loss ({supported}), the torch.nn loss of the same name, or subclass "
-                    "fastopt.lm.Loss and define forward(y_pred, y_true) and residuals(y_pred, y_true)")
+    raise TypeError(
+        f"Unsupported loss_fn: {loss_fn!r}. Levenberg-Marquardt needs residuals: pass a "
+        f"fastopt.lm loss ({supported}), the torch.nn loss of the same name, or subclass "
+        "fastopt.lm.Loss and define forward(y_pred, y_true) and residuals(y_pred, y_true)"
+    )

@@ -33,16 +33,17 @@ iteration (:mod:`fastopt.lm.batched_jacobian`), so ``nfev == njev`` counts itera
 looks at the device only every ``check_every`` iterations, to stop when all problems have stopped
 and to drop finished problems from the batch (``compact``).
 """
+
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor
 
+from .. import _validation as v
 from .. import backends
 from .batched_jacobian import JAC_MODES, Evaluator, ProblemData, resolve_jac_mode
 from .robust import robust_loss, scale_for_robust_loss, validate_loss
@@ -59,9 +60,9 @@ TERMINATION_MESSAGES = {
     4: "Both `ftol` and `xtol` termination conditions are satisfied.",
 }
 _RUNNING = -9
-_INITIAL_DAMPING = 1e-3      # Marquardt's lambda_0 relative to diag(J^T J)
-_ACCEPT_RATIO = 1e-4         # MINPACK lmder's acceptance threshold
-_COMPACT_BELOW = 0.5         # drop finished problems once at most this fraction still runs
+_INITIAL_DAMPING = 1e-3  # Marquardt's lambda_0 relative to diag(J^T J)
+_ACCEPT_RATIO = 1e-4  # MINPACK lmder's acceptance threshold
+_COMPACT_BELOW = 0.5  # drop finished problems once at most this fraction still runs
 # Problems per call of compiled code (CPU, GPU), or the batch size rounded up to a power of two if
 # smaller. On this project's 2-core CPU 10,000 Gaussian fits (64 residuals, fp64) took 0.42 s warm
 # in chunks of 4096 and 0.55 s in chunks of 1024 (fewer calls); GPU: large enough to fill the
@@ -115,11 +116,9 @@ class LeastSquaresResult:
 
 
 def _tolerance(name: str, value: Any) -> float:
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be a real number >= 0, or None to disable)")
-    return float(value)
+    """A tolerance as a float: >= 0, or None (disabled: 0)."""
+    v.optional(v.at_least(0.0))(name, value)
+    return 0.0 if value is None else float(value)
 
 
 def _as_parameters(x0: Any) -> Tensor:
@@ -143,8 +142,10 @@ def _bound(name: str, value: Any, like: Tensor) -> Tensor:
     try:
         return torch.broadcast_to(t, like.shape)
     except RuntimeError:
-        raise ValueError(f"bounds: {name} of shape {tuple(t.shape)} does not broadcast to the parameters' shape "
-                         f"{tuple(like.shape)}; give a scalar, (P,) or (B, P)") from None
+        raise ValueError(
+            f"bounds: {name} of shape {tuple(t.shape)} does not broadcast to the parameters' shape "
+            f"{tuple(like.shape)}; give a scalar, (P,) or (B, P)"
+        ) from None
 
 
 def prepare_bounds(bounds: Any, x: Tensor) -> Tuple[Tensor, Tensor, bool]:
@@ -162,8 +163,9 @@ def prepare_bounds(bounds: Any, x: Tensor) -> Tuple[Tensor, Tensor, bool]:
     outside = ((x < lb) | (x > ub)).any(-1)
     if bool(outside.any()):
         which = outside.nonzero().flatten()[:10].tolist()
-        raise ValueError(f"x0 is infeasible: outside the bounds in problem(s) {which}"
-                         f"{' ...' if int(outside.sum()) > 10 else ''}")
+        raise ValueError(
+            f"x0 is infeasible: outside the bounds in problem(s) {which}{' ...' if int(outside.sum()) > 10 else ''}"
+        )
     bounded = bool(torch.isfinite(lb).any() | torch.isfinite(ub).any())
     return lb, ub, bounded
 
@@ -216,23 +218,27 @@ class _Model:
         return cost, jtj, jtf, (jac * jac).sum(-2)
 
 
-def _evaluator(residual_fn, jac, single: bool, model: _Model, compile: bool, backend_name: str,
-               chunk: int) -> Evaluator:
-    # The torch backend's J^T J is plain torch code that torch.compile fuses with the Jacobian;
-    # other backends' kernels are called on the Jacobian the compiled code writes out. Compiled
-    # code is reused across calls by torch.compile's own cache (guarded on the function's code,
-    # closure, dtypes and shapes).
-    return Evaluator(residual_fn, jac, single, model, compile=compile, fuse_reduce=backend_name == "torch",
-                     chunk=chunk)
-
-
-def least_squares(residual_fn: Callable[..., Tensor], x0: Tensor, *, args: Sequence[Any] = (),
-                  kwargs: Optional[Dict[str, Any]] = None, jac: Union[str, Callable[..., Tensor]] = "auto",
-                  bounds: Any = (-math.inf, math.inf), weights: Optional[Tensor] = None,
-                  loss: Union[str, Callable] = "linear", f_scale: float = 1.0, ftol: Optional[float] = 1e-8,
-                  xtol: Optional[float] = 1e-8, gtol: Optional[float] = 1e-8, max_nfev: Optional[int] = None,
-                  return_jac: bool = False, check_every: Optional[int] = None, compact: bool = True,
-                  compile: bool = False, backend: str = "auto") -> LeastSquaresResult:
+def least_squares(
+    residual_fn: Callable[..., Tensor],
+    x0: Tensor,
+    *,
+    args: Sequence[Any] = (),
+    kwargs: Optional[Dict[str, Any]] = None,
+    jac: Union[str, Callable[..., Tensor]] = "auto",
+    bounds: Any = (-math.inf, math.inf),
+    weights: Optional[Tensor] = None,
+    loss: Union[str, Callable] = "linear",
+    f_scale: float = 1.0,
+    ftol: Optional[float] = 1e-8,
+    xtol: Optional[float] = 1e-8,
+    gtol: Optional[float] = 1e-8,
+    max_nfev: Optional[int] = None,
+    return_jac: bool = False,
+    check_every: Optional[int] = None,
+    compact: bool = True,
+    compile: bool = False,
+    backend: str = "auto",
+) -> LeastSquaresResult:
     """Solve B independent nonlinear least-squares problems at once with Levenberg-Marquardt.
 
     Minimises, for every problem b, ``F(x_b) = 0.5 * sum_i rho(w_bi * f_bi(x_b)**2)`` subject to
@@ -298,13 +304,12 @@ def least_squares(residual_fn: Callable[..., Tensor], x0: Tensor, *, args: Seque
     x = (x0.unsqueeze(0) if single else x0).detach().clone()
     batch, n_params = x.shape
     dtype, device = x.dtype, x.device
-    if not (jac in JAC_MODES or callable(jac)):
-        raise ValueError(f"Invalid jac: {jac!r}. Choose from: {JAC_MODES} or pass a callable")
+    if not callable(jac):
+        v.one_of(JAC_MODES, otherwise="pass a callable")("jac", jac)
     reason = validate_loss(loss)
     if reason:
         raise ValueError(reason)
-    if isinstance(f_scale, bool) or not isinstance(f_scale, numbers.Real) or not 0 < f_scale < math.inf:
-        raise ValueError(f"Invalid f_scale: {f_scale!r} (must be a finite real number > 0)")
+    v.finite_positive("f_scale", f_scale)
     tols = {name: _tolerance(name, value) for name, value in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol))}
     if not any(tols.values()):
         raise ValueError("At least one of the tolerances ftol, xtol, gtol must be > 0")
@@ -313,20 +318,15 @@ def least_squares(residual_fn: Callable[..., Tensor], x0: Tensor, *, args: Seque
     gtol_ = tols["gtol"]
     if max_nfev is None:
         max_nfev = 100 * n_params
-    if isinstance(max_nfev, bool) or not isinstance(max_nfev, numbers.Integral) or max_nfev < 1:
-        raise ValueError(f"Invalid max_nfev: {max_nfev!r} (must be an int >= 1, or None)")
+    v.int_at_least(1)("max_nfev", max_nfev)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 4
-    if isinstance(check_every, bool) or not isinstance(check_every, numbers.Integral) or check_every < 1:
-        raise ValueError(f"Invalid check_every: {check_every!r} (must be an int >= 1, or None)")
+    v.int_at_least(1)("check_every", check_every)
     backends.validate_backend_name(backend)
-    if not isinstance(args, (tuple, list)):
-        raise TypeError(f"args must be a tuple or list, got {type(args).__name__}")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}")
+    v.instance_of((tuple, list), "a tuple or list")("args", args)
+    v.optional(v.instance_of(dict, "a dict"))("kwargs", kwargs)
     lb, ub, bounded = prepare_bounds(bounds, x)
-    backend_name = backends.resolve("batched_gram", device, dtype, backend)
-    gram = backends.implementation("batched_gram", backend_name)
+    gram = backends.choose("batched_gram", device, dtype, backend)
 
     data = ProblemData(args, kwargs or {}, None, batch if not single else -1)
     evaluator = Evaluator(residual_fn, jac, single)
@@ -334,30 +334,53 @@ def least_squares(residual_fn: Callable[..., Tensor], x0: Tensor, *, args: Seque
         f0 = evaluator.raw(x, data)
     n_res = _check_residuals(f0, batch, single)
     data.sqrt_weights = _sqrt_weights(weights, batch, n_res, x)
-    model = _Model(loss, float(f_scale), gram, dtype)
+    model = _Model(loss, float(f_scale), gram.fn, dtype)
     if compile:
         chunk = min(_COMPILE_CHUNK[device.type == "cuda"], 1 << max(batch - 1, 0).bit_length())
     else:
         chunk = _EAGER_CHUNK[device.type == "cuda"]
-    evaluator = _evaluator(residual_fn, resolve_jac_mode(jac, n_params, n_res), single, model, bool(compile),
-                           backend_name, chunk)
-    solver = _Solver(evaluator, data, lb, ub, bounded, ftol_, xtol_, gtol_, int(max_nfev), int(check_every),
-                     bool(compact))
-    with torch.no_grad():     # forward-mode and torch.func transforms work inside it; no graphs kept
+    # A backend whose J^T J torch.compile fuses with the Jacobian (the torch backend's) runs inside
+    # the compiled code; other backends' kernels are called on the Jacobian it writes out. Compiled
+    # code is reused across calls by torch.compile's own cache (guarded on the function's code,
+    # closure, dtypes and shapes).
+    evaluator = Evaluator(
+        residual_fn,
+        resolve_jac_mode(jac, n_params, n_res),
+        single,
+        model,
+        compile=bool(compile),
+        fuse_reduce=gram.fuses_reduce,
+        chunk=chunk,
+    )
+    solver = _Solver(
+        evaluator, data, lb, ub, bounded, ftol_, xtol_, gtol_, int(max_nfev), int(check_every), bool(compact)
+    )
+    with torch.no_grad():  # forward-mode and torch.func transforms work inside it; no graphs kept
         out = solver.run(x)
         fun = evaluator.raw(out["x"], data).to(dtype)
-        jac_out = None
+        jac_out: Optional[Tensor] = None
         if return_jac:
             jac_out = model.scaled(*evaluator.residuals_and_jacobian(out["x"], data))[1]
     active = torch.zeros_like(out["x"], dtype=torch.int8)
     active = torch.where(out["x"] <= lb, -1, torch.where(out["x"] >= ub, 1, active)).to(torch.int8)
-    fields = dict(x=out["x"], cost=out["cost"], fun=fun, jac=jac_out, grad=out["g"], optimality=out["optimality"],
-                  active_mask=active, nfev=out["nfev"], njev=out["nfev"].clone(), status=out["status"])
+    # Every field but jac (None unless return_jac) is a tensor.
+    fields = dict(
+        x=out["x"],
+        cost=out["cost"],
+        fun=fun,
+        grad=out["g"],
+        optimality=out["optimality"],
+        active_mask=active,
+        nfev=out["nfev"],
+        njev=out["nfev"].clone(),
+        status=out["status"],
+    )
     if single:
         if int(out["status"][0]) == -1:
             raise ValueError("Residuals are not finite in the initial point.")
-        fields = {k: (v[0] if v is not None else None) for k, v in fields.items()}
-    return LeastSquaresResult(**fields)
+        fields = {k: val[0] for k, val in fields.items()}
+        jac_out = jac_out[0] if jac_out is not None else None
+    return LeastSquaresResult(jac=jac_out, **fields)
 
 
 def _check_residuals(f: Any, batch: int, single: bool) -> int:
@@ -376,15 +399,28 @@ def _check_residuals(f: Any, batch: int, single: bool) -> int:
 class _Solver:
     """The batched iteration; state tensors are indexed by problem along dimension 0."""
 
-    def __init__(self, evaluator: Evaluator, data: ProblemData, lb: Tensor, ub: Tensor, bounded: bool,
-                 ftol: float, xtol: float, gtol: float, max_nfev: int, check_every: int, compact: bool):
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        data: ProblemData,
+        lb: Tensor,
+        ub: Tensor,
+        bounded: bool,
+        ftol: float,
+        xtol: float,
+        gtol: float,
+        max_nfev: int,
+        check_every: int,
+        compact: bool,
+    ):
         self.evaluator, self.data = evaluator, data
         self.lb, self.ub, self.bounded = lb, ub, bounded
         self.ftol, self.xtol, self.gtol, self.max_nfev = ftol, xtol, gtol, max_nfev
         self.check_every, self.compact = check_every, compact
 
     def _evaluate(self, x: Tensor, data: ProblemData) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.evaluator.terms(x, data)
+        # The evaluator reduces with _Model: (cost, J^T J, J^T f, squared column norms).
+        return cast(Tuple[Tensor, Tensor, Tensor, Tensor], self.evaluator.terms(x, data))
 
     def run(self, x: Tensor) -> Dict[str, Tensor]:
         batch, n_params = x.shape
@@ -399,24 +435,35 @@ class _Solver:
         nfev = torch.ones(batch, dtype=torch.int64, device=device)
         if self.max_nfev <= 1:
             status = torch.where(status == _RUNNING, 0, status)
-        st = dict(x=x, cost=cost, jtj=jtj, g=g, frozen=frozen, optimality=gnorm, status=status, nfev=nfev,
-                  scale=torch.where(colsq > 0, colsq, torch.ones_like(colsq)),
-                  lam=torch.full((batch,), _INITIAL_DAMPING, dtype=dtype, device=device),
-                  nu=torch.full((batch,), 2.0, dtype=dtype, device=device),
-                  lb=self.lb, ub=self.ub, index=torch.arange(batch, device=device))
+        st = dict(
+            x=x,
+            cost=cost,
+            jtj=jtj,
+            g=g,
+            frozen=frozen,
+            optimality=gnorm,
+            status=status,
+            nfev=nfev,
+            scale=torch.where(colsq > 0, colsq, torch.ones_like(colsq)),
+            lam=torch.full((batch,), _INITIAL_DAMPING, dtype=dtype, device=device),
+            nu=torch.full((batch,), 2.0, dtype=dtype, device=device),
+            lb=self.lb,
+            ub=self.ub,
+            index=torch.arange(batch, device=device),
+        )
         out = {k: st[k].clone() for k in ("x", "cost", "g", "optimality", "status", "nfev")}
         data = self.data
         iteration = 0
         while True:
             if iteration % self.check_every == 0:
                 running = st["status"] == _RUNNING
-                n_running = int(running.sum())          # the one host synchronisation
+                n_running = int(running.sum())  # the one host synchronisation
                 if n_running == 0:
                     break
                 if self.compact and 2 <= n_running <= _COMPACT_BELOW * st["x"].shape[0]:
                     self._store(out, st)
                     keep = running.nonzero().flatten()
-                    st = {k: v.index_select(0, keep) for k, v in st.items()}
+                    st = {k: t.index_select(0, keep) for k, t in st.items()}
                     data = data.take(keep)
             st = self._iterate(st, data, lam_min, lam_max)
             iteration += 1
@@ -425,15 +472,28 @@ class _Solver:
 
     @staticmethod
     def _store(out: Dict[str, Tensor], st: Dict[str, Tensor]) -> None:
-        for k, v in out.items():
-            v.index_copy_(0, st["index"], st[k])
+        for k, t in out.items():
+            t.index_copy_(0, st["index"], st[k])
 
     def _iterate(self, st: Dict[str, Tensor], data: ProblemData, lam_min: float, lam_max: float) -> Dict[str, Tensor]:
-        x_new, step, solved = _propose(st["x"], st["jtj"], st["g"], st["lam"], st["scale"], st["frozen"], st["lb"],
-                                      st["ub"], self.bounded)
+        x_new, step, solved = _propose(
+            st["x"], st["jtj"], st["g"], st["lam"], st["scale"], st["frozen"], st["lb"], st["ub"], self.bounded
+        )
         terms = self._evaluate(x_new, data)
-        new = _update(st, x_new, step, solved, *terms, self.bounded, self.ftol, self.xtol, self.gtol, self.max_nfev,
-                     lam_min, lam_max)
+        new = _update(
+            st,
+            x_new,
+            step,
+            solved,
+            *terms,
+            self.bounded,
+            self.ftol,
+            self.xtol,
+            self.gtol,
+            self.max_nfev,
+            lam_min,
+            lam_max,
+        )
         return dict(st, **new)
 
 
@@ -459,8 +519,23 @@ def _propose(x, jtj, g, lam, scale, frozen, lb, ub, bounded: bool):
     return x_new, step, solved
 
 
-def _update(st, x_new, step, solved, cost_new, jtj_new, g_new, colsq_new, bounded: bool, ftol: float, xtol: float,
-            gtol: float, max_nfev: int, lam_min: float, lam_max: float) -> Dict[str, Tensor]:
+def _update(
+    st,
+    x_new,
+    step,
+    solved,
+    cost_new,
+    jtj_new,
+    g_new,
+    colsq_new,
+    bounded: bool,
+    ftol: float,
+    xtol: float,
+    gtol: float,
+    max_nfev: int,
+    lam_min: float,
+    lam_max: float,
+) -> Dict[str, Tensor]:
     """Accept or reject each problem's trial point, update damping, test the stopping rules."""
     x, cost, jtj, g, lam, nu = st["x"], st["cost"], st["jtj"], st["g"], st["lam"], st["nu"]
     running = st["status"] == _RUNNING
@@ -488,16 +563,27 @@ def _update(st, x_new, step, solved, cost_new, jtj_new, g_new, colsq_new, bounde
     lam = torch.where(accept, lam * shrink, lam * nu).clamp(lam_min, lam_max)
     nu = torch.where(accept, torch.full_like(nu, 2.0), nu * 2)
     frozen, gnorm = free_gradient_norm(x, g, st["lb"], st["ub"], bounded)
-    code = torch.where(accept & (gnorm < gtol), 1, code)   # gtol wins, as in scipy's loop
+    code = torch.where(accept & (gnorm < gtol), 1, code)  # gtol wins, as in scipy's loop
 
     nfev = st["nfev"] + running.to(torch.int64)
     status = torch.where(running & (code > 0), code, st["status"])
     status = torch.where((status == _RUNNING) & (nfev >= max_nfev), 0, status)
-    return dict(x=x, cost=cost, jtj=jtj, g=g, frozen=frozen, optimality=gnorm, status=status, nfev=nfev,
-                scale=scale, lam=lam, nu=nu)
+    return dict(
+        x=x,
+        cost=cost,
+        jtj=jtj,
+        g=g,
+        frozen=frozen,
+        optimality=gnorm,
+        status=status,
+        nfev=nfev,
+        scale=scale,
+        lam=lam,
+        nu=nu,
+    )
 
 
-def free_gradient_norm(x, g, lb, ub, bounded: bool) -> Tuple[Tensor, Tensor]:
+def free_gradient_norm(x: Tensor, g: Tensor, lb: Tensor, ub: Tensor, bounded: bool) -> Tuple[Tensor, Tensor]:
     """(frozen mask, inf-norm of the gradient over the free parameters)."""
     if not bounded:
         return torch.zeros_like(x, dtype=torch.bool), g.abs().amax(-1)

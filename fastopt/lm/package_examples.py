@@ -13,6 +13,7 @@ downloads; :func:`fastopt.lm.testing.digits`), sizes are arguments, and there ar
 ``bench/tlm_examples.py`` times both packages on both examples; ``tests/test_tlm_examples.py``
 checks that fastopt reaches the package's losses on shortened runs.
 """
+
 from __future__ import annotations
 
 import time
@@ -50,9 +51,18 @@ def _seeded(make: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
     return make()
 
 
-def sinc_example(tlm: ModuleType, *, samples: int = 20000, batch_size: int = 1000, repeat: int = 10,
-                 epochs: int = 10, loader: str = "fast", adam: bool = True, seed: int = 0,
-                 device: Any = "cpu") -> Dict[str, float]:
+def sinc_example(
+    tlm: ModuleType,
+    *,
+    samples: int = 20000,
+    batch_size: int = 1000,
+    repeat: int = 10,
+    epochs: int = 10,
+    loader: str = "fast",
+    adam: bool = True,
+    seed: int = 0,
+    device: Any = "cpu",
+) -> Dict[str, float]:
     """The sinc curve-fitting example: returns the fits' seconds and the final MSE on all points
     (``lm_seconds``, ``lm_loss``, and ``adam_*`` when ``adam``)."""
     x = torch.linspace(-1, 1, samples, dtype=torch.float32).unsqueeze(1).to(device)
@@ -66,11 +76,13 @@ def sinc_example(tlm: ModuleType, *, samples: int = 20000, batch_size: int = 100
     for name in ("adam", "lm") if adam else ("lm",):
         model = _seeded(network, seed)
         if name == "adam":
-            module = tlm.training.OptimizerModule(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
-                                                  loss_fn=torch.nn.MSELoss())
+            module = tlm.training.OptimizerModule(
+                model=model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01), loss_fn=torch.nn.MSELoss()
+            )
         else:
-            module = tlm.training.LevenbergMarquardtModule(model=model, loss_fn=tlm.loss.MSELoss(), learning_rate=1.0,
-                                                           attempts_per_step=10, solve_method="qr")
+            module = tlm.training.LevenbergMarquardtModule(
+                model=model, loss_fn=tlm.loss.MSELoss(), learning_rate=1.0, attempts_per_step=10, solve_method="qr"
+            )
         result[f"{name}_seconds"] = _timed_fit(tlm, module, train, epochs, seed + 1)
         with torch.no_grad():
             result[f"{name}_loss"] = torch.nn.functional.mse_loss(model(x), y).item()
@@ -86,10 +98,20 @@ def conv_classifier(device: Any = "cpu") -> torch.nn.Module:
     return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(16, 10)).to(device)
 
 
-def digits_example(tlm: ModuleType, *, train: int = 10000, test: int = 2000, batch_size: int = 5000,
-                   repeat: int = 1, epochs: int = 3, loader: str = "fast", adam: bool = True,
-                   metrics: Optional[Callable[[], Dict[str, Any]]] = None, seed: int = 0,
-                   device: Any = "cpu") -> Dict[str, float]:
+def digits_example(
+    tlm: ModuleType,
+    *,
+    train: int = 10000,
+    test: int = 2000,
+    batch_size: int = 5000,
+    repeat: int = 1,
+    epochs: int = 3,
+    loader: str = "fast",
+    adam: bool = True,
+    metrics: Optional[Callable[[], Dict[str, Any]]] = None,
+    seed: int = 0,
+    device: Any = "cpu",
+) -> Dict[str, float]:
     """The MNIST classification example on locally drawn digits: returns the fits' seconds and
     the cross-entropy and accuracy on the test images (``lm_seconds``, ``lm_loss``, ``lm_accuracy``;
     ``adam_*`` when ``adam``). ``metrics`` makes the fit's metrics dict (the example passes
@@ -102,12 +124,19 @@ def digits_example(tlm: ModuleType, *, train: int = 10000, test: int = 2000, bat
     for name in ("adam", "lm") if adam else ("lm",):
         model = _seeded(lambda: conv_classifier(device), seed)
         if name == "adam":
-            module = tlm.training.OptimizerModule(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
-                                                  loss_fn=torch.nn.CrossEntropyLoss())
+            module = tlm.training.OptimizerModule(
+                model=model,
+                optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
+                loss_fn=torch.nn.CrossEntropyLoss(),
+            )
         else:
-            module = tlm.training.LevenbergMarquardtModule(model=model, loss_fn=tlm.loss.CrossEntropyLoss(),
-                                                           learning_rate=0.05, attempts_per_step=10,
-                                                           solve_method="cholesky")
+            module = tlm.training.LevenbergMarquardtModule(
+                model=model,
+                loss_fn=tlm.loss.CrossEntropyLoss(),
+                learning_rate=0.05,
+                attempts_per_step=10,
+                solve_method="cholesky",
+            )
         kwargs = {"metrics": metrics()} if metrics is not None else {}
         result[f"{name}_seconds"] = _timed_fit(tlm, module, loader_, epochs, seed + 1, **kwargs)
         with torch.no_grad():

@@ -26,6 +26,7 @@ with ``s = sqrt(max(rho' + 2 rho'' f**2, eps))`` the scaled residuals ``f * rho'
 Jacobian ``s * J`` give ``J_s^T f_s = J^T (rho' f)``, the exact gradient of the cost, and
 ``J_s^T J_s`` a positive semi-definite Hessian approximation.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple, Union
@@ -52,8 +53,11 @@ def _huber(z: Tensor) -> Derivatives:
     inner = z <= 1
     # z is clamped away from 0 in the outer branch only so that its unused values stay finite.
     zo = torch.where(inner, torch.ones_like(z), z)
-    return (torch.where(inner, z, 2 * zo.sqrt() - 1), torch.where(inner, torch.ones_like(z), zo.rsqrt()),
-            torch.where(inner, torch.zeros_like(z), -0.5 * zo.pow(-1.5)))
+    return (
+        torch.where(inner, z, 2 * zo.sqrt() - 1),
+        torch.where(inner, torch.ones_like(z), zo.rsqrt()),
+        torch.where(inner, torch.zeros_like(z), -0.5 * zo.pow(-1.5)),
+    )
 
 
 def _cauchy(z: Tensor) -> Derivatives:

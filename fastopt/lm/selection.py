@@ -5,6 +5,7 @@ with the same seed both pick the same parameters). A strategy returns indices in
 of trainable parameters (in ``model.named_parameters()`` order); the Jacobian then has one column
 per selected index, in the order returned.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -12,6 +13,8 @@ from typing import Iterable, List, Tuple
 
 import torch
 from torch import Tensor
+
+from .. import _validation as v
 
 __all__ = ["ParamSelectionStrategy", "RandomSelectionStrategy", "LayerSelectionStrategy", "LAYER_MODES"]
 
@@ -35,11 +38,11 @@ class RandomSelectionStrategy(ParamSelectionStrategy):
     def __init__(self, params: Iterable[torch.nn.Parameter], subset_size: int) -> None:
         self.params = list(params)
         self.total_num_params = sum(p.numel() for p in self.params)
-        if isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 1:
-            raise ValueError(f"Invalid subset_size: {subset_size!r}. It must be an integer >= 1")
+        v.int_at_least(1)("subset_size", subset_size)
         if subset_size > self.total_num_params:
-            raise ValueError(f"subset_size ({subset_size}) cannot exceed the total number of "
-                             f"parameters ({self.total_num_params}).")
+            raise ValueError(
+                f"subset_size ({subset_size}) cannot exceed the total number of parameters ({self.total_num_params})."
+            )
         self.subset_size = subset_size
         self.device = self.params[0].device if self.params else torch.device("cpu")
 
@@ -52,8 +55,7 @@ class LayerSelectionStrategy(ParamSelectionStrategy):
     """All entries of one parameter tensor per step, picked at random or in turn ('cyclic')."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], mode: str = "random") -> None:
-        if mode not in LAYER_MODES:
-            raise ValueError(f"Invalid mode: {mode!r}. Choose from: {LAYER_MODES}")
+        v.one_of(LAYER_MODES)("mode", mode)
         self.params = list(params)
         self.mode = mode
         self.device = self.params[0].device if self.params else torch.device("cpu")

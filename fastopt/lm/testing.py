@@ -1,7 +1,8 @@
 """Small models and data shared by fastopt.lm's tests, benchmarks and examples."""
+
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple, Union
 
 import torch
 
@@ -10,7 +11,7 @@ def tanh_mlp(widths: Sequence[int], seed: int = 0, dtype: torch.dtype = torch.fl
     """Linear layers of ``widths`` (e.g. (1, 20, 1): torch-levenberg-marquardt's 61-parameter sinc
     network) with tanh between them, initialised from ``seed``."""
     torch.manual_seed(seed)
-    layers = []
+    layers: List[torch.nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(torch.nn.Linear(a, b))
         if i < len(widths) - 2:
@@ -18,16 +19,24 @@ def tanh_mlp(widths: Sequence[int], seed: int = 0, dtype: torch.dtype = torch.fl
     return torch.nn.Sequential(*layers).to(dtype)
 
 
-def sinc_data(n: int, frequency: float = 10.0, dtype: torch.dtype = torch.float32,
-              device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+def sinc_data(
+    n: int, frequency: float = 10.0, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``n`` points of y = sinc(frequency x) on [-1, 1], as (n, 1) columns."""
     x = torch.linspace(-1, 1, n, dtype=dtype, device=device).unsqueeze(1)
     return x, torch.sinc(frequency * x)
 
 
 # Segments a-g of a seven-segment display: (row0, col0, row1, col1) on a 9 x 5 grid.
-_SEGMENTS = {"a": (0, 0, 0, 4), "b": (0, 4, 4, 4), "c": (4, 4, 8, 4), "d": (8, 0, 8, 4), "e": (4, 0, 8, 0),
-             "f": (0, 0, 4, 0), "g": (4, 0, 4, 4)}
+_SEGMENTS = {
+    "a": (0, 0, 0, 4),
+    "b": (0, 4, 4, 4),
+    "c": (4, 4, 8, 4),
+    "d": (8, 0, 8, 4),
+    "e": (4, 0, 8, 0),
+    "f": (0, 0, 4, 0),
+    "g": (4, 0, 4, 4),
+}
 _DIGITS = ["abcdef", "bc", "abdeg", "abcdg", "bcfg", "acdfg", "acdefg", "abc", "abcdefg", "abcdfg"]
 
 
@@ -55,12 +64,23 @@ def digits(n: int, seed: int, size: int = 14) -> Tuple[torch.Tensor, torch.Tenso
 
 def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
     """One epoch of shuffled (x, y) batches, the order fixed by ``seed``."""
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
-def train_adam_for(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                   seconds: float, lr: float) -> Tuple[int, int]:
+def train_adam_for(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    seconds: float,
+    lr: float,
+) -> Tuple[int, int]:
     """Adam on shuffled batches (epoch e shuffled with seed e) until ``seconds`` have passed, the
     baseline of the examples; returns (steps, epochs)."""
     import time

@@ -24,29 +24,59 @@ What differs from the package, by design: arguments are validated when the modul
 different shapes instead of broadcasting them, and a batch larger than the first one with
 ``max_batch_size`` raises (the package drops its extra rows from J but not from the loss).
 """
+
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import _validation as v
 from .. import backends
 from ._data_parallel import DataParallel, check_process_group
-from ._engine import (FALLBACKS, JACOBIAN_MODES, REUSE_MODES, SOLVE_METHODS, DampedSolver, FlatParameters,
-                      NormalEquations, ResidualJacobian, Workspace, logger, make_selection, normal_equations)
+from ._engine import (
+    FALLBACKS,
+    JACOBIAN_MODES,
+    REUSE_MODES,
+    SOLVE_METHODS,
+    DampedSolver,
+    FlatParameters,
+    NormalEquations,
+    ResidualJacobian,
+    Selection,
+    Workspace,
+    logger,
+    make_selection,
+    normal_equations,
+)
 from .damping import DampingStrategy, StandardDampingStrategy
 from .loss import Loss, MSELoss, as_residual_loss
 from .selection import ParamSelectionStrategy
+
 # torch-levenberg-marquardt's training module exposes these helpers and classes too.
 from .tree import batch_size_of, tree_cat, tree_first_tensor, tree_slice, tree_unsqueeze
 
-__all__ = ["TrainingModule", "LevenbergMarquardtModule", "OptimizerModule", "Loss", "MSELoss",
-           "DampingStrategy", "StandardDampingStrategy", "ParamSelectionStrategy",
-           "tree_cat", "tree_first_tensor", "tree_slice", "tree_unsqueeze"]
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
+
+__all__ = [
+    "TrainingModule",
+    "LevenbergMarquardtModule",
+    "OptimizerModule",
+    "Loss",
+    "MSELoss",
+    "DampingStrategy",
+    "StandardDampingStrategy",
+    "ParamSelectionStrategy",
+    "tree_cat",
+    "tree_first_tensor",
+    "tree_slice",
+    "tree_unsqueeze",
+]
 
 
 class TrainingModule(ABC):
@@ -82,11 +112,11 @@ class OptimizerModule(TrainingModule):
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        v.nn_module("model", model)
         if not (callable(getattr(optimizer, "step", None)) and callable(getattr(optimizer, "zero_grad", None))):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer (step() and zero_grad()); got "
-                            f"{type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer (step() and zero_grad()); got {type(optimizer).__name__}"
+            )
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable(outputs, targets); got {type(loss_fn).__name__}")
         if next(model.parameters(), None) is None:
@@ -113,6 +143,18 @@ class OptimizerModule(TrainingModule):
 
 
 @dataclass
+class _System:
+    """What a step builds before its attempts: the system, the selected columns (None: all), the
+    model's outputs and the loss at the current parameters, and the batch's sample count."""
+
+    equations: NormalEquations
+    selection: Optional[Selection]
+    outputs: Any
+    loss: Tensor
+    rows: int
+
+
+@dataclass
 class _StepOutcome:
     outputs: Any
     loss: Tensor
@@ -123,12 +165,7 @@ class _StepOutcome:
     solver_failures: int
 
 
-def _check_choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r}. Choose from: {tuple(choices)}")
-
-
-def _uses_standard_apply(strategy: Any) -> bool:
+def _uses_standard_apply(strategy: Any) -> TypeGuard[StandardDampingStrategy]:
     """Whether ``strategy.apply`` is :class:`StandardDampingStrategy`'s own (then the damping is a
     diagonal, added in place); a subclass overriding ``apply`` gets the full matrix."""
     return isinstance(strategy, StandardDampingStrategy) and type(strategy).apply is StandardDampingStrategy.apply
@@ -143,34 +180,56 @@ class _LevenbergMarquardtBase(TrainingModule):
     # each step's own (False, fastopt.LM).
     _first_batch_fixes_scale = True
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Any = None, damping_strategy: Optional[DampingStrategy] = None,
-                 learning_rate: float = 1.0, attempts_per_step: int = 10, solve_method: str = "qr",
-                 param_selection_strategy: Any = None, use_vmap: bool = True, max_batch_size: Optional[int] = None,
-                 *, backend: str = "auto", jacobian: str = "auto", reuse_factorization: str = "auto",
-                 fallback: Optional[str] = None, process_group: Any = None, min_attempts: int = 0) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        _check_choice("solve_method", solve_method, SOLVE_METHODS)
-        _check_choice("jacobian", jacobian, JACOBIAN_MODES)
-        _check_choice("reuse_factorization", reuse_factorization, REUSE_MODES)
-        _check_choice("fallback", fallback, FALLBACKS)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Any = None,
+        damping_strategy: Optional[DampingStrategy] = None,
+        learning_rate: float = 1.0,
+        attempts_per_step: int = 10,
+        solve_method: str = "qr",
+        param_selection_strategy: Any = None,
+        use_vmap: bool = True,
+        max_batch_size: Optional[int] = None,
+        *,
+        backend: str = "auto",
+        jacobian: str = "auto",
+        reuse_factorization: str = "auto",
+        fallback: Optional[str] = None,
+        process_group: Any = None,
+        min_attempts: int = 0,
+    ) -> None:
+        v.nn_module("model", model)
+        v.one_of(SOLVE_METHODS)("solve_method", solve_method)
+        v.one_of(JACOBIAN_MODES)("jacobian", jacobian)
+        v.one_of(REUSE_MODES)("reuse_factorization", reuse_factorization)
+        v.one_of(FALLBACKS)("fallback", fallback)
         backends.validate_backend_name(backend)
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
-            raise ValueError(f"Invalid learning_rate: {learning_rate!r}. It must be a number > 0")
-        if isinstance(attempts_per_step, bool) or not isinstance(attempts_per_step, int) or attempts_per_step < min_attempts:
-            raise ValueError(f"Invalid attempts_per_step: {attempts_per_step!r}. It must be an integer >= {min_attempts}")
-        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
-                                           or max_batch_size < 1):
-            raise ValueError(f"Invalid max_batch_size: {max_batch_size!r}. It must be None or an integer >= 1")
-        for name in ("reset", "get_current_damping", "initialize_step", "on_successful_update",
-                     "on_unsuccessful_update", "stop_attempts", "stop_training", "apply"):
+        v.positive("learning_rate", learning_rate)
+        v.int_at_least(min_attempts)("attempts_per_step", attempts_per_step)
+        v.optional(v.int_at_least(1))("max_batch_size", max_batch_size)
+        for name in (
+            "reset",
+            "get_current_damping",
+            "initialize_step",
+            "on_successful_update",
+            "on_unsuccessful_update",
+            "stop_attempts",
+            "stop_training",
+            "apply",
+        ):
             if damping_strategy is not None and not callable(getattr(damping_strategy, name, None)):
-                raise TypeError(f"damping_strategy must implement DampingStrategy; {type(damping_strategy).__name__} "
-                                f"has no method {name}()")
-        if param_selection_strategy is not None and not callable(getattr(param_selection_strategy,
-                                                                         "select_parameters", None)):
-            raise TypeError("param_selection_strategy must have a select_parameters() method; got "
-                            f"{type(param_selection_strategy).__name__}")
+                raise TypeError(
+                    f"damping_strategy must implement DampingStrategy; {type(damping_strategy).__name__} "
+                    f"has no method {name}()"
+                )
+        if param_selection_strategy is not None and not callable(
+            getattr(param_selection_strategy, "select_parameters", None)
+        ):
+            raise TypeError(
+                "param_selection_strategy must have a select_parameters() method; got "
+                f"{type(param_selection_strategy).__name__}"
+            )
         process_group = check_process_group(process_group)
 
         self._model = model
@@ -261,6 +320,7 @@ class _LevenbergMarquardtBase(TrainingModule):
         else:
             x = solver.solve_matrix(strategy.apply(solver.undamped_full()))
         if not eq.overdetermined:
+            assert eq.jacobian is not None  # an underdetermined system keeps J
             x = eq.jacobian.t().matmul(x)
         x = x.reshape(-1)
         if selection is not None:
@@ -274,10 +334,29 @@ class _LevenbergMarquardtBase(TrainingModule):
         return self.reuse_factorization == "eigh"
 
     @torch.no_grad()
-    def _run_step(self, inputs: Any, targets: Any, outputs: Any, *, batch_size: int, num_residuals: int,
-                  apply_last_attempt: bool, require_finite: bool = False) -> _StepOutcome:
+    def _run_step(
+        self,
+        inputs: Any,
+        targets: Any,
+        outputs: Any,
+        *,
+        batch_size: int,
+        num_residuals: int,
+        apply_last_attempt: bool,
+        require_finite: bool = False,
+    ) -> _StepOutcome:
         """One step from the current parameters; ``outputs`` (the model's on ``inputs``) may be None,
         then they come from building the system when it gives them, else from a forward pass."""
+        system = self._build_system(
+            inputs, targets, outputs, batch_size=batch_size, num_residuals=num_residuals, require_finite=require_finite
+        )
+        return self._attempt_updates(system, inputs, targets, apply_last_attempt)
+
+    def _build_system(
+        self, inputs: Any, targets: Any, outputs: Any, *, batch_size: int, num_residuals: int, require_finite: bool
+    ) -> _System:
+        """The step's Gauss-Newton system at the current parameters and the loss there; changes no
+        parameter (data-parallel: the system and the loss summed over the ranks)."""
         self._jacobian_fn.loss_fn = self.loss_fn
         self._jacobian_fn.use_vmap = self.use_vmap
         selection = None
@@ -294,20 +373,36 @@ class _LevenbergMarquardtBase(TrainingModule):
         rows = batch_size_of(inputs)
         sliced = self.max_batch_size is not None and self.max_batch_size < batch_size
         if sliced and rows > batch_size:
-            raise ValueError(f"a batch of {rows} samples is larger than the first batch ({batch_size}), which fixes "
-                             "the slicing; call reset() before changing the batch size")
-        equations = normal_equations(self._jacobian_fn, inputs, targets, batch_size=batch_size, rows=rows,
-                                     num_residuals=num_residuals, overdetermined=overdetermined,
-                                     max_batch_size=self.max_batch_size if sliced else None,
-                                     selection=selection, backend=self.backend, workspace=self._workspace,
-                                     scale=1.0 if data_parallel is not None else None)
+            raise ValueError(
+                f"a batch of {rows} samples is larger than the first batch ({batch_size}), which fixes "
+                "the slicing; call reset() before changing the batch size"
+            )
+        equations = normal_equations(
+            self._jacobian_fn,
+            inputs,
+            targets,
+            batch_size=batch_size,
+            rows=rows,
+            num_residuals=num_residuals,
+            overdetermined=overdetermined,
+            max_batch_size=self.max_batch_size if sliced else None,
+            selection=selection,
+            backend=self.backend,
+            workspace=self._workspace,
+            scale=1.0 if data_parallel is not None else None,
+        )
         if outputs is None:
             outputs = equations.outputs if equations.outputs is not None else self.forward(inputs)
         loss = self.loss_fn(outputs, targets)
         if data_parallel is not None:
+            assert equations.products is not None  # data-parallel systems are overdetermined: they keep the products
             loss, global_rows, global_residuals = data_parallel.reduce_system(
-                equations.products, loss, rows, num_residuals,
-                batch_size=self._global_batch_size if self._first_batch_fixes_scale else None)
+                equations.products,
+                loss,
+                rows,
+                num_residuals,
+                batch_size=self._global_batch_size if self._first_batch_fixes_scale else None,
+            )
             if self._first_batch_fixes_scale and self._global_batch_size is None:
                 self._global_batch_size = global_rows
             if global_residuals < num_params:
@@ -316,15 +411,26 @@ class _LevenbergMarquardtBase(TrainingModule):
                     f"least as many residuals as parameters; the ranks' batches hold {global_residuals} residuals "
                     f"for {num_params} parameters, and the J J^T form of an underdetermined step couples samples "
                     "across ranks. Use a larger batch, a param_selection, or process_group=None (the parameters "
-                    "were not changed)")
+                    "were not changed)"
+                )
             equations.diagonal.copy_(equations.matrix.diagonal())
         if require_finite and not bool(torch.isfinite(loss)):
             residuals = self.loss_fn.residuals(outputs, targets)
             bad = int((~torch.isfinite(residuals)).sum())
-            raise ValueError(f"{bad} of {residuals.numel()} residuals are not finite at the current parameters; "
-                             "check the inputs and targets (the parameters were not changed)")
-        solver = DampedSolver(equations, self.solve_method, self.fallback)
+            raise ValueError(
+                f"{bad} of {residuals.numel()} residuals are not finite at the current parameters; "
+                "check the inputs and targets (the parameters were not changed)"
+            )
+        return _System(equations, selection, outputs, loss, rows)
+
+    def _attempt_updates(self, system: _System, inputs: Any, targets: Any, apply_last_attempt: bool) -> _StepOutcome:
+        """Solve for one damping value after another until the loss falls (accept), the damping
+        strategy stops the attempts, or ``attempts_per_step`` run out (then the last update stays
+        applied with ``apply_last_attempt``, tlm's quirk, else the parameters stay as they were)."""
+        solver = DampedSolver(system.equations, self.solve_method, self.fallback)
         strategy = self.damping_strategy
+        data_parallel = self._data_parallel
+        loss = system.loss
 
         stop_training = False
         accepted = False
@@ -336,7 +442,7 @@ class _LevenbergMarquardtBase(TrainingModule):
                 break  # nothing left to try: keep the parameters as they are
             params_updated = False
             try:
-                updates = self._solve_update(solver, selection)
+                updates = self._solve_update(solver, system.selection)
                 if torch.all(torch.isfinite(updates)):
                     params_updated = True
                     self._flat.flat.add_(-self.learning_rate * updates)
@@ -348,13 +454,14 @@ class _LevenbergMarquardtBase(TrainingModule):
                 if data_parallel is not None:
                     # Every rank joins, whatever its solve did: one loss, one decision everywhere.
                     local = self.loss_fn(self.forward(inputs), targets) if params_updated else None
-                    new_loss = data_parallel.trial_loss(local, rows)
+                    new_loss = data_parallel.trial_loss(local, system.rows)
                     if new_loss is None and params_updated:
                         self.restore_parameters()
                     params_updated = new_loss is not None
                 elif params_updated:
                     new_loss = self.loss_fn(self.forward(inputs), targets)
                 if params_updated:
+                    assert new_loss is not None  # params_updated: this attempt computed it
                     if new_loss < loss:
                         loss = new_loss
                         accepted = True
@@ -369,7 +476,7 @@ class _LevenbergMarquardtBase(TrainingModule):
                     break
             else:
                 break
-        return _StepOutcome(outputs, loss, stop_training, attempt, accepted, equations, failures)
+        return _StepOutcome(system.outputs, loss, stop_training, attempt, accepted, system.equations, failures)
 
 
 class LevenbergMarquardtModule(_LevenbergMarquardtBase):
@@ -409,7 +516,14 @@ class LevenbergMarquardtModule(_LevenbergMarquardtBase):
             residuals = self.loss_fn.residuals(outputs, targets)
             self._batch_size = residuals.shape[0]
             self._num_residuals = residuals.numel()
-        outcome = self._run_step(inputs, targets, outputs, batch_size=self._batch_size,
-                                 num_residuals=self._num_residuals, apply_last_attempt=True)
+        assert self._num_residuals is not None  # set with _batch_size, by the first batch
+        outcome = self._run_step(
+            inputs,
+            targets,
+            outputs,
+            batch_size=self._batch_size,
+            num_residuals=self._num_residuals,
+            apply_last_attempt=True,
+        )
         logs = {"damping": self.damping_strategy.get_current_damping(), "attempts": outcome.attempts}
         return outcome.outputs, outcome.loss, outcome.stop_training, logs

@@ -4,16 +4,24 @@ torch-levenberg-marquardt's ``tree`` names with its meanings (``tree_unsqueeze``
 ``tree_to_device``, ``tree_first_tensor``, ``tree_cat``, ``tree_slice``, ``tree_indices``), plus
 ``batch_size_of``, which the training modules use to read a batch's size.
 """
+
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, List, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["tree_unsqueeze", "tree_to_device", "tree_first_tensor", "tree_cat", "tree_slice", "tree_indices",
-           "batch_size_of"]
+__all__ = [
+    "tree_unsqueeze",
+    "tree_to_device",
+    "tree_first_tensor",
+    "tree_cat",
+    "tree_slice",
+    "tree_indices",
+    "batch_size_of",
+]
 
 
 def _indexable(x: Any) -> bool:
@@ -25,7 +33,7 @@ def tree_unsqueeze(tree: Any, dim: int = 0) -> Any:
     return tree_map(lambda x: x.unsqueeze(dim) if isinstance(x, Tensor) else x, tree)
 
 
-def tree_to_device(tree: Any, device) -> Any:
+def tree_to_device(tree: Any, device: Union[str, torch.device]) -> Any:
     """Every tensor leaf moved to ``device``; other leaves unchanged."""
     return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, tree)
 
@@ -54,11 +62,12 @@ def tree_slice(tree: Any, start: int, end: int) -> Any:
     return tree_map(lambda x: x[start:end] if _indexable(x) else x, tree)
 
 
-def tree_indices(tree: Any, indices: Sequence[int]) -> Any:
+def tree_indices(tree: Any, indices: Union[Sequence[int], Tensor]) -> Any:
     """Every indexable leaf's elements at ``indices``: a tensor indexed at once, another indexable
     leaf with ``x[indices]`` or, where that is refused, rebuilt from ``x[i]``. Leaves that cannot be
     indexed (numbers, None, str) are returned unchanged, as :func:`tree_slice` does; the package
     tried to rebuild them too, which fails for a number and garbles a str."""
+
     def pick(x: Any) -> Any:
         if isinstance(x, Tensor):
             return x[torch.as_tensor(indices, dtype=torch.long, device=x.device)]
@@ -68,6 +77,7 @@ def tree_indices(tree: Any, indices: Sequence[int]) -> Any:
             return x[indices]
         except TypeError:  # e.g. a sequence without fancy indexing
             return type(x)(x[i] for i in indices)
+
     return tree_map(pick, tree)
 
 

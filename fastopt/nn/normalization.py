@@ -6,6 +6,7 @@ buffers in the same order (so a state_dict moves between the two packages with
 ``strict=True``), returns outputs of the same shapes and the same values to fp32 round-off, and
 checks its arguments and inputs where ladam would fail late or silently broadcast.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,13 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..optim import _validation as v
-
-
-def _check_positive(name: str, value) -> None:
-    v.finite(name, value)
-    if not float(value) > 0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be > 0)")
+from .. import _validation as v
 
 
 def _channel_dim(layer: nn.Module, x: Tensor) -> int:
@@ -28,13 +23,17 @@ def _channel_dim(layer: nn.Module, x: Tensor) -> int:
     if not torch.is_tensor(x):
         raise TypeError(f"{type(layer).__name__} expects a torch.Tensor input, got {type(x).__name__}")
     if x.dim() == 0:
-        raise ValueError(f"{type(layer).__name__}: input of shape {tuple(x.shape)} has no feature "
-                         f"dimension (num_features={layer.num_features})")
+        raise ValueError(
+            f"{type(layer).__name__}: input of shape {tuple(x.shape)} has no feature "
+            f"dimension (num_features={layer.num_features})"
+        )
     dim = 1 if x.dim() == 4 else x.dim() - 1
     if x.shape[dim] != layer.num_features:
-        raise ValueError(f"{type(layer).__name__}: input of shape {tuple(x.shape)} has "
-                         f"{x.shape[dim]} features at dim {dim}, expected num_features="
-                         f"{layer.num_features} (features are dim 1 of a 4-D input, else the last dim)")
+        raise ValueError(
+            f"{type(layer).__name__}: input of shape {tuple(x.shape)} has "
+            f"{x.shape[dim]} features at dim {dim}, expected num_features="
+            f"{layer.num_features} (features are dim 1 of a 4-D input, else the last dim)"
+        )
     return dim
 
 
@@ -64,8 +63,7 @@ class _LeapfrogNorm(nn.Module):
 
     _damped = False  # WaveNormDamped: a learnable per-feature friction ``damping_raw``
 
-    def __init__(self, num_features: int, n_steps: int, dt: float, c: float, chi: float,
-                 init_damping: float = 0.5):
+    def __init__(self, num_features: int, n_steps: int, dt: float, c: float, chi: float, init_damping: float = 0.5):
         v.int_at_least(1)("num_features", num_features)
         v.int_at_least(0)("n_steps", n_steps)
         for name, value in (("dt", dt), ("c", c), ("chi", chi)):
@@ -97,8 +95,8 @@ class _LeapfrogNorm(nn.Module):
         damping = self._damping()
         if damping is not None:
             damping = _per_feature(damping, ndim, dim)
-        dt2 = self.dt ** 2
-        c2 = self.c ** 2
+        dt2 = self.dt**2
+        c2 = self.c**2
         e_prev = e_curr = x
         for _ in range(self.n_steps):
             lap = torch.roll(e_curr, -1, dim) - 2 * e_curr + torch.roll(e_curr, 1, dim)
@@ -142,13 +140,13 @@ class WaveNorm(_LeapfrogNorm):
     width, or fail inside the arithmetic).
     """
 
-    def __init__(self, num_features: int, n_steps: int = 3, dt: float = 0.1, c: float = 1.0,
-                 chi: float = 1.0):
+    def __init__(self, num_features: int, n_steps: int = 3, dt: float = 0.1, c: float = 1.0, chi: float = 1.0):
         super().__init__(num_features, n_steps, dt, c, chi)
 
     def extra_repr(self) -> str:
-        return (f"num_features={self.num_features}, n_steps={self.n_steps}, "
-                f"dt={self.dt.item():.3f}, c={self.c.item():.3f}")
+        return (
+            f"num_features={self.num_features}, n_steps={self.n_steps}, dt={self.dt.item():.3f}, c={self.c.item():.3f}"
+        )
 
 
 class WaveNormDamped(_LeapfrogNorm):
@@ -176,14 +174,20 @@ class WaveNormDamped(_LeapfrogNorm):
 
     _damped = True
 
-    def __init__(self, num_features: int, n_steps: int = 3, dt: float = 0.1, c: float = 1.0,
-                 chi: float = 1.0, init_damping: float = 0.5):
+    def __init__(
+        self,
+        num_features: int,
+        n_steps: int = 3,
+        dt: float = 0.1,
+        c: float = 1.0,
+        chi: float = 1.0,
+        init_damping: float = 0.5,
+    ):
         super().__init__(num_features, n_steps, dt, c, chi, init_damping)
 
     def extra_repr(self) -> str:
         mean_damping = torch.sigmoid(self.damping_raw).mean().item()
-        return (f"num_features={self.num_features}, n_steps={self.n_steps}, "
-                f"mean_damping={mean_damping:.3f}")
+        return f"num_features={self.num_features}, n_steps={self.n_steps}, mean_damping={mean_damping:.3f}"
 
 
 class ChiNorm(nn.Module):
@@ -212,13 +216,17 @@ class ChiNorm(nn.Module):
         eps (float): floor of :math:`\chi^2`, > 0. Default: 1e-5.
     """
 
-    def __init__(self, num_features: int, chi0_init: float = 1.0, g_init: float = 0.1,
-                 tau: float = 0.1, eps: float = 1e-5):
+    running_energy: Tensor  # buffers (register_buffer in __init__)
+    num_batches_tracked: Tensor
+
+    def __init__(
+        self, num_features: int, chi0_init: float = 1.0, g_init: float = 0.1, tau: float = 0.1, eps: float = 1e-5
+    ):
         v.int_at_least(1)("num_features", num_features)
         v.finite("chi0_init", chi0_init)
         v.finite("g_init", g_init)
         v.in_interval(0.0, 1.0, high_inclusive=True)("tau", tau)
-        _check_positive("eps", eps)
+        v.finite_positive("eps", eps)
         super().__init__()
         self.num_features = num_features
         self.eps = eps
@@ -237,18 +245,17 @@ class ChiNorm(nn.Module):
         # batch energy and discards it; it is not computed here.
         reduce = tuple(d for d in range(x.dim()) if d != dim) or None
         if self.training:
-            energy = (x ** 2).mean(dim=reduce)
+            energy = (x**2).mean(dim=reduce)
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 self.running_energy.mul_(1 - self.tau).add_(energy, alpha=self.tau)
         else:
             energy = self.running_energy
-        chi = torch.sqrt(torch.clamp(self.chi0 ** 2 - self.g * energy, min=self.eps))
+        chi = torch.sqrt(torch.clamp(self.chi0**2 - self.g * energy, min=self.eps))
         # ladam shapes the per-feature vectors [1, C, 1, 1] for 4-D and [1, C] for every other rank
         # (so a 1-D input broadcasts to [1, C]).
         ndim = 4 if x.dim() == 4 else 2
-        return (_per_feature(self.gamma, ndim, 1) * (x / _per_feature(chi, ndim, 1))
-                + _per_feature(self.beta, ndim, 1))
+        return _per_feature(self.gamma, ndim, 1) * (x / _per_feature(chi, ndim, 1)) + _per_feature(self.beta, ndim, 1)
 
     def extra_repr(self) -> str:
         return f"num_features={self.num_features}, tau={self.tau}, eps={self.eps}"

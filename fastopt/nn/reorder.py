@@ -5,6 +5,7 @@ order is arbitrary, so placing neurons that fire together next to each other giv
 something to work with. :func:`compute_neuron_order` finds such an order from activations and
 :func:`reorder_linear_layer` applies it without changing the function the network computes.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Union
@@ -51,12 +52,14 @@ def compute_neuron_order(activations: Tensor) -> List[int]:
         raise ValueError(f"Expected 2D tensor [batch, neurons], got {activations.dim()}D")
     batch, n = activations.shape
     if batch < 2:
-        raise ValueError(f"activations needs at least 2 rows (samples) to correlate neurons, got "
-                         f"shape {tuple(activations.shape)}")
+        raise ValueError(
+            f"activations needs at least 2 rows (samples) to correlate neurons, got shape {tuple(activations.shape)}"
+        )
     act = activations.detach().float().cpu()
     if not bool(torch.isfinite(act).all()):
-        raise ValueError("activations holds NaN or inf values (after conversion to float32), "
-                         f"shape {tuple(activations.shape)}")
+        raise ValueError(
+            f"activations holds NaN or inf values (after conversion to float32), shape {tuple(activations.shape)}"
+        )
     if n <= 4:
         return list(range(n))
 
@@ -65,8 +68,10 @@ def compute_neuron_order(activations: Tensor) -> List[int]:
     normed = (act - act.mean(dim=0)) / stds
     corr = (normed.t() @ normed) / act.shape[0]
     if not bool(torch.isfinite(corr).all()):
-        raise ValueError("activations are too large to correlate in float32 (the correlation "
-                         f"matrix overflows); max |activation| = {act.abs().max().item():.3e}")
+        raise ValueError(
+            "activations are too large to correlate in float32 (the correlation "
+            f"matrix overflows); max |activation| = {act.abs().max().item():.3e}"
+        )
 
     # ladam starts each step at best = -2.0 and takes the first strictly larger entry, i.e. the
     # first maximum over unvisited columns; correlations here are in [-1, 1], so argmax (which
@@ -91,16 +96,13 @@ def _order_tensor(order: Union[Sequence[int], Tensor], n: int, device: torch.dev
     if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
         raise TypeError(f"order must hold integers, got dtype {t.dtype}")
     t = t.to(device=device, dtype=torch.long)
-    if t.dim() != 1 or t.numel() != n or not bool(
-            (torch.sort(t).values == torch.arange(n, device=device)).all()):
+    if t.dim() != 1 or t.numel() != n or not bool((torch.sort(t).values == torch.arange(n, device=device)).all()):
         shown = t.tolist() if t.numel() <= 20 else f"{t.numel()} entries of shape {tuple(t.shape)}"
-        raise ValueError(f"Invalid order: {shown} (must be a permutation of range({n}), "
-                         f"n = layer.out_features)")
+        raise ValueError(f"Invalid order: {shown} (must be a permutation of range({n}), n = layer.out_features)")
     return t
 
 
-def reorder_linear_layer(layer: nn.Linear, next_layer: nn.Linear,
-                         order: Union[Sequence[int], Tensor]) -> None:
+def reorder_linear_layer(layer: nn.Linear, next_layer: nn.Linear, order: Union[Sequence[int], Tensor]) -> None:
     """Permute ``layer``'s output neurons by ``order`` and ``next_layer``'s inputs to match.
 
     Afterwards ``layer.weight[i]`` (and ``layer.bias[i]``) is the old row ``order[i]`` and
@@ -135,8 +137,10 @@ def reorder_linear_layer(layer: nn.Linear, next_layer: nn.Linear,
     if not isinstance(next_layer, nn.Linear):
         raise TypeError(f"next_layer must be nn.Linear, got {type(next_layer)}")
     if next_layer.in_features != layer.out_features:
-        raise ValueError(f"Invalid next_layer: its in_features={next_layer.in_features} does not "
-                         f"match layer.out_features={layer.out_features}")
+        raise ValueError(
+            f"Invalid next_layer: its in_features={next_layer.in_features} does not "
+            f"match layer.out_features={layer.out_features}"
+        )
     idx = _order_tensor(order, layer.out_features, layer.weight.device)
     with torch.no_grad():
         # Indexing makes a copy first, so copy_ never reads what it is overwriting.

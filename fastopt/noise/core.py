@@ -25,17 +25,22 @@ of one sample, or the mean gradient of a micro-batch of ``b`` samples):
 * ``noise_fraction = N / |g_bar|^2`` (clipped to [0, 1]) the share of the mean gradient's energy that
   is noise: ``B_simple / (B b + B_simple)`` in expectation; 0 for a clean gradient, 1 for pure noise.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..optim import _validation as v
+from .. import _validation as v
+
+if TYPE_CHECKING:  # NumPy is imported only when NumPy input arrives (see above)
+    import numpy as np
+    import numpy.typing as npt
 
 # NumPy gradients are converted to torch once, without a copy; the result comes back as NumPy.
 _NUMPY, _TORCH = "numpy", "torch"
@@ -48,6 +53,7 @@ def _gradient_matrix(gradients: Any, name: str, min_batch_size: int) -> Tuple[to
 
     Trailing dimensions are flattened: ``(batch, *param_shape)`` is one row per sample.
     """
+    out_dtype: Union[torch.dtype, np.dtype]  # results come back in the input's kind
     if isinstance(gradients, torch.Tensor):
         kind, tensor = _TORCH, gradients.detach()
         if tensor.is_complex() or tensor.dtype == torch.bool:
@@ -60,21 +66,26 @@ def _gradient_matrix(gradients: Any, name: str, min_batch_size: int) -> Tuple[to
         try:
             array = np.asarray(gradients)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name} must be an array of shape (batch_size, num_params), "
-                            f"got {type(gradients).__name__}: {exc}") from exc
+            raise TypeError(
+                f"{name} must be an array of shape (batch_size, num_params), got {type(gradients).__name__}: {exc}"
+            ) from exc
         if array.dtype.kind not in "fiu":
             raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype}")
         out_dtype = array.dtype if array.dtype.kind == "f" else np.dtype(np.float64)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     if tensor.dim() < 2:
-        raise ValueError(f"{name} must have shape (batch_size, num_params): one gradient per row, "
-                         f"got shape {tuple(tensor.shape)}; a single gradient vector g is g.reshape(1, -1), "
-                         f"but noise needs at least {min_batch_size} rows")
+        raise ValueError(
+            f"{name} must have shape (batch_size, num_params): one gradient per row, "
+            f"got shape {tuple(tensor.shape)}; a single gradient vector g is g.reshape(1, -1), "
+            f"but noise needs at least {min_batch_size} rows"
+        )
     batch = tensor.shape[0]
     if batch < min_batch_size:
-        raise ValueError(f"{name} has batch_size {batch} (shape {tuple(tensor.shape)}): gradient noise needs "
-                         f"the gradients of at least {min_batch_size} samples or micro-batches, one per row "
-                         f"(a single gradient has no variance; 4 or more give usable estimates)")
+        raise ValueError(
+            f"{name} has batch_size {batch} (shape {tuple(tensor.shape)}): gradient noise needs "
+            f"the gradients of at least {min_batch_size} samples or micro-batches, one per row "
+            f"(a single gradient has no variance; 4 or more give usable estimates)"
+        )
     tensor = tensor.reshape(batch, -1)
     if tensor.shape[1] == 0:
         raise ValueError(f"{name} has no parameters (shape {tuple(tensor.shape)})")
@@ -87,7 +98,7 @@ def _gradient_matrix(gradients: Any, name: str, min_batch_size: int) -> Tuple[to
     return tensor, kind, out_dtype
 
 
-def _returned(tensor: torch.Tensor, kind: str, out_dtype: Any):
+def _returned(tensor: torch.Tensor, kind: str, out_dtype: Any) -> Union[torch.Tensor, np.ndarray]:
     """A result vector in the caller's kind and dtype."""
     if kind == _TORCH:
         return tensor.to(out_dtype)
@@ -104,11 +115,6 @@ def _scalar(value: Any, name: str) -> float:
         value = value.item()
     v.finite(name, value)
     return float(value)
-
-
-def _positive(name: str, value: Any) -> None:
-    if not v._real(name, value) > 0 or math.isinf(value):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 0)")
 
 
 # -- noise statistics ------------------------------------------------------------------------------
@@ -163,11 +169,22 @@ class NoiseStatistics:
         return _noise_fraction(self.mean_noise_power, self.mean_grad_sq_norm)
 
     @classmethod
-    def from_moments(cls, batch_size: int, num_params: int, mean_grad_sq_norm: float, sum_sq_deviation: float,
-                     samples_per_row: int = 1) -> "NoiseStatistics":
+    def from_moments(
+        cls,
+        batch_size: int,
+        num_params: int,
+        mean_grad_sq_norm: float,
+        sum_sq_deviation: float,
+        samples_per_row: int = 1,
+    ) -> "NoiseStatistics":
         """From ``|g_bar|^2`` and ``sum_k |g_k - g_bar|^2`` (the centred sum of squares)."""
-        return cls(int(batch_size), int(num_params), int(samples_per_row), float(mean_grad_sq_norm),
-                   float(sum_sq_deviation) / (batch_size - 1))
+        return cls(
+            int(batch_size),
+            int(num_params),
+            int(samples_per_row),
+            float(mean_grad_sq_norm),
+            float(sum_sq_deviation) / (batch_size - 1),
+        )
 
 
 def _noise_fraction(noise_power: float, mean_sq_norm: float) -> float:
@@ -194,7 +211,7 @@ class NoiseEstimator:
         v.int_at_least(2)("min_batch_size", min_batch_size)
         self.min_batch_size = min_batch_size
 
-    def compute_variance(self, gradients):
+    def compute_variance(self, gradients: Union[torch.Tensor, npt.ArrayLike]) -> Union[torch.Tensor, np.ndarray]:
         """Per-parameter unbiased variance across the batch, ``1/(B-1) sum_k (g_ki - g_bar_i)^2``.
 
         Returns an array of shape ``(num_params,)`` of the input's kind (a NumPy array for NumPy
@@ -203,27 +220,30 @@ class NoiseEstimator:
         matrix, kind, out_dtype = _gradient_matrix(gradients, "gradients", self.min_batch_size)
         return _returned(matrix.var(dim=0, correction=1), kind, out_dtype)
 
-    def estimate_noise(self, gradients) -> float:
+    def estimate_noise(self, gradients: Union[torch.Tensor, npt.ArrayLike]) -> float:
         """The noise scale ``sqrt(mean_i var_i)``: the per-parameter standard deviation across the
         batch, aggregated over parameters as a root mean square (``sqrt(tr(Sigma_row) / P)``).
         About 1 for standard-normal gradients. A Python float."""
         return self.noise_statistics(gradients).noise_scale
 
-    def gradient_noise_scale(self, gradients, samples_per_row: int = 1) -> float:
+    def gradient_noise_scale(self, gradients: Union[torch.Tensor, npt.ArrayLike], samples_per_row: int = 1) -> float:
         """``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018) in samples, from unbiased
         estimates of both; ``inf`` when the estimate of ``|G|^2`` is <= 0 (noise swamps the signal).
         A Python float."""
         return self.noise_statistics(gradients, samples_per_row).b_simple
 
-    def noise_statistics(self, gradients, samples_per_row: int = 1) -> NoiseStatistics:
+    def noise_statistics(
+        self, gradients: Union[torch.Tensor, npt.ArrayLike], samples_per_row: int = 1
+    ) -> NoiseStatistics:
         """All statistics of the batch in one pass (see :class:`NoiseStatistics`)."""
         v.int_at_least(1)("samples_per_row", samples_per_row)
         matrix, _, _ = _gradient_matrix(gradients, "gradients", self.min_batch_size)
         mean = matrix.mean(dim=0)
         # Centred two-pass sum of squares: no cancellation when the mean dominates the spread.
         sum_sq_dev = (matrix - mean).square().sum()
-        return NoiseStatistics.from_moments(matrix.shape[0], matrix.shape[1], float(mean.square().sum()),
-                                            float(sum_sq_dev), samples_per_row)
+        return NoiseStatistics.from_moments(
+            matrix.shape[0], matrix.shape[1], float(mean.square().sum()), float(sum_sq_dev), samples_per_row
+        )
 
 
 # -- loss smoothing -----------------------------------------------------------------------------------
@@ -246,8 +266,7 @@ class LossSmoother:
 
     def __init__(self, alpha: float = 0.9, window: Optional[int] = None):
         v.in_interval(0.0, 1.0, high_inclusive=False)("alpha", alpha)
-        if window is not None:
-            v.int_at_least(1)("window", window)
+        v.optional(v.int_at_least(1))("window", window)
         self.alpha = float(alpha)
         self.window = window
         self.reset()
@@ -259,7 +278,7 @@ class LossSmoother:
         self._deviation_avg = 0.0
         self.num_updates = 0
 
-    def update(self, loss) -> float:
+    def update(self, loss: Union[torch.Tensor, npt.ArrayLike]) -> float:
         """Feed one loss (a number, or a one-element array/tensor); return the smoothed loss."""
         loss = _scalar(loss, "loss")
         if self._ema is None:
@@ -270,7 +289,9 @@ class LossSmoother:
             self._ema = a * self._ema + (1.0 - a) * loss
         self._recent.append(self._ema)
         self.num_updates += 1
-        return self.get_smoothed_loss()
+        smoothed = self.get_smoothed_loss()
+        assert smoothed is not None  # this update set the EMA
+        return smoothed
 
     def get_smoothed_loss(self) -> Optional[float]:
         """The current smoothed loss, or None before the first :meth:`update`."""
@@ -284,17 +305,25 @@ class LossSmoother:
         n = self.num_updates - 1  # deviations seen
         if n <= 0:
             return 0.0
-        return self._deviation_avg / (1.0 - self.alpha ** n) if self.alpha > 0 else self._deviation_avg
+        return self._deviation_avg / (1.0 - self.alpha**n) if self.alpha > 0 else self._deviation_avg
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"alpha": self.alpha, "window": self.window, "ema": self._ema, "recent": list(self._recent),
-                "deviation_avg": self._deviation_avg, "num_updates": self.num_updates}
+        return {
+            "alpha": self.alpha,
+            "window": self.window,
+            "ema": self._ema,
+            "recent": list(self._recent),
+            "deviation_avg": self._deviation_avg,
+            "num_updates": self.num_updates,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         _check_keys(state, self.state_dict(), "LossSmoother")
         if state["alpha"] != self.alpha or state["window"] != self.window:
-            raise ValueError(f"LossSmoother.load_state_dict: the state was saved with alpha={state['alpha']}, "
-                             f"window={state['window']}; this smoother has alpha={self.alpha}, window={self.window}")
+            raise ValueError(
+                f"LossSmoother.load_state_dict: the state was saved with alpha={state['alpha']}, "
+                f"window={state['window']}; this smoother has alpha={self.alpha}, window={self.window}"
+            )
         self._ema = state["ema"]
         self._recent = deque(state["recent"], maxlen=self.window or 1)
         self._deviation_avg = float(state["deviation_avg"])
@@ -319,7 +348,9 @@ class NoiseAdaptiveLR:
     ``eps_opt = eps_max / (1 + B_noise / B)`` (arXiv:1812.06162, eq. 2.7), written with the noise
     fraction ``phi``, whose expectation is ``B_simple / (B + B_simple)``:
 
-    .. math:: \mathrm{lr}_{target} = \mathrm{clip}\bigl(\mathrm{ceiling}\,(1 - \phi),\ \mathrm{min\_lr},\ \mathrm{ceiling}\bigr)
+    .. math::
+        \mathrm{lr}_{target} = \mathrm{clip}\bigl(\mathrm{ceiling}\,(1 - \phi),\
+        \mathrm{min\_lr},\ \mathrm{ceiling}\bigr)
 
     Per call:
 
@@ -354,28 +385,37 @@ class NoiseAdaptiveLR:
         estimator: the :class:`NoiseEstimator` of :meth:`get_adapted_lr` (default: a new one).
     """
 
-    def __init__(self, base_lr: float, min_lr: Optional[float] = None, max_lr: Optional[float] = None, *,
-                 alpha: float = 0.9, window: Optional[int] = None, noise_beta: float = 0.9, growth: float = 0.1,
-                 decrease_factor: float = 0.5, cooldown: int = 10, rise_tolerance: float = 1.0,
-                 estimator: Optional[NoiseEstimator] = None):
-        _positive("base_lr", base_lr)
+    def __init__(
+        self,
+        base_lr: float,
+        min_lr: Optional[float] = None,
+        max_lr: Optional[float] = None,
+        *,
+        alpha: float = 0.9,
+        window: Optional[int] = None,
+        noise_beta: float = 0.9,
+        growth: float = 0.1,
+        decrease_factor: float = 0.5,
+        cooldown: int = 10,
+        rise_tolerance: float = 1.0,
+        estimator: Optional[NoiseEstimator] = None,
+    ):
+        v.finite_positive("base_lr", base_lr)
         min_lr = base_lr / 10 if min_lr is None else min_lr
         max_lr = base_lr * 10 if max_lr is None else max_lr
-        _positive("min_lr", min_lr)
-        _positive("max_lr", max_lr)
+        v.finite_positive("min_lr", min_lr)
+        v.finite_positive("max_lr", max_lr)
         if not min_lr <= base_lr <= max_lr:
-            raise ValueError(f"Invalid min_lr, base_lr, max_lr: {min_lr!r}, {base_lr!r}, {max_lr!r} "
-                             f"(must satisfy min_lr <= base_lr <= max_lr)")
+            raise ValueError(
+                f"Invalid min_lr, base_lr, max_lr: {min_lr!r}, {base_lr!r}, {max_lr!r} "
+                f"(must satisfy min_lr <= base_lr <= max_lr)"
+            )
         v.in_interval(0.0, 1.0, high_inclusive=False)("noise_beta", noise_beta)
-        _positive("growth", growth)
-        _positive("decrease_factor", decrease_factor)
-        if decrease_factor > 1:
-            raise ValueError(f"Invalid decrease_factor: {decrease_factor!r} (must be in (0, 1])")
+        v.finite_positive("growth", growth)
+        v.in_interval(0.0, 1.0, low_inclusive=False, high_inclusive=True)("decrease_factor", decrease_factor)
         v.int_at_least(0)("cooldown", cooldown)
-        v.at_least(0.0)("rise_tolerance", rise_tolerance)
-        v.finite("rise_tolerance", rise_tolerance)
-        if estimator is not None and not isinstance(estimator, NoiseEstimator):
-            raise TypeError(f"estimator must be a NoiseEstimator, got {type(estimator).__name__}")
+        v.at_least(0.0, finite=True)("rise_tolerance", rise_tolerance)
+        v.optional(v.instance_of(NoiseEstimator, "a NoiseEstimator"))("estimator", estimator)
         self.base_lr, self.min_lr, self.max_lr = float(base_lr), float(min_lr), float(max_lr)
         self.noise_beta = float(noise_beta)
         self.growth = float(growth)
@@ -400,17 +440,18 @@ class NoiseAdaptiveLR:
         self._best: Optional[float] = None
         self.smoother.reset()
 
-    def get_adapted_lr(self, gradients_batch, loss) -> float:
+    def get_adapted_lr(
+        self, gradients_batch: Union[torch.Tensor, npt.ArrayLike], loss: Union[torch.Tensor, npt.ArrayLike]
+    ) -> float:
         """Estimate the noise of ``gradients_batch`` (shape ``(batch_size, num_params)``, at least
         2 rows: per-sample or micro-batch gradients), smooth ``loss``, update the policy; return
         the learning rate for this step (a Python float)."""
         return self.adapt_from_statistics(self.estimator.noise_statistics(gradients_batch), loss)
 
-    def adapt_from_statistics(self, statistics: NoiseStatistics, loss) -> float:
+    def adapt_from_statistics(self, statistics: NoiseStatistics, loss: Union[torch.Tensor, npt.ArrayLike]) -> float:
         """:meth:`get_adapted_lr` from precomputed :class:`NoiseStatistics` (what the PyTorch
         wrapper measures without materializing the gradient batch)."""
-        if not isinstance(statistics, NoiseStatistics):
-            raise TypeError(f"statistics must be NoiseStatistics, got {type(statistics).__name__}")
+        v.instance_of(NoiseStatistics, "NoiseStatistics")("statistics", statistics)
         for name in ("mean_grad_sq_norm", "trace_row_covariance"):
             value = getattr(statistics, name)
             if not math.isfinite(value) or value < 0:
@@ -421,19 +462,18 @@ class NoiseAdaptiveLR:
         self._sq_norm_avg = b * self._sq_norm_avg + (1 - b) * statistics.mean_grad_sq_norm
         # Both averages start at 0 with the same decay, so their ratio needs no bias correction.
         self.last_statistics = statistics
-        return self.update_policy(_noise_fraction(self._noise_power_avg, self._sq_norm_avg), smoothed,
-                                  self.smoother.deviation)
+        return self.update_policy(
+            _noise_fraction(self._noise_power_avg, self._sq_norm_avg), smoothed, self.smoother.deviation
+        )
 
     def update_policy(self, noise_fraction: float, smoothed_loss: float, loss_deviation: float = 0.0) -> float:
         """One step of the policy (see the class docstring) from a noise fraction in [0, 1], the
         current smoothed loss and the loss fluctuation ``D`` (>= 0); returns the new rate."""
         noise_fraction = _scalar(noise_fraction, "noise_fraction")
-        if not 0.0 <= noise_fraction <= 1.0:
-            raise ValueError(f"Invalid noise_fraction: {noise_fraction!r} (must be in [0, 1])")
+        v.in_interval(0.0, 1.0, high_inclusive=True)("noise_fraction", noise_fraction)
         smoothed_loss = _scalar(smoothed_loss, "smoothed_loss")
         loss_deviation = _scalar(loss_deviation, "loss_deviation")
-        if loss_deviation < 0:
-            raise ValueError(f"Invalid loss_deviation: {loss_deviation!r} (must be >= 0)")
+        v.at_least(0.0)("loss_deviation", loss_deviation)
         best = self._best
         if best is not None and smoothed_loss > best + self.rise_tolerance * loss_deviation and self.cooldown_left == 0:
             self.lr = max(self.min_lr, self.lr * self.decrease_factor)
@@ -455,19 +495,29 @@ class NoiseAdaptiveLR:
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue identically (plain Python values)."""
-        return {"lr": self.lr, "ceiling": self.ceiling, "cooldown_left": self.cooldown_left,
-                "num_updates": self.num_updates, "num_cuts": self.num_cuts, "noise_fraction": self.noise_fraction,
-                "noise_power_avg": self._noise_power_avg, "sq_norm_avg": self._sq_norm_avg, "best": self._best,
-                "smoother": self.smoother.state_dict(),
-                "last_statistics": None if self.last_statistics is None else asdict(self.last_statistics),
-                "hyperparameters": self._hyperparameters()}
+        return {
+            "lr": self.lr,
+            "ceiling": self.ceiling,
+            "cooldown_left": self.cooldown_left,
+            "num_updates": self.num_updates,
+            "num_cuts": self.num_cuts,
+            "noise_fraction": self.noise_fraction,
+            "noise_power_avg": self._noise_power_avg,
+            "sq_norm_avg": self._sq_norm_avg,
+            "best": self._best,
+            "smoother": self.smoother.state_dict(),
+            "last_statistics": None if self.last_statistics is None else asdict(self.last_statistics),
+            "hyperparameters": self._hyperparameters(),
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the hyperparameters must match this policy's."""
         _check_keys(state, self.state_dict(), "NoiseAdaptiveLR")
         if state["hyperparameters"] != self._hyperparameters():
-            raise ValueError(f"NoiseAdaptiveLR.load_state_dict: the state was saved with hyperparameters "
-                             f"{state['hyperparameters']}, this policy has {self._hyperparameters()}")
+            raise ValueError(
+                f"NoiseAdaptiveLR.load_state_dict: the state was saved with hyperparameters "
+                f"{state['hyperparameters']}, this policy has {self._hyperparameters()}"
+            )
         stats = state["last_statistics"]
         stats = None if stats is None else NoiseStatistics(**stats)
         self.smoother.load_state_dict(state["smoother"])
@@ -480,6 +530,13 @@ class NoiseAdaptiveLR:
         self.last_statistics = stats
 
     def _hyperparameters(self) -> Dict[str, Any]:
-        return {"base_lr": self.base_lr, "min_lr": self.min_lr, "max_lr": self.max_lr,
-                "noise_beta": self.noise_beta, "growth": self.growth, "decrease_factor": self.decrease_factor,
-                "cooldown": self.cooldown, "rise_tolerance": self.rise_tolerance}
+        return {
+            "base_lr": self.base_lr,
+            "min_lr": self.min_lr,
+            "max_lr": self.max_lr,
+            "noise_beta": self.noise_beta,
+            "growth": self.growth,
+            "decrease_factor": self.decrease_factor,
+            "cooldown": self.cooldown,
+            "rise_tolerance": self.rise_tolerance,
+        }

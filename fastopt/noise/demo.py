@@ -20,6 +20,7 @@ rate escaped more often than each fixed rate (with the exact two-sided sign test
 where exactly one of the two escaped), and writes two PNGs: seed 0's trajectories on its
 landscape and its loss and lr curves.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,22 @@ class DemoResult:
         wins = sum(a and not b for a, b in zip(self.escaped[run], self.escaped[other]))
         losses = sum(b and not a for a, b in zip(self.escaped[run], self.escaped[other]))
         n, k = wins + losses, min(wins, losses)
-        p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+        p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
         return wins, losses, p
 
 
-def run_demo(seeds: int = 40, steps: int = 300, dim: int = 2, noise_scale: float = 0.5, frequency: float = 8.0,
-             batch_size: int = 16, base_lr: float = 0.02, max_lr: float = 0.2, radius: float = 6.0,
-             first_seed: int = 0) -> DemoResult:
+def run_demo(
+    seeds: int = 40,
+    steps: int = 300,
+    dim: int = 2,
+    noise_scale: float = 0.5,
+    frequency: float = 8.0,
+    batch_size: int = 16,
+    base_lr: float = 0.02,
+    max_lr: float = 0.2,
+    radius: float = 6.0,
+    first_seed: int = 0,
+) -> DemoResult:
     """Run the three learning-rate rules on ``seeds`` landscapes; see the module docstring."""
     import numpy as np
 
@@ -74,8 +84,11 @@ def run_demo(seeds: int = 40, steps: int = 300, dim: int = 2, noise_scale: float
         start = radius * direction / np.linalg.norm(direction)
         _, best_loss = landscape.global_minimum()
         policy = NoiseAdaptiveLR(base_lr, max_lr=max_lr)
-        rules = {FIXED_BASE: lambda grads, loss: base_lr, FIXED_MAX: lambda grads, loss: max_lr,
-                 ADAPTIVE: policy.get_adapted_lr}
+        rules = {
+            FIXED_BASE: lambda grads, loss: base_lr,
+            FIXED_MAX: lambda grads, loss: max_lr,
+            ADAPTIVE: policy.get_adapted_lr,
+        }
         for name, rule in rules.items():
             rng = np.random.default_rng([seed, 2])  # the same sampling noise for every rule
             x = start.copy()
@@ -104,9 +117,11 @@ def report(result: DemoResult, seeds: int) -> str:
     for other in (FIXED_BASE, FIXED_MAX):
         wins, losses, p = result.sign_test(ADAPTIVE, other)
         verdict = "yes" if result.count(ADAPTIVE) > result.count(other) else "no"
-        lines.append(f"noise-adaptive escaped more often than {other}: {verdict} "
-                     f"({result.count(ADAPTIVE)} vs {result.count(other)} of {seeds}; only adaptive {wins}, "
-                     f"only {other} {losses}, sign test p = {p:.3g})")
+        lines.append(
+            f"noise-adaptive escaped more often than {other}: {verdict} "
+            f"({result.count(ADAPTIVE)} vs {result.count(other)} of {seeds}; only adaptive {wins}, "
+            f"only {other} {losses}, sign test p = {p:.3g})"
+        )
     return "\n".join(lines)
 
 
@@ -127,21 +142,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seeds < 1 or args.steps < 1:
         parser.error("--seeds and --steps must be >= 1")
     t0 = time.perf_counter()
-    result = run_demo(args.seeds, args.steps, args.dim, args.noise_scale, args.frequency, args.batch_size,
-                      args.base_lr, args.max_lr, args.radius)
+    result = run_demo(
+        args.seeds,
+        args.steps,
+        args.dim,
+        args.noise_scale,
+        args.frequency,
+        args.batch_size,
+        args.base_lr,
+        args.max_lr,
+        args.radius,
+    )
     elapsed = time.perf_counter() - t0
-    print(f"noisy landscapes: dim {args.dim}, noise_scale {args.noise_scale}, frequency {args.frequency} "
-          f"(median {int(sorted(result.local_minima)[len(result.local_minima) // 2])} local minima), start radius "
-          f"{args.radius}, {args.steps} steps, batch {args.batch_size}, base_lr {args.base_lr}, max_lr "
-          f"{args.max_lr}, {args.seeds} seeds ({elapsed:.1f} s)")
+    print(
+        f"noisy landscapes: dim {args.dim}, noise_scale {args.noise_scale}, frequency {args.frequency} "
+        f"(median {int(sorted(result.local_minima)[len(result.local_minima) // 2])} local minima), start radius "
+        f"{args.radius}, {args.steps} steps, batch {args.batch_size}, base_lr {args.base_lr}, max_lr "
+        f"{args.max_lr}, {args.seeds} seeds ({elapsed:.1f} s)"
+    )
     print(report(result, args.seeds))
     if not args.no_plot:
         landscape = create_noisy_landscape(args.dim, args.noise_scale, frequency=args.frequency, seed=0)
-        paths = [visualize_landscape(landscape, os.path.join(args.out_dir, "noise_demo_landscape.png"),
-                                     trajectories=result.trajectories,
-                                     title="seed 0: fixed and noise-adaptive learning rates"),
-                 plot_training_curves(result.curves, os.path.join(args.out_dir, "noise_demo_curves.png"),
-                                      title="seed 0: loss L(x_t) and learning rate")]
+        paths = [
+            visualize_landscape(
+                landscape,
+                os.path.join(args.out_dir, "noise_demo_landscape.png"),
+                trajectories=result.trajectories,
+                title="seed 0: fixed and noise-adaptive learning rates",
+            ),
+            plot_training_curves(
+                result.curves,
+                os.path.join(args.out_dir, "noise_demo_curves.png"),
+                title="seed 0: loss L(x_t) and learning rate",
+            ),
+        ]
         print("wrote " + ", ".join(paths))
     return 0
 

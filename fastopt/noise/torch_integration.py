@@ -18,15 +18,16 @@ policy; the wrapped optimizer's own update runs untouched. The noise comes from 
   mean gradient goes into ``.grad``) and records their statistics, combining chunks with Chan et
   al.'s parallel update (``O(chunk_size x P)`` memory).
 """
+
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, DefaultDict, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
-from ..optim import _validation as v
+from .. import _validation as v
 from .core import NoiseAdaptiveLR, NoiseStatistics, _check_keys, _scalar
 
 __all__ = ["NoiseAdaptiveOptimizer", "per_sample_gradient_statistics"]
@@ -49,9 +50,15 @@ def _sum_sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # -- per-sample gradients ---------------------------------------------------------------------------
-def per_sample_gradient_statistics(model: torch.nn.Module, loss_fn: Callable, inputs: torch.Tensor,
-                                   targets: torch.Tensor, *, params: Optional[Sequence[torch.Tensor]] = None,
-                                   chunk_size: Optional[int] = None):
+def per_sample_gradient_statistics(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    params: Optional[Sequence[torch.Tensor]] = None,
+    chunk_size: Optional[int] = None,
+) -> Tuple[NoiseStatistics, List[torch.Tensor], torch.Tensor]:
     """Per-sample gradients of ``loss_fn(model(x[None]), y[None])`` for every sample of
     ``(inputs, targets)``, reduced on the fly to ``(statistics, mean_grads, mean_loss)``:
 
@@ -67,22 +74,25 @@ def per_sample_gradient_statistics(model: torch.nn.Module, loss_fn: Callable, in
     """
     from torch.func import functional_call, grad_and_value, vmap
 
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    v.nn_module("model", model)
     if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(f"inputs and targets must be tensors, got {type(inputs).__name__} and {type(targets).__name__}")
     batch = inputs.shape[0] if inputs.dim() else 0
     if batch < 2 or targets.shape[:1] != inputs.shape[:1]:
-        raise ValueError(f"inputs and targets must hold the same number >= 2 of samples along dim 0, got shapes "
-                         f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"inputs and targets must hold the same number >= 2 of samples along dim 0, got shapes "
+            f"{tuple(inputs.shape)} and {tuple(targets.shape)}"
+        )
     chunk_size = batch if chunk_size is None else chunk_size
     v.int_at_least(1)("chunk_size", chunk_size)
     named = dict(model.named_parameters())
     chosen = {id(p) for p in (params if params is not None else [p for p in named.values() if p.requires_grad])}
     free = {n: p.detach() for n, p in named.items() if id(p) in chosen}
     if len(free) != len(chosen):
-        raise ValueError("params must be parameters of model (found "
-                         f"{len(free)} of the {len(chosen)} given among model.named_parameters())")
+        raise ValueError(
+            "params must be parameters of model (found "
+            f"{len(free)} of the {len(chosen)} given among model.named_parameters())"
+        )
     fixed = {n: p.detach() for n, p in named.items() if id(p) not in chosen}
     fixed.update(dict(model.named_buffers()))
 
@@ -93,9 +103,12 @@ def per_sample_gradient_statistics(model: torch.nn.Module, loss_fn: Callable, in
     # randomness="different": dropout draws a mask per sample, as in an ordinary batched forward.
     per_sample = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different")
     names = list(free)
-    count, mean, m2, loss_sum = 0, None, None, None
+    count = 0
+    mean: Optional[List[torch.Tensor]] = None
+    m2: Optional[torch.Tensor] = None
+    loss_sum: Optional[torch.Tensor] = None
     for start in range(0, batch, chunk_size):
-        grads, losses = per_sample(free, inputs[start:start + chunk_size], targets[start:start + chunk_size])
+        grads, losses = per_sample(free, inputs[start : start + chunk_size], targets[start : start + chunk_size])
         n = losses.shape[0]
         chunk_mean = [grads[k].mean(0) for k in names]
         chunk_m2 = _sum_sq_norms([grads[k] - m for k, m in zip(names, chunk_mean)])
@@ -103,14 +116,15 @@ def per_sample_gradient_statistics(model: torch.nn.Module, loss_fn: Callable, in
         if mean is None:
             count, mean, m2, loss_sum = n, chunk_mean, chunk_m2, chunk_loss
             continue
+        assert m2 is not None and loss_sum is not None  # set with mean, by the first chunk
         # Chan, Golub & LeVeque: merge (count, mean, M2) of two sets without revisiting them.
         delta = torch._foreach_sub(chunk_mean, mean)
         m2 = m2 + chunk_m2 + _sum_sq_norms(delta) * (count * n / (count + n))
         torch._foreach_add_(mean, delta, alpha=n / (count + n))
         count += n
         loss_sum = loss_sum + chunk_loss
-    stats = NoiseStatistics.from_moments(count, sum(m.numel() for m in mean), float(_sum_sq_norms(mean)),
-                                         float(m2))
+    assert mean is not None and m2 is not None and loss_sum is not None  # batch >= 2: one chunk or more
+    stats = NoiseStatistics.from_moments(count, sum(m.numel() for m in mean), float(_sum_sq_norms(mean)), float(m2))
     return stats, mean, loss_sum / count
 
 
@@ -145,17 +159,17 @@ class NoiseAdaptiveOptimizer:
             opt.zero_grad()
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, policy: Optional[NoiseAdaptiveLR] = None, **policy_options):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, policy: Optional[NoiseAdaptiveLR] = None, **policy_options: Any
+    ):
+        v.torch_optimizer("optimizer", optimizer)
         self.optimizer = optimizer
         self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         if policy is None:
             policy = NoiseAdaptiveLR(self.base_lrs[0], **policy_options)
         elif policy_options:
             raise ValueError(f"pass either policy or policy options, not both (got {sorted(policy_options)})")
-        if not isinstance(policy, NoiseAdaptiveLR):
-            raise TypeError(f"policy must be a NoiseAdaptiveLR, got {type(policy).__name__}")
+        v.instance_of(NoiseAdaptiveLR, "a NoiseAdaptiveLR")("policy", policy)
         self.policy = policy
         self._layout_key: Optional[Tuple[int, ...]] = None  # see _layout_of
         self._layout: Dict[torch.device, Tuple[List[torch.Tensor], torch.Tensor]] = {}
@@ -168,7 +182,7 @@ class NoiseAdaptiveOptimizer:
         return self.optimizer.param_groups
 
     @property
-    def state(self):
+    def state(self) -> DefaultDict[torch.Tensor, Any]:
         return self.optimizer.state
 
     @property
@@ -206,7 +220,9 @@ class NoiseAdaptiveOptimizer:
         self._samples_per_row = 1
 
     @torch.no_grad()
-    def record_micro_batch(self, loss=None, batch_size: Optional[int] = None) -> None:
+    def record_micro_batch(
+        self, loss: Union[float, torch.Tensor, None] = None, batch_size: Optional[int] = None
+    ) -> None:
         """Record the micro-batch whose ``backward()`` just ran: its gradient is the change of
         ``.grad`` since the previous call (or since ``zero_grad()`` for the first).
 
@@ -216,19 +232,24 @@ class NoiseAdaptiveOptimizer:
             batch_size: samples per micro-batch, only to express ``B_simple`` in samples.
         """
         if self._pending_stats is not None:
-            raise RuntimeError("record_micro_batch: this step's gradients were already measured by "
-                               "per_sample_backward; use one source of noise per step")
-        if batch_size is not None:
-            v.int_at_least(1)("batch_size", batch_size)
+            raise RuntimeError(
+                "record_micro_batch: this step's gradients were already measured by "
+                "per_sample_backward; use one source of noise per step"
+            )
+        v.optional(v.int_at_least(1))("batch_size", batch_size)
         params = self._params()
         with_grad = [p for p in params if p.grad is not None]
         if not with_grad:
-            raise RuntimeError("record_micro_batch: no parameter of the optimizer has a gradient; call it after "
-                               "each micro-batch's backward()")
+            raise RuntimeError(
+                "record_micro_batch: no parameter of the optimizer has a gradient; call it after "
+                "each micro-batch's backward()"
+            )
         if any(p.grad is None for p in self._with_grad):
-            raise RuntimeError("record_micro_batch: a parameter's .grad became None between micro-batches of "
-                               "one step; call zero_grad() only after step()")
-        if any(p.grad.is_sparse for p in with_grad):
+            raise RuntimeError(
+                "record_micro_batch: a parameter's .grad became None between micro-batches of "
+                "one step; call zero_grad() only after step()"
+            )
+        if any(cast(torch.Tensor, p.grad).is_sparse for p in with_grad):  # each has a grad (with_grad)
             raise RuntimeError("record_micro_batch does not support sparse gradients")
         layout = self._layout_of(params)
         i = self._rows + 1
@@ -241,6 +262,7 @@ class NoiseAdaptiveOptimizer:
                 continue
             # running <- S_i - i/(i-1) S_{i-1} = d_i - mean(d_1..d_{i-1}); Welford: M2 += (i-1)/i |.|^2.
             running.mul_(-i / (i - 1)).add_(flat)
+            assert self._m2 is not None  # created at the step's first micro-batch (i == 1)
             m2 = torch.dot(running, running).to(device=self._m2.device, dtype=torch.float64)
             self._m2 += m2 * ((i - 1) / i)
             running.copy_(flat)
@@ -267,19 +289,29 @@ class NoiseAdaptiveOptimizer:
             self._layout_key = key
         return self._layout
 
-    def per_sample_backward(self, model: torch.nn.Module, loss_fn: Callable, inputs: torch.Tensor,
-                            targets: torch.Tensor, *, chunk_size: Optional[int] = None) -> torch.Tensor:
+    def per_sample_backward(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        chunk_size: Optional[int] = None,
+    ) -> torch.Tensor:
         """In place of ``loss_fn(model(inputs), targets).backward()``: add the mean per-sample
         gradient to ``.grad`` and record the per-sample statistics for the next :meth:`step`
         (:func:`per_sample_gradient_statistics`, over the optimizer's parameters). Returns the mean
         loss (detached). Models whose samples interact (BatchNorm in training mode) need
         :meth:`record_micro_batch` instead."""
         if self._rows or self._pending_stats is not None:
-            raise RuntimeError("per_sample_backward: gradients were already recorded for this step; call it once "
-                               "per step with the whole batch (chunk_size bounds its memory)")
+            raise RuntimeError(
+                "per_sample_backward: gradients were already recorded for this step; call it once "
+                "per step with the whole batch (chunk_size bounds its memory)"
+            )
         params = [p for p in self._params() if p.requires_grad]
-        stats, mean_grads, loss = per_sample_gradient_statistics(model, loss_fn, inputs, targets, params=params,
-                                                                 chunk_size=chunk_size)
+        stats, mean_grads, loss = per_sample_gradient_statistics(
+            model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size
+        )
         chosen = {id(p) for p in params}
         model_order = [p for p in model.parameters() if id(p) in chosen]  # the order of mean_grads
         with torch.no_grad():
@@ -299,16 +331,26 @@ class NoiseAdaptiveOptimizer:
         if self._rows == 0:
             return None
         if self._rows == 1:
-            raise ValueError("step: only 1 micro-batch was recorded since the last step; gradient noise needs "
-                             "record_micro_batch() after each of at least 2 micro-batches (4 or more give "
-                             "usable estimates), or per_sample_backward()")
+            raise ValueError(
+                "step: only 1 micro-batch was recorded since the last step; gradient noise needs "
+                "record_micro_batch() after each of at least 2 micro-batches (4 or more give "
+                "usable estimates), or per_sample_backward()"
+            )
         # The running buffers hold S_k, the sum of the recorded micro-batch gradients.
         total_sq = sum(float(torch.dot(running, running)) for _, running in self._layout.values())
         k = self._rows
-        return NoiseStatistics(k, sum(p.numel() for p in self._with_grad), self._samples_per_row, total_sq / (k * k),
-                               float(self._m2) / (k - 1))
+        assert self._m2 is not None  # two or more micro-batches recorded: record_micro_batch made it
+        return NoiseStatistics(
+            k,
+            sum(p.numel() for p in self._with_grad),
+            self._samples_per_row,
+            total_sq / (k * k),
+            float(self._m2) / (k - 1),
+        )
 
-    def step(self, closure: Optional[Callable[[], Any]] = None, loss=None):
+    def step(
+        self, closure: Optional[Callable[[], Any]] = None, loss: Union[float, torch.Tensor, None] = None
+    ) -> Optional[float]:
         """Adapt the lr from what was recorded since the last step, then run the optimizer's step.
 
         Args:
@@ -318,7 +360,11 @@ class NoiseAdaptiveOptimizer:
         stats = self._statistics()
         saved = (self.policy.state_dict(), [g["lr"] for g in self.param_groups])
         try:
-            if stats is not None and math.isfinite(stats.mean_grad_sq_norm) and math.isfinite(stats.trace_row_covariance):
+            if (
+                stats is not None
+                and math.isfinite(stats.mean_grad_sq_norm)
+                and math.isfinite(stats.trace_row_covariance)
+            ):
                 if loss is None:
                     if not self._losses:
                         raise ValueError("step: pass loss=..., or a loss to record_micro_batch / per_sample_backward")
@@ -349,15 +395,20 @@ class NoiseAdaptiveOptimizer:
     def state_dict(self) -> Dict[str, Any]:
         """The optimizer's state_dict, the policy's and the base learning rates (micro-batches
         recorded for a step not yet taken are not saved)."""
-        return {"optimizer": self.optimizer.state_dict(), "noise_adaptive_lr": self.policy.state_dict(),
-                "base_lrs": list(self.base_lrs)}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "noise_adaptive_lr": self.policy.state_dict(),
+            "base_lrs": list(self.base_lrs),
+        }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         _check_keys(state_dict, {"optimizer": 0, "noise_adaptive_lr": 0, "base_lrs": 0}, "NoiseAdaptiveOptimizer")
         base_lrs = state_dict["base_lrs"]
         if len(base_lrs) != len(self.optimizer.param_groups):
-            raise ValueError(f"NoiseAdaptiveOptimizer.load_state_dict: the state has {len(base_lrs)} base "
-                             f"learning rates for {len(self.optimizer.param_groups)} parameter groups")
+            raise ValueError(
+                f"NoiseAdaptiveOptimizer.load_state_dict: the state has {len(base_lrs)} base "
+                f"learning rates for {len(self.optimizer.param_groups)} parameter groups"
+            )
         saved_policy = self.policy.state_dict()
         self.policy.load_state_dict(copy.deepcopy(state_dict["noise_adaptive_lr"]))
         try:
@@ -368,7 +419,6 @@ class NoiseAdaptiveOptimizer:
         self.base_lrs = [float(x) for x in base_lrs]
         self._clear_pending()
         self._apply_lr()
-
 
 
 def _mean_loss(losses: List[Any]) -> float:

@@ -3,18 +3,29 @@
 The landscapes use NumPy (``pip install numpy``); the plots use matplotlib (``pip install
 'fastopt[plot]'``), imported only when a plot is drawn, and write PNG files (no window is opened).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..optim import _validation as v
+from .. import _validation as v
+from .._plotting import agg_figure
 from .core import NoiseEstimator
 
-__all__ = ["NoisyLandscape", "create_noisy_landscape", "compute_gradient_variance", "visualize_landscape",
-           "plot_training_curves"]
+if TYPE_CHECKING:  # NumPy is imported where a landscape is made (_numpy)
+    import numpy as np
+    import numpy.typing as npt
+
+__all__ = [
+    "NoisyLandscape",
+    "create_noisy_landscape",
+    "compute_gradient_variance",
+    "visualize_landscape",
+    "plot_training_curves",
+]
 
 
 def _numpy():
@@ -47,33 +58,43 @@ class NoisyLandscape:
     their spread is large among the ripples and small on the smooth slopes.
     """
 
-    def __init__(self, dim: int, noise_scale: float, *, curvature=1.0, frequency: float = 8.0,
-                 spread: Optional[float] = None, seed: Optional[int] = None):
+    def __init__(
+        self,
+        dim: int,
+        noise_scale: float,
+        *,
+        curvature: npt.ArrayLike = 1.0,
+        frequency: float = 8.0,
+        spread: Optional[float] = None,
+        seed: Optional[int] = None,
+    ):
         np = _numpy()
         v.int_at_least(1)("dim", dim)
-        v.at_least(0.0)("noise_scale", noise_scale)
-        v.finite("noise_scale", noise_scale)
-        v.finite("frequency", frequency)
-        if frequency <= 0:
-            raise ValueError(f"Invalid frequency: {frequency!r} (must be > 0)")
-        curvature = np.broadcast_to(np.asarray(curvature, dtype=np.float64), (dim,)).copy()
-        if not (np.isfinite(curvature).all() and (curvature > 0).all()):
-            raise ValueError(f"Invalid curvature: {curvature!r} (must be finite and > 0, a number or {dim} numbers)")
+        v.at_least(0.0, finite=True)("noise_scale", noise_scale)
+        v.finite_positive("frequency", frequency)
+        curvatures = np.broadcast_to(np.asarray(curvature, dtype=np.float64), (dim,)).copy()
+        if not (np.isfinite(curvatures).all() and (curvatures > 0).all()):
+            raise ValueError(f"Invalid curvature: {curvatures!r} (must be finite and > 0, a number or {dim} numbers)")
         spread = 0.25 * 2 * np.pi / frequency if spread is None else spread
         v.at_least(0.0)("spread", spread)
-        self.dim, self.noise_scale, self.frequency, self.spread = dim, float(noise_scale), float(frequency), float(spread)
-        self.curvature = curvature
+        self.dim, self.noise_scale, self.frequency, self.spread = (
+            dim,
+            float(noise_scale),
+            float(frequency),
+            float(spread),
+        )
+        self.curvature = curvatures
         self.phase = np.random.default_rng(seed).uniform(0.0, 2 * np.pi, dim)
         self._minimum: Optional[Tuple[Any, Any, Any]] = None
 
     # -- values -------------------------------------------------------------------------------
-    def compute_loss_and_grad(self, params):
+    def compute_loss_and_grad(self, params: Union[torch.Tensor, npt.ArrayLike]) -> Tuple[Any, Any]:
         """``(L(x), grad L(x))`` for params of shape ``(dim,)`` (a float and a ``(dim,)`` array) or
         ``(batch, dim)`` (arrays of shape ``(batch,)`` and ``(batch, dim)``). Torch tensors in give
         float64 tensors out (computed in NumPy on the CPU)."""
         np = _numpy()
         is_torch = isinstance(params, torch.Tensor)
-        x = np.asarray(params.detach().cpu().numpy() if is_torch else params, dtype=np.float64)
+        x = np.asarray(params.detach().cpu().numpy() if isinstance(params, torch.Tensor) else params, dtype=np.float64)
         if x.shape[-1:] != (self.dim,) or x.ndim > 2:
             raise ValueError(f"params must have shape ({self.dim},) or (batch, {self.dim}), got {x.shape}")
         angle = self.frequency * x + self.phase
@@ -83,14 +104,14 @@ class NoisyLandscape:
             return torch.as_tensor(loss), torch.from_numpy(grad)
         return (float(loss), grad) if x.ndim == 1 else (loss, grad)
 
-    def smooth_loss(self, params):
+    def smooth_loss(self, params: npt.ArrayLike) -> Any:
         """The ripple-free bowl ``sum_i c_i x_i^2 / 2`` (same shapes as :meth:`compute_loss_and_grad`)."""
         np = _numpy()
         x = np.asarray(params, dtype=np.float64)
         out = (0.5 * self.curvature * x * x).sum(-1)
         return float(out) if x.ndim == 1 else out
 
-    def sample_gradients(self, params, batch_size: int, rng) -> Tuple[Any, Any]:
+    def sample_gradients(self, params: npt.ArrayLike, batch_size: int, rng: np.random.Generator) -> Tuple[Any, Any]:
         """Losses ``(batch_size,)`` and per-sample gradients ``(batch_size, dim)`` at
         ``params + spread * xi`` (``rng``: a ``numpy.random.Generator``)."""
         np = _numpy()
@@ -134,7 +155,7 @@ class NoisyLandscape:
         x_star = self._coordinate_minima()[0]
         return x_star.copy(), self.compute_loss_and_grad(x_star)[0]
 
-    def in_global_basin(self, params) -> bool:
+    def in_global_basin(self, params: npt.ArrayLike) -> bool:
         """Whether gradient flow from ``params`` ends in the global minimum (every coordinate lies
         between the local maxima that bound the global minimizer's well)."""
         np = _numpy()
@@ -151,13 +172,13 @@ class NoisyLandscape:
         return total
 
 
-def create_noisy_landscape(dim: int, noise_scale: float, **kwargs) -> NoisyLandscape:
+def create_noisy_landscape(dim: int, noise_scale: float, **kwargs: Any) -> NoisyLandscape:
     """A :class:`NoisyLandscape` of ``dim`` coordinates with ripple amplitude ``noise_scale``
     (keyword arguments: ``curvature``, ``frequency``, ``spread``, ``seed``)."""
     return NoisyLandscape(dim, noise_scale, **kwargs)
 
 
-def compute_gradient_variance(gradients) -> float:
+def compute_gradient_variance(gradients: Union[torch.Tensor, npt.ArrayLike]) -> float:
     """Total variance of a batch of gradients ``(batch_size, num_params)``: the unbiased estimate
     ``1/(B-1) sum_k |g_k - g_bar|^2`` of ``tr(Sigma)``, the sum over parameters of the
     per-parameter variances (:meth:`NoiseEstimator.compute_variance` gives them one by one).
@@ -166,16 +187,6 @@ def compute_gradient_variance(gradients) -> float:
 
 
 # -- plots -------------------------------------------------------------------------------------------
-def _figure(what: str, **kwargs):
-    """A matplotlib Figure drawn with the Agg canvas: no pyplot state, no window, any backend."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ImportError(f"{what} needs matplotlib to draw its PNG: pip install 'fastopt[plot]'") from exc
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _save(fig, path: str) -> str:
@@ -186,14 +197,20 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def visualize_landscape(landscape: NoisyLandscape, path: str, *, trajectories: Optional[Mapping[str, Any]] = None,
-                        extent: Optional[float] = None, resolution: int = 300, title: Optional[str] = None) -> str:
+def visualize_landscape(
+    landscape: NoisyLandscape,
+    path: str,
+    *,
+    trajectories: Optional[Mapping[str, Any]] = None,
+    extent: Optional[float] = None,
+    resolution: int = 300,
+    title: Optional[str] = None,
+) -> str:
     """Draw the landscape (its first coordinate for ``dim == 1``, a filled contour of the first two
     otherwise, the others held at their global minimizer) with optional trajectories
     ``{name: array (steps, dim)}``; write a PNG to ``path`` and return the path."""
     np = _numpy()
-    if not isinstance(landscape, NoisyLandscape):
-        raise TypeError(f"landscape must be a NoisyLandscape, got {type(landscape).__name__}")
+    v.instance_of(NoisyLandscape, "a NoisyLandscape")("landscape", landscape)
     v.int_at_least(10)("resolution", resolution)
     trajectories = {name: np.asarray(t, dtype=np.float64) for name, t in (trajectories or {}).items()}
     for name, t in trajectories.items():
@@ -203,7 +220,7 @@ def visualize_landscape(landscape: NoisyLandscape, path: str, *, trajectories: O
         reach = max([3.0] + [float(np.abs(t[:, :2]).max()) * 1.1 for t in trajectories.values() if t.size])
         extent = reach
     x_star, _ = landscape.global_minimum()
-    fig = _figure("visualize_landscape", figsize=(6, 5))
+    fig = agg_figure("visualize_landscape", figsize=(6, 5))
     ax = fig.add_subplot()
     grid = np.linspace(-extent, extent, resolution)
     if landscape.dim == 1:
@@ -228,13 +245,20 @@ def visualize_landscape(landscape: NoisyLandscape, path: str, *, trajectories: O
         ax.set_ylabel("x[1]")
     if trajectories or landscape.dim > 1:
         ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(title or f"noisy landscape (noise_scale={landscape.noise_scale:g}, "
-                          f"{landscape.count_local_minima()} local minima)")
+    ax.set_title(
+        title
+        or f"noisy landscape (noise_scale={landscape.noise_scale:g}, {landscape.count_local_minima()} local minima)"
+    )
     return _save(fig, path)
 
 
-def plot_training_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str, *,
-                         title: Optional[str] = None, log_loss: bool = True) -> str:
+def plot_training_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str,
+    *,
+    title: Optional[str] = None,
+    log_loss: bool = True,
+) -> str:
     """Plot training histories ``{run_name: {"loss": [...], "lr": [...], ...}}``: one panel per
     quantity (loss first, then lr, then the others), one line per run; write a PNG to ``path``
     and return the path. A plain ``{run_name: [losses]}`` is accepted too."""
@@ -249,7 +273,7 @@ def plot_training_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], pa
     for series in runs.values():
         quantities += [k for k in series if k not in quantities]
     quantities.sort(key=lambda k: (k != "loss", k != "lr", k))
-    fig = _figure("plot_training_curves", figsize=(6, 2.6 * len(quantities)))
+    fig = agg_figure("plot_training_curves", figsize=(6, 2.6 * len(quantities)))
     axes = [fig.add_subplot(len(quantities), 1, i + 1) for i in range(len(quantities))]
     for ax, quantity in zip(axes, quantities):
         for name, series in runs.items():

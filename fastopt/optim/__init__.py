@@ -1,4 +1,5 @@
 """The LAdam family as torch.optim.Optimizer subclasses."""
+
 from .chi_anneal import ChiAnnealScheduler, suggest_c2
 from .ladam import MODES, LAdam, LAdamW, WaveAdam
 from .siblings import LAdaGrad, LRMSProp

@@ -3,22 +3,31 @@
 A step validates everything (hyperparameters, gradients, backend availability) for every group
 before it touches any tensor, so bad input leaves parameters and state as they were. Then, per
 (group, device, dtype) bucket, it creates missing state, increments the per-tensor step counts
-and calls the one function :func:`fastopt.backends.select` chose for that bucket.
+and calls the one function :func:`fastopt.backends.choose` chose for that bucket.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, overload
 
 import torch
 from torch.optim import Optimizer
 
+from .. import _validation as v
 from .. import backends
 from ..reference._amp import check_lr
-from . import _sharded, _validation as v
+from . import _sharded
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
+
+_Loss = TypeVar("_Loss")  # whatever the closure returns (the loss)
 
 
-def _bucket_by_device_and_dtype(params: List[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
+def _bucket_by_device_and_dtype(
+    params: List[torch.Tensor],
+) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
     buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
     for p in params:
         buckets.setdefault((p.device, p.dtype), []).append(p)
@@ -31,7 +40,7 @@ def _host_value(value: Any) -> Any:
 
 
 # (op, backend) -> the function that runs it: filled by _init_group, read by the traced step (a
-# plain dict lookup, where backends.implementation would import modules).
+# plain dict lookup, where backends.choose would check and import modules).
 _IMPLEMENTATIONS: Dict[Tuple[str, str], Callable] = {}
 
 
@@ -48,15 +57,16 @@ class _AmpInputs:
         if device not in self._moved:
             self._moved[device] = {
                 key: None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
-                for key, t in (("grad_scale", self.grad_scale), ("found_inf", self.found_inf))}
+                for key, t in (("grad_scale", self.grad_scale), ("found_inf", self.found_inf))
+            }
         return self._moved[device]
 
 
 class LaplacianOptimizer(Optimizer):
     """Base class of the LAdam family. Subclasses set:
 
-    * ``_CHECKS``: hyperparameter name -> check (see :mod:`._validation`), besides ``capturable``
-      which every subclass has;
+    * ``_CHECKS``: hyperparameter name -> check (see :mod:`fastopt._validation`), besides
+      ``capturable`` which every subclass has;
     * ``_LADAM_STATE_KEYS``: ladam's state key -> ours, for loading ladam checkpoints;
     * ``_op(group)``: the backend op of the group;
     * ``_init_state(state, p, group)``: create the missing state tensors of ``p``;
@@ -69,7 +79,7 @@ class LaplacianOptimizer(Optimizer):
     _LADAM_STATE_KEYS: Dict[str, str] = {}
     _NAME = "LaplacianOptimizer"
 
-    def __init__(self, params, defaults: Dict[str, Any], backend: str = "auto", capturable: bool = False):
+    def __init__(self, params: ParamsT, defaults: Dict[str, Any], backend: str = "auto", capturable: bool = False):
         self.backend = backend
         super().__init__(params, {**defaults, "capturable": capturable})
 
@@ -122,8 +132,10 @@ class LaplacianOptimizer(Optimizer):
             params = param_group["params"] = list(params)
             tensors = [p[1] if isinstance(p, tuple) else p for p in params]
             if len({id(p) for p in tensors}) != len(tensors):
-                raise ValueError(f"{self._NAME}: a parameter group lists the same tensor twice; "
-                                 "each parameter must appear once (it would be stepped twice)")
+                raise ValueError(
+                    f"{self._NAME}: a parameter group lists the same tensor twice; "
+                    "each parameter must appear once (it would be stepped twice)"
+                )
         super().add_param_group(param_group)
 
     # -- step ------------------------------------------------------------------------------------
@@ -132,8 +144,14 @@ class LaplacianOptimizer(Optimizer):
     # fused Adam): see :mod:`fastopt.reference._amp` for what every backend does with them.
     _step_supports_amp_scaling = True
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], _Loss]) -> _Loss: ...
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] = None):
+    def step(self, closure: Optional[Callable[[], _Loss]] = None) -> Optional[_Loss]:
         """Perform one optimization step.
 
         Under ``torch.amp.GradScaler`` the gradients arrive scaled and are unscaled inside the
@@ -150,16 +168,36 @@ class LaplacianOptimizer(Optimizer):
         amp = _AmpInputs(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         plans = []
         for group in self.param_groups:
-            params, grads, steps, use_laps, s0, s1, s2, s3 = [], [], [], [], [], [], [], []
+            params: List[torch.Tensor] = []
+            grads: List[torch.Tensor] = []
+            steps: List[torch.Tensor] = []
+            use_laps: List[bool] = []
+            s0: List[torch.Tensor] = []
+            s1: List[torch.Tensor] = []
+            s2: List[torch.Tensor] = []
+            s3: List[torch.Tensor] = []
             buckets = self._init_group(group, params, grads, steps, use_laps, s0, s1, s2, s3)
             plans.append((group, buckets, params, grads, steps, use_laps, (s0, s1, s2, s3)))
         for group, buckets, params, grads, steps, use_laps, states in plans:
             keep_lr = group["capturable"] and not torch.compiler.is_compiling()  # a tensor lr: read in-kernel
-            hyper = {key: val if key == "lr" and keep_lr else _host_value(val) for key, val in group.items()
-                     if key != "params"}
+            hyper = {
+                key: val if key == "lr" and keep_lr else _host_value(val)
+                for key, val in group.items()
+                if key != "params"
+            }
             for op, backend, start, end, new in buckets:
-                self._step_bucket(op, backend, hyper, params[start:end], grads[start:end], steps[start:end],
-                                  use_laps[start:end], [s[start:end] for s in states if s], amp, new)
+                self._step_bucket(
+                    op,
+                    backend,
+                    hyper,
+                    params[start:end],
+                    grads[start:end],
+                    steps[start:end],
+                    use_laps[start:end],
+                    [s[start:end] for s in states if s],
+                    amp,
+                    new,
+                )
         return loss
 
     def _init_group(self, group, params, grads, steps, use_laps, *state_lists) -> Tuple[Tuple, ...]:
@@ -182,9 +220,10 @@ class LaplacianOptimizer(Optimizer):
         buckets = []
         with_grads = [p for p in group["params"] if p.grad is not None]
         for (device, dtype), bucket in _bucket_by_device_and_dtype(with_grads).items():
-            backend = self._chosen[(id(group), device, dtype)]
-            _IMPLEMENTATIONS[(op, backend)] = backends.implementation(op, backend)
-            step_device = device if backends.keeps_steps_on_device(backend) else torch.device("cpu")
+            chosen = self._chosen[(id(group), device, dtype)]
+            backend = chosen.name
+            _IMPLEMENTATIONS[(op, backend)] = chosen.fn
+            step_device = device if chosen.device_steps else torch.device("cpu")
             new = tuple(i for i, p in enumerate(bucket) if len(self.state[p]) == 0)
             start = len(params)
             for p in bucket:
@@ -198,9 +237,9 @@ class LaplacianOptimizer(Optimizer):
             buckets.append((op, backend, start, len(params), new))
         return tuple(buckets)
 
-    def _validate_groups(self) -> Dict[Tuple[int, torch.device, torch.dtype], str]:
-        """Check every group; return the backend of each (id(group), device, dtype) bucket, which
-        :meth:`_init_group` uses (resolving it there again would repeat the work every step)."""
+    def _validate_groups(self) -> Dict[Tuple[int, torch.device, torch.dtype], backends.ChosenBackend]:
+        """Check every group; return the backend chosen for each (id(group), device, dtype) bucket,
+        which :meth:`_init_group` uses (choosing there again would repeat the work every step)."""
         chosen = {}
         for group in self.param_groups:
             self._check_group(group)
@@ -208,35 +247,52 @@ class LaplacianOptimizer(Optimizer):
             for p in params:
                 self._check_param_and_grad(p)
             if group["capturable"] and any(_sharded.is_dtensor(p) for p in params):
-                raise ValueError(f"{self._NAME}: capturable=True does not take FSDP2-sharded (DTensor) parameters: "
-                                 "their halo exchange runs collectives and host reads in the step")
+                raise ValueError(
+                    f"{self._NAME}: capturable=True does not take FSDP2-sharded (DTensor) parameters: "
+                    "their halo exchange runs collectives and host reads in the step"
+                )
             for device, dtype in _bucket_by_device_and_dtype(params):
-                backend = backends.resolve(self._op(group), device, dtype, self._backend)
+                choice = backends.choose(self._op(group), device, dtype, self._backend)
                 if group["capturable"]:
-                    reason = backends.why_not_capturable(backend, device)
+                    reason = backends.why_not_capturable(choice.name, device)
                     if reason:
                         raise ValueError(f"{self._NAME}: capturable=True: {reason}")
                     check_lr(group["lr"], device)
-                chosen[(id(group), device, dtype)] = backend
+                chosen[(id(group), device, dtype)] = choice
         return chosen
 
     def _check_param_and_grad(self, p: torch.Tensor) -> None:
         g = p.grad
+        assert g is not None  # callers pass only parameters that have a gradient
         if g.is_sparse:
             raise RuntimeError(f"{self._NAME} does not support sparse gradients")
         if not p.is_floating_point():
-            raise TypeError(f"{self._NAME} optimizes real floating-point parameters; got a parameter of "
-                            f"dtype {p.dtype} (view complex parameters with torch.view_as_real)")
+            raise TypeError(
+                f"{self._NAME} optimizes real floating-point parameters; got a parameter of "
+                f"dtype {p.dtype} (view complex parameters with torch.view_as_real)"
+            )
         if _sharded.is_dtensor(p):
             _sharded.row_group(p)  # raises for placements the halo exchange does not handle
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(f"{self._NAME}: a gradient does not match its parameter: grad "
-                             f"{tuple(g.shape)} {g.dtype} on {g.device}, parameter {tuple(p.shape)} "
-                             f"{p.dtype} on {p.device}")
+            raise ValueError(
+                f"{self._NAME}: a gradient does not match its parameter: grad "
+                f"{tuple(g.shape)} {g.dtype} on {g.device}, parameter {tuple(p.shape)} "
+                f"{p.dtype} on {p.device}"
+            )
 
-    def _step_bucket(self, op: str, backend: str, group: Dict[str, Any], params: List[torch.Tensor],
-                     grads: List[torch.Tensor], steps: List[torch.Tensor], use_laps: List[bool],
-                     state_lists: List[List[torch.Tensor]], amp: "_AmpInputs", new: Tuple[int, ...]) -> None:
+    def _step_bucket(
+        self,
+        op: str,
+        backend: str,
+        group: Dict[str, Any],
+        params: List[torch.Tensor],
+        grads: List[torch.Tensor],
+        steps: List[torch.Tensor],
+        use_laps: List[bool],
+        state_lists: List[List[torch.Tensor]],
+        amp: "_AmpInputs",
+        new: Tuple[int, ...],
+    ) -> None:
         fn = _IMPLEMENTATIONS[(op, backend)]
         torch._foreach_add_(steps, 1)
         kernel_amp = amp.on(params[0].device)
@@ -259,15 +315,25 @@ class LaplacianOptimizer(Optimizer):
         if amp.found_inf is not None:
             # The op skipped a step with non-finite gradients: take it off the counts too,
             # without reading found_inf on the host (as torch's fused Adam does).
-            torch._foreach_sub_(steps, [amp.on(steps[0].device)["found_inf"]] * len(steps))
+            found_inf = amp.on(steps[0].device)["found_inf"]
+            assert found_inf is not None  # moved from amp.found_inf, which is not None
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
 
     def _step_sharded(self, fn: Callable, group: Dict[str, Any], params, grads, amp: Dict[str, Any]) -> None:
         """FSDP2: run on the local shards, halo-extended where the Laplacian crosses shards."""
         states = [self.state[p] for p in params]
         local_params, local_grads, local_states, *rest = _sharded.shard_views(params, grads, states)
         lists = [[s[key] for s in local_states] for key in self._state_keys(group)]
-        self._run(fn, group, local_params, local_grads, lists, [s["step"] for s in local_states],
-                  [s["use_lap"] for s in local_states], amp)
+        self._run(
+            fn,
+            group,
+            local_params,
+            local_grads,
+            lists,
+            [s["step"] for s in local_states],
+            [s["use_lap"] for s in local_states],
+            amp,
+        )
         _sharded.finish(*rest)
         self._after_sharded_step(group, params, grads, states, amp)
 
@@ -316,9 +382,12 @@ class LaplacianOptimizer(Optimizer):
         # optimizer would otherwise be shared with it and each would corrupt the other's state.
         # Contiguous in logical order, as this class keeps its state (torch.optim keeps a
         # channels_last parameter's state channels_last; the fused backends refuse that layout).
-        out = {self._LADAM_STATE_KEYS.get(k, k): val.clone(memory_format=torch.contiguous_format)
-               if torch.is_tensor(val) else copy.deepcopy(val)
-               for k, val in state.items()}
+        out = {
+            self._LADAM_STATE_KEYS.get(k, k): val.clone(memory_format=torch.contiguous_format)
+            if torch.is_tensor(val)
+            else copy.deepcopy(val)
+            for k, val in state.items()
+        }
         if "step" in out and not torch.is_tensor(out["step"]):
             out["step"] = torch.tensor(float(out["step"]), dtype=torch.float32)
         return out
@@ -334,8 +403,9 @@ class LaplacianOptimizer(Optimizer):
         """The state tensors the group's op takes, in the order of its signature."""
         raise NotImplementedError
 
-    def _run(self, fn: Callable, group: Dict[str, Any], params, grads, state_lists, steps, use_laps,
-             amp: Dict[str, Any]) -> None:
+    def _run(
+        self, fn: Callable, group: Dict[str, Any], params, grads, state_lists, steps, use_laps, amp: Dict[str, Any]
+    ) -> None:
         """Call the op: ``state_lists`` as :meth:`_state_keys` names them; ``amp`` holds its
         ``grad_scale`` and ``found_inf`` keywords."""
         raise NotImplementedError

@@ -16,19 +16,23 @@ a process group together) of 2K boundary rows of p, g and each state tensor per 
 extended copy of the local shard of each of those tensors (memory: one shard's worth per tensor
 kind, transient).
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.distributed as dist
 
 from ..reference.laplacian import stencil_layout
 
+if TYPE_CHECKING:  # both for annotations only (see is_dtensor for why DTensor is not imported)
+    from torch.distributed.tensor import DTensor, Shard
+    from typing_extensions import TypeGuard
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     # A DTensor exists only once torch.distributed.tensor is imported; importing it here would
     # add seconds to `import fastopt` for everyone.
     module = sys.modules.get("torch.distributed.tensor")
@@ -50,11 +54,16 @@ def row_group(p: torch.Tensor) -> Optional[dist.ProcessGroup]:
         return None
     placements = p.placements
     shard_dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
-    if any(not (pl.is_shard() or pl.is_replicate()) for pl in placements) or len(shard_dims) > 1 or (
-            shard_dims and placements[shard_dims[0]].dim != 0):
+    # placements[shard_dims[0]] is a Shard: is_shard() picked it.
+    if (
+        any(not (pl.is_shard() or pl.is_replicate()) for pl in placements)
+        or len(shard_dims) > 1
+        or (shard_dims and cast("Shard", placements[shard_dims[0]]).dim != 0)
+    ):
         raise NotImplementedError(
             f"the LAdam family supports DTensor parameters sharded by rows (Shard(0), as FSDP2 does) "
-            f"or replicated; got placements {placements} for a parameter of shape {tuple(p.shape)}")
+            f"or replicated; got placements {placements} for a parameter of shape {tuple(p.shape)}"
+        )
     if not shard_dims or p.device_mesh.size(shard_dims[0]) == 1:
         return None
     return p.device_mesh.get_group(shard_dims[0])
@@ -68,8 +77,12 @@ def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
 class HaloExtension:
     """Extended copies of row-sharded tensors for one step, and the copy back of their interiors."""
 
-    def __init__(self, tensors_per_param: Sequence[Sequence[torch.Tensor]], global_shapes: Sequence[torch.Size],
-                 group: dist.ProcessGroup):
+    def __init__(
+        self,
+        tensors_per_param: Sequence[Sequence[torch.Tensor]],
+        global_shapes: Sequence[torch.Size],
+        group: dist.ProcessGroup,
+    ):
         """``tensors_per_param[i]``: the local shards of parameter i's tensors (p, g, state ...)."""
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.items = []  # (local tensors, halo rows, columns of the grid)
@@ -79,7 +92,7 @@ class HaloExtension:
         counts = torch.tensor([ts[0].shape[0] for ts, _, _ in self.items], dtype=torch.int64)
         gathered = [torch.empty_like(counts) for _ in range(self.world)]
         dist.all_gather(gathered, counts, group=group)
-        self.counts = torch.stack(gathered).tolist()          # [rank][param] local row counts
+        self.counts = torch.stack(gathered).tolist()  # [rank][param] local row counts
         self.extended = self._exchange(group)
 
     def _boundary(self, t: torch.Tensor, halo: int, cols: int) -> torch.Tensor:
@@ -101,7 +114,7 @@ class HaloExtension:
             out = []
             for k, t in enumerate(tensors):
                 start = offset + k * per_tensor
-                blocks = [e[start:start + per_tensor].reshape(2 * halo, cols) for e in everyone]
+                blocks = [e[start : start + per_tensor].reshape(2 * halo, cols) for e in everyone]
                 above = self._collect(i, blocks, halo, backwards=True)
                 below = self._collect(i, blocks, halo, backwards=False)
                 ext = torch.cat([above, _rows(t, cols), below])
@@ -121,8 +134,8 @@ class HaloExtension:
                 continue
             take = min(valid, need)
             if backwards:  # the last rows of shard q, nearest last
-                rows.insert(0, blocks[q][2 * halo - take:2 * halo])
-            else:          # the first rows of shard q
+                rows.insert(0, blocks[q][2 * halo - take : 2 * halo])
+            else:  # the first rows of shard q
                 rows.append(blocks[q][:take])
             need -= take
             if need == 0:
@@ -139,7 +152,7 @@ class HaloExtension:
                 continue
             for k in which:
                 n = tensors[k].shape[0]
-                tensors[k].copy_(ext[k][halo:halo + n].reshape(tensors[k].shape))
+                tensors[k].copy_(ext[k][halo : halo + n].reshape(tensors[k].shape))
 
 
 def needs_halo(p: torch.Tensor, use_lap: bool) -> bool:
@@ -147,8 +160,9 @@ def needs_halo(p: torch.Tensor, use_lap: bool) -> bool:
     return bool(use_lap) and stencil_layout(p.shape) is not None and row_group(p) is not None
 
 
-def shard_views(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[Dict[str, Any]]
-                ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Dict[str, Any]], List[HaloExtension], List]:
+def shard_views(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[Dict[str, Any]]
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Dict[str, Any]], List[HaloExtension], List]:
     """Local (or halo-extended) stand-ins for a bucket of parameters, gradients and states.
 
     Returns (params, grads, states, extensions, write_backs): the stand-ins go to the step

@@ -1,4 +1,5 @@
 """ChiAnnealScheduler and suggest_c2, as ladam 0.4.1 has them."""
+
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ from typing import Any, Dict, List
 
 import torch
 from torch.optim import Optimizer
+
+from .. import _validation as v
 
 # c2 per architecture, ladam 0.4.1's recommendations (its README gives the sweeps behind them).
 _C2_BY_ARCHITECTURE = {
@@ -53,19 +56,16 @@ class ChiAnnealScheduler:
         settle_frac (float): fraction of steps of cosine-squared decay, in [0, 1). Default: 0.30.
     """
 
-    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_frac: float = 0.05,
-                 settle_frac: float = 0.30):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {total_steps}")
-        if not 0.0 <= warmup_frac < 1.0:
-            raise ValueError(f"warmup_frac must be in [0, 1), got {warmup_frac}")
-        if not 0.0 <= settle_frac < 1.0:
-            raise ValueError(f"settle_frac must be in [0, 1), got {settle_frac}")
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_frac: float = 0.05, settle_frac: float = 0.30):
+        v.torch_optimizer("optimizer", optimizer)
+        v.int_at_least(1)("total_steps", total_steps)
+        v.in_interval(0.0, 1.0, high_inclusive=False)("warmup_frac", warmup_frac)
+        v.in_interval(0.0, 1.0, high_inclusive=False)("settle_frac", settle_frac)
         if warmup_frac + settle_frac > 1.0:
-            raise ValueError(f"warmup_frac + settle_frac must be <= 1.0, got {warmup_frac} + {settle_frac} "
-                             f"= {warmup_frac + settle_frac}")
+            raise ValueError(
+                f"warmup_frac + settle_frac must be <= 1.0, got {warmup_frac} + {settle_frac} "
+                f"= {warmup_frac + settle_frac}"
+            )
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.warmup_steps = int(total_steps * warmup_frac)

@@ -1,15 +1,19 @@
 """LAdam / LAdamW: Adam with a Laplacian-smoothed second moment (ladam 0.4.1's LAdamW)."""
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Tuple, Union
 
 import torch
 
+from .. import _validation as v
 from ..reference._amp import grad_factor
 from ..reference.laplacian import STENCILS
-from . import _validation as v
 from . import _sharded
 from ._base import LaplacianOptimizer
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 MODES = ("variance_lap", "update_lap", "weight_lap", "wave_variance")
 _MODE_OPS = {
@@ -31,7 +35,8 @@ class LAdam(LaplacianOptimizer):
         p &\leftarrow p\,(1 - lr \cdot wd) \\
         m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
         \hat m &= m / (1-\beta_1^t), \qquad \hat v = v / (1-\beta_2^t) \\
-        \tilde v &= \max(\hat v + c_2 \nabla^2 \hat v,\ \epsilon) \quad\text{(where the parameter uses the Laplacian)} \\
+        \tilde v &= \max(\hat v + c_2 \nabla^2 \hat v,\ \epsilon)
+            \quad\text{(where the parameter uses the Laplacian)} \\
         p &\leftarrow p - lr\, \hat m / (\sqrt{\tilde v} + \epsilon)
 
     :math:`\nabla^2` is the circular 9-point ``[[1,4,1],[4,-20,4],[1,4,1]]/6`` or 5-point stencil
@@ -83,21 +88,54 @@ class LAdam(LaplacianOptimizer):
 
     _NAME = "LAdam"
     _CHECKS = {
-        "lr": v.at_least(0.0), "betas": v.betas, "eps": v.at_least(0.0),
-        "weight_decay": v.at_least(0.0), "c2": v.at_least(0.0), "mode": v.one_of(MODES),
-        "stencil": v.one_of(STENCILS), "min_spatial_size": v.int_at_least(0),
-        "wave_dt": v.finite, "wave_kappa": v.finite, "wave_E0": v.e0_or_auto,
+        "lr": v.at_least(0.0),
+        "betas": v.betas,
+        "eps": v.at_least(0.0),
+        "weight_decay": v.at_least(0.0),
+        "c2": v.at_least(0.0),
+        "mode": v.one_of(MODES),
+        "stencil": v.one_of(STENCILS),
+        "min_spatial_size": v.int_at_least(0),
+        "wave_dt": v.finite,
+        "wave_kappa": v.finite,
+        "wave_E0": v.e0_or_auto,
         "wave_damping": v.in_interval(0.0, 1.0, high_inclusive=True),
     }
-    _LADAM_STATE_KEYS = {"m": "exp_avg", "v": "exp_avg_sq", "v_prev": "prev_exp_avg_sq",
-                         "wave_E0_auto": "wave_e0_sq"}
+    _LADAM_STATE_KEYS = {"m": "exp_avg", "v": "exp_avg_sq", "v_prev": "prev_exp_avg_sq", "wave_E0_auto": "wave_e0_sq"}
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, c2=1e-4,
-                 mode="variance_lap", stencil="9point", min_spatial_size=16, wave_dt=0.1,
-                 wave_kappa=0.1, wave_E0=0.0, wave_damping=0.5, *, backend="auto", capturable=False):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, c2=c2, mode=mode,
-                        stencil=stencil, min_spatial_size=min_spatial_size, wave_dt=wave_dt,
-                        wave_kappa=wave_kappa, wave_E0=wave_E0, wave_damping=wave_damping)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        c2: float = 1e-4,
+        mode: str = "variance_lap",
+        stencil: str = "9point",
+        min_spatial_size: int = 16,
+        wave_dt: float = 0.1,
+        wave_kappa: float = 0.1,
+        wave_E0: Union[float, str] = 0.0,
+        wave_damping: float = 0.5,
+        *,
+        backend: str = "auto",
+        capturable: bool = False,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            c2=c2,
+            mode=mode,
+            stencil=stencil,
+            min_spatial_size=min_spatial_size,
+            wave_dt=wave_dt,
+            wave_kappa=wave_kappa,
+            wave_E0=wave_E0,
+            wave_damping=wave_damping,
+        )
         super().__init__(params, defaults, backend, capturable)
 
     def _op(self, group):
@@ -126,13 +164,29 @@ class LAdam(LaplacianOptimizer):
 
     def _run(self, fn, group, params, grads, state_lists, steps, use_laps, amp):
         beta1, beta2 = group["betas"]
-        common = dict(lr=group["lr"], beta1=beta1, eps=group["eps"], weight_decay=group["weight_decay"],
-                      c2=group["c2"], stencil=group["stencil"], **amp)
+        common = dict(
+            lr=group["lr"],
+            beta1=beta1,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            c2=group["c2"],
+            stencil=group["stencil"],
+            **amp,
+        )
         if group["mode"] == "wave_variance":
             e0 = group["wave_E0"]
-            fn(params, grads, *state_lists, steps, use_laps, wave_dt=group["wave_dt"],
-               wave_kappa=group["wave_kappa"], wave_E0=0.0 if e0 == "auto" else e0,
-               wave_damping=group["wave_damping"], **common)
+            fn(
+                params,
+                grads,
+                *state_lists,
+                steps,
+                use_laps,
+                wave_dt=group["wave_dt"],
+                wave_kappa=group["wave_kappa"],
+                wave_E0=0.0 if e0 == "auto" else e0,
+                wave_damping=group["wave_damping"],
+                **common,
+            )
         else:
             fn(params, grads, *state_lists, steps, use_laps, beta2=beta2, **common)
 

@@ -1,11 +1,17 @@
 """LAdaGrad and LRMSProp: AdaGrad and RMSProp with a Laplacian-smoothed accumulator (ladam 0.4.1)."""
+
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Union
 
 import torch
 
+from .. import _validation as v
 from ..reference.laplacian import STENCILS
-from . import _validation as v
 from ._base import LaplacianOptimizer
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 
 class LAdaGrad(LaplacianOptimizer):
@@ -38,15 +44,38 @@ class LAdaGrad(LaplacianOptimizer):
 
     _NAME = "LAdaGrad"
     _CHECKS = {
-        "lr": v.at_least(0.0), "lr_decay": v.at_least(0.0), "eps": v.at_least(0.0),
-        "weight_decay": v.at_least(0.0), "c2": v.at_least(0.0), "stencil": v.one_of(STENCILS),
+        "lr": v.at_least(0.0),
+        "lr_decay": v.at_least(0.0),
+        "eps": v.at_least(0.0),
+        "weight_decay": v.at_least(0.0),
+        "c2": v.at_least(0.0),
+        "stencil": v.one_of(STENCILS),
         "min_spatial_size": v.int_at_least(0),
     }
 
-    def __init__(self, params, lr=1e-2, lr_decay=0, eps=1e-10, weight_decay=0, c2=1e-4,
-                 stencil="9point", min_spatial_size=16, *, backend="auto", capturable=False):
-        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay, c2=c2,
-                        stencil=stencil, min_spatial_size=min_spatial_size)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, torch.Tensor] = 1e-2,
+        lr_decay: float = 0,
+        eps: float = 1e-10,
+        weight_decay: float = 0,
+        c2: float = 1e-4,
+        stencil: str = "9point",
+        min_spatial_size: int = 16,
+        *,
+        backend: str = "auto",
+        capturable: bool = False,
+    ):
+        defaults = dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            eps=eps,
+            weight_decay=weight_decay,
+            c2=c2,
+            stencil=stencil,
+            min_spatial_size=min_spatial_size,
+        )
         super().__init__(params, defaults, backend, capturable)
 
     def _op(self, group):
@@ -60,8 +89,20 @@ class LAdaGrad(LaplacianOptimizer):
         return ("sum",)
 
     def _run(self, fn, group, params, grads, state_lists, steps, use_laps, amp):
-        fn(params, grads, state_lists[0], steps, use_laps, lr=group["lr"], lr_decay=group["lr_decay"],
-           eps=group["eps"], weight_decay=group["weight_decay"], c2=group["c2"], stencil=group["stencil"], **amp)
+        fn(
+            params,
+            grads,
+            state_lists[0],
+            steps,
+            use_laps,
+            lr=group["lr"],
+            lr_decay=group["lr_decay"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            c2=group["c2"],
+            stencil=group["stencil"],
+            **amp,
+        )
 
 
 class LRMSProp(LaplacianOptimizer):
@@ -95,15 +136,41 @@ class LRMSProp(LaplacianOptimizer):
 
     _NAME = "LRMSProp"
     _CHECKS = {
-        "lr": v.at_least(0.0), "alpha": v.in_interval(0.0, 1.0, high_inclusive=False),
-        "eps": v.at_least(0.0), "weight_decay": v.at_least(0.0), "momentum": v.at_least(0.0),
-        "c2": v.at_least(0.0), "stencil": v.one_of(STENCILS), "min_spatial_size": v.int_at_least(0),
+        "lr": v.at_least(0.0),
+        "alpha": v.in_interval(0.0, 1.0, high_inclusive=False),
+        "eps": v.at_least(0.0),
+        "weight_decay": v.at_least(0.0),
+        "momentum": v.at_least(0.0),
+        "c2": v.at_least(0.0),
+        "stencil": v.one_of(STENCILS),
+        "min_spatial_size": v.int_at_least(0),
     }
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, c2=1e-4,
-                 stencil="9point", min_spatial_size=16, *, backend="auto", capturable=False):
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        c2=c2, stencil=stencil, min_spatial_size=min_spatial_size)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, torch.Tensor] = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        c2: float = 1e-4,
+        stencil: str = "9point",
+        min_spatial_size: int = 16,
+        *,
+        backend: str = "auto",
+        capturable: bool = False,
+    ):
+        defaults = dict(
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            c2=c2,
+            stencil=stencil,
+            min_spatial_size=min_spatial_size,
+        )
         super().__init__(params, defaults, backend, capturable)
 
     def _op(self, group):
@@ -120,6 +187,19 @@ class LRMSProp(LaplacianOptimizer):
 
     def _run(self, fn, group, params, grads, state_lists, steps, use_laps, amp):
         momentum = group["momentum"]
-        fn(params, grads, state_lists[0], state_lists[1] if momentum > 0 else None, steps, use_laps,
-           lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-           momentum=momentum, c2=group["c2"], stencil=group["stencil"], **amp)
+        fn(
+            params,
+            grads,
+            state_lists[0],
+            state_lists[1] if momentum > 0 else None,
+            steps,
+            use_laps,
+            lr=group["lr"],
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            c2=group["c2"],
+            stencil=group["stencil"],
+            **amp,
+        )

@@ -17,10 +17,11 @@ Every LAdam-family op takes two optional keyword arguments, the same on every ba
 
 The reference runs eagerly and may read both on the host; the fused backends read them in-kernel.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -34,8 +35,10 @@ def check_lr(lr, device: torch.device) -> None:
     """An op's ``lr``: a float, or (capturable steps) a 1-element float32 tensor on the params'
     device, which the triton backend reads in-kernel and the others read on the host."""
     if isinstance(lr, Tensor) and (lr.dtype != torch.float32 or lr.numel() != 1 or lr.device != device):
-        raise ValueError(f"lr as a tensor must be a 1-element float32 tensor on {device} (the params' device); got "
-                         f"shape {tuple(lr.shape)} {lr.dtype} on {lr.device}")
+        raise ValueError(
+            f"lr as a tensor must be a 1-element float32 tensor on {device} (the params' device); got "
+            f"shape {tuple(lr.shape)} {lr.dtype} on {lr.device}"
+        )
 
 
 def host_lr(lr, device: torch.device) -> float:
@@ -49,7 +52,7 @@ def grad_factor(grad_scale: Tensor) -> Tensor:
     return grad_scale.double().reciprocal().float()
 
 
-def _unscaled(grads: Sequence[Tensor], grad_scale: Tensor) -> List[Tensor]:
+def _unscaled(grads: Sequence[Tensor], grad_scale: Tensor) -> Sequence[Tensor]:
     # New tensors, in the math dtype: the caller's gradients stay as they are.
     factor = grad_factor(grad_scale.to(grads[0].device))
     return torch._foreach_mul(upcast(grads), factor)
@@ -58,9 +61,11 @@ def _unscaled(grads: Sequence[Tensor], grad_scale: Tensor) -> List[Tensor]:
 def amp_step(step: Callable) -> Callable:
     """Give a reference op (params and grads first) the keywords ``grad_scale`` and ``found_inf``,
     and an ``lr`` that may be a tensor (:func:`check_lr`; read on the host)."""
+
     @functools.wraps(step)
-    def with_amp(params, grads, *args, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-                 **kwargs) -> None:
+    def with_amp(
+        params, grads, *args, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None, **kwargs
+    ) -> None:
         if len(params) and "lr" in kwargs:
             kwargs["lr"] = host_lr(kwargs["lr"], params[0].device)
         if found_inf is not None and bool(found_inf != 0):

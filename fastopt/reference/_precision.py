@@ -4,6 +4,7 @@ State and parameters stay in the parameter's dtype; low-precision tensors are re
 updated there and rounded once on the way back, as the fused kernels do (apex's MATH_T = float).
 For fp32 and fp64 nothing is copied: the lists returned are the caller's own tensors.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union

@@ -11,6 +11,7 @@ results rounded once to the input dtype. fp32 products are IEEE fp32 on every de
 caller that enabled TF32 matmuls gets them switched off for this op, because TF32's 10-bit
 mantissa would make J^T J singular for the ill-conditioned problems LM is used on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,10 @@ def check_gram_inputs(jac: Tensor, res: Tensor) -> None:
     if res.shape != jac.shape[:2]:
         raise ValueError(f"batched_gram: res must have shape (B, N) = {tuple(jac.shape[:2])}, got {tuple(res.shape)}")
     if res.dtype != jac.dtype or res.device != jac.device:
-        raise ValueError(f"batched_gram: jac and res must share dtype and device, got {jac.dtype} on {jac.device} "
-                         f"and {res.dtype} on {res.device}")
+        raise ValueError(
+            f"batched_gram: jac and res must share dtype and device, got {jac.dtype} on {jac.device} "
+            f"and {res.dtype} on {res.device}"
+        )
 
 
 @contextlib.contextmanager

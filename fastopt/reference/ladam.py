@@ -9,6 +9,7 @@ per-tensor Laplacian switch, frozen at each tensor's first step), then the group
 hyperparameters as keywords, then the optional AMP inputs ``grad_scale`` and ``found_inf``
 (:mod:`fastopt.reference._amp`).
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -42,7 +43,7 @@ def _adam_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2) -> None:
 
 
 def _bias_corrected(tensors, steps, beta):
-    return torch._foreach_div(tensors, [1 - beta ** t for t in step_values(steps)])
+    return torch._foreach_div(tensors, [1 - beta**t for t in step_values(steps)])
 
 
 def _sqrt_plus(tensors, eps):
@@ -64,10 +65,22 @@ def _adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, we
 
 
 @amp_step
-def ladam_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                         exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], use_laps: Sequence[bool],
-                         *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                         c2: float, stencil: str) -> None:
+def ladam_step_reference(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    use_laps: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    c2: float,
+    stencil: str,
+) -> None:
     """Mode ``variance_lap`` (the default):
 
     .. math::
@@ -76,6 +89,7 @@ def ladam_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], exp_
         \\tilde v &= \\max(\\hat v + c_2 \\nabla^2 \\hat v, \\epsilon) \\text{ if use\\_lap else } \\hat v \\\\
         p &\\leftarrow p - lr\\, \\hat m / (\\sqrt{\\tilde v} + \\epsilon)
     """
+
     def update_params(p, m_hat, v_hat):
         v_smooth = [smooth(x, c2, stencil, eps) if lap else x for x, lap in zip(v_hat, use_laps)]
         torch._foreach_addcdiv_(p, m_hat, _sqrt_plus(v_smooth, eps), value=-lr)
@@ -84,10 +98,25 @@ def ladam_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], exp_
 
 
 @amp_step
-def ladam_update_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
-                                    *, lr, beta1, beta2, eps, weight_decay, c2, stencil) -> None:
+def ladam_update_lap_step_reference(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    use_laps: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    c2: float,
+    stencil: str,
+) -> None:
     """Mode ``update_lap``: Adam's update ``u = m_hat / (sqrt(v_hat) + eps)`` is smoothed,
     ``u += c2 * lap(u)`` where use_lap, then ``p -= lr * u``."""
+
     def update_params(p, m_hat, v_hat):
         update = torch._foreach_div(m_hat, _sqrt_plus(v_hat, eps))
         update = [u + c2 * laplacian(u, stencil) if lap else u for u, lap in zip(update, use_laps)]
@@ -97,10 +126,25 @@ def ladam_update_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps,
 
 
 @amp_step
-def ladam_weight_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, use_laps,
-                                    *, lr, beta1, beta2, eps, weight_decay, c2, stencil) -> None:
+def ladam_weight_lap_step_reference(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    use_laps: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    c2: float,
+    stencil: str,
+) -> None:
     """Mode ``weight_lap``: a plain Adam step, then weight-space diffusion ``p += c2 * lap(p)``
     where use_lap."""
+
     def update_params(p, m_hat, v_hat):
         torch._foreach_addcdiv_(p, m_hat, _sqrt_plus(v_hat, eps), value=-lr)
         for x, lap in zip(p, use_laps):
@@ -111,9 +155,27 @@ def ladam_weight_lap_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps,
 
 
 @amp_step
-def ladam_wave_step_reference(params, grads, exp_avgs, exp_avg_sqs, prev_exp_avg_sqs, wave_e0_sqs,
-                              steps, use_laps, *, lr, beta1, eps, weight_decay, c2, stencil,
-                              wave_dt, wave_kappa, wave_E0, wave_damping) -> None:
+def ladam_wave_step_reference(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    prev_exp_avg_sqs: Sequence[Tensor],
+    wave_e0_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    use_laps: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    eps: float,
+    weight_decay: float,
+    c2: float,
+    stencil: str,
+    wave_dt: float,
+    wave_kappa: float,
+    wave_E0: float,
+    wave_damping: float,
+) -> None:
     """Mode ``wave_variance``: v follows a damped leapfrog wave equation instead of an EMA.
 
     Step 1 seeds ``v = v_prev = max(g^2, eps)`` and, when ``wave_E0 == 0``, records the

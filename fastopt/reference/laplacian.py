@@ -3,6 +3,7 @@
 Every backend implements exactly this; kernels take the same ``stencil_layout`` so that the
 decision of which tensors get which stencil lives in one place.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -68,8 +69,12 @@ def laplacian(x: torch.Tensor, stencil: str = "9point") -> torch.Tensor:
             lap = faces - 4 * grid
         else:
             # Corners: the up/down neighbours' left/right neighbours.
-            corners = (torch.roll(up, 1, dims=1) + torch.roll(up, -1, dims=1)
-                       + torch.roll(down, 1, dims=1) + torch.roll(down, -1, dims=1))
+            corners = (
+                torch.roll(up, 1, dims=1)
+                + torch.roll(up, -1, dims=1)
+                + torch.roll(down, 1, dims=1)
+                + torch.roll(down, -1, dims=1)
+            )
             lap = (4 * faces + corners - 20 * grid) / 6
     return lap.reshape(x.shape)
 

@@ -19,18 +19,18 @@ lower triangle only (``torch.linalg.cholesky`` does; :func:`symmetrize_lower` bu
 matrix for the others). Arithmetic runs in fp32 for fp32/bf16/fp16 inputs (``out`` is fp32) and
 in fp64 for fp64; fp32 products are IEEE fp32, never TF32.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._precision import math_dtype
 
-__all__ = ["jacobian_products_reference", "check_jacobian_products_args", "symmetrize_lower",
-           "gram_column_blocks"]
+__all__ = ["jacobian_products_reference", "check_jacobian_products_args", "symmetrize_lower", "gram_column_blocks"]
 
 # Column panels of the lower triangle: about M/8 columns wide (multiples of 64), 128 to 512.
 # Measured on this project's 2-core AMD EPYC (MKL sgemm, one thread, out with 64-byte aligned
@@ -41,7 +41,7 @@ __all__ = ["jacobian_products_reference", "check_jacobian_products_args", "symme
 _MIN_PANEL, _MAX_PANEL = 128, 512
 
 
-def gram_column_blocks(m: int):
+def gram_column_blocks(m: int) -> List[Tuple[int, int]]:
     """The column panels ``[(start, end), ...]`` the reference splits an m-wide Gram into."""
     width = min(_MAX_PANEL, max(_MIN_PANEL, -(-m // 8 // 64) * 64))
     return [(s, min(s + width, m)) for s in range(0, m, width)]
@@ -50,23 +50,31 @@ def gram_column_blocks(m: int):
 def check_jacobian_products_args(a: Tensor, out: Tensor, shift: Optional[Tensor], scale: float) -> None:
     """The argument checks every implementation runs before it writes anything."""
     if not isinstance(a, Tensor) or a.dim() != 2:
-        raise ValueError(f"jacobian_products: a must be a 2-D tensor (rows x columns); got "
-                         f"{type(a).__name__ if not isinstance(a, Tensor) else tuple(a.shape)}")
+        raise ValueError(
+            f"jacobian_products: a must be a 2-D tensor (rows x columns); got "
+            f"{type(a).__name__ if not isinstance(a, Tensor) else tuple(a.shape)}"
+        )
     if not a.is_floating_point():
         raise TypeError(f"jacobian_products: a must be a floating-point tensor; got {a.dtype}")
     m = a.shape[1]
     if not isinstance(out, Tensor) or tuple(out.shape) != (m, m):
-        raise ValueError(f"jacobian_products: out must be a ({m}, {m}) tensor for a of shape "
-                         f"{tuple(a.shape)}; got {tuple(out.shape) if isinstance(out, Tensor) else out!r}")
+        raise ValueError(
+            f"jacobian_products: out must be a ({m}, {m}) tensor for a of shape "
+            f"{tuple(a.shape)}; got {tuple(out.shape) if isinstance(out, Tensor) else out!r}"
+        )
     if out.dtype != math_dtype(a.dtype):
-        raise TypeError(f"jacobian_products: out must be {math_dtype(a.dtype)} (the accumulation dtype of "
-                        f"{a.dtype} inputs); got {out.dtype}")
+        raise TypeError(
+            f"jacobian_products: out must be {math_dtype(a.dtype)} (the accumulation dtype of "
+            f"{a.dtype} inputs); got {out.dtype}"
+        )
     if out.device != a.device:
         raise ValueError(f"jacobian_products: a is on {a.device} but out on {out.device}")
     if shift is not None:
         if not isinstance(shift, Tensor) or tuple(shift.shape) != (m,):
-            raise ValueError(f"jacobian_products: shift must be a ({m},) tensor; got "
-                             f"{tuple(shift.shape) if isinstance(shift, Tensor) else shift!r}")
+            raise ValueError(
+                f"jacobian_products: shift must be a ({m},) tensor; got "
+                f"{tuple(shift.shape) if isinstance(shift, Tensor) else shift!r}"
+            )
         if shift.device != a.device:
             raise ValueError(f"jacobian_products: shift is on {shift.device} but a on {a.device}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
@@ -81,7 +89,7 @@ def _ieee_fp32_matmul(device: torch.device):
         return
     settings = torch.backends.cuda.matmul
     # torch >= 2.9 has fp32_precision ("ieee" / "tf32"); older versions only allow_tf32.
-    name, value = (("fp32_precision", "ieee") if hasattr(settings, "fp32_precision") else ("allow_tf32", False))
+    name, value = ("fp32_precision", "ieee") if hasattr(settings, "fp32_precision") else ("allow_tf32", False)
     previous = getattr(settings, name)
     setattr(settings, name, value)
     try:

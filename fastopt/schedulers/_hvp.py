@@ -27,14 +27,16 @@ statistics, as the training forward does), ``scaled_dot_product_attention`` uses
 seeded with the estimate's own seed and restored afterwards, so dropout masks are the same in
 every evaluation of one estimate and the training run's random stream is not advanced.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import Node
 from torch.func import functional_call, grad_and_value, jvp, vmap
 
 HVP_METHODS = ("reverse_over_reverse", "reverse_over_reverse_loop", "forward_over_reverse", "finite_difference")
@@ -50,8 +52,11 @@ AUTO_ORDER = ("reverse_over_reverse", "reverse_over_reverse_loop", "forward_over
 def _batchnorm_without_tracking(model: nn.Module) -> Iterator[None]:
     # In training mode BatchNorm normalises with batch statistics either way; with tracking off it
     # just does not write running_mean/var (a write that torch.func transforms also reject).
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
     for m in norms:
         m.track_running_stats = False
     try:
@@ -67,14 +72,16 @@ def _math_attention(enabled: bool) -> Iterator[None]:
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with sdpa_kernel([SDPBackend.MATH]):
         yield
 
 
 @contextlib.contextmanager
 def _seeded_rng(seed: int, devices: Sequence[torch.device]) -> Iterator[None]:
-    cuda = sorted({d.index if d.index is not None else torch.cuda.current_device()
-                   for d in devices if d.type == "cuda"})
+    cuda = sorted(
+        {d.index if d.index is not None else torch.cuda.current_device() for d in devices if d.type == "cuda"}
+    )
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(seed)
         for index in cuda:
@@ -89,8 +96,17 @@ class Objective:
     ``names`` (``functional_call``), on cloned buffers, under the estimate's seeded RNG.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Optional[Callable], names: Sequence[str],
-                 params: Sequence[Tensor], inputs: Any, targets: Any, seed: int, math_attention: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Optional[Callable],
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        inputs: Any,
+        targets: Any,
+        seed: int,
+        math_attention: bool,
+    ):
         self.model = model
         self.loss_fn = loss_fn
         self.names = list(names)
@@ -118,14 +134,21 @@ class Objective:
 
 def check_scalar_loss(loss: Any, what: str) -> Tensor:
     if not torch.is_tensor(loss) or loss.numel() != 1 or not loss.is_floating_point():
-        got = f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if torch.is_tensor(loss) \
+        got = (
+            f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}"
+            if torch.is_tensor(loss)
             else type(loss).__name__
-        raise TypeError(f"{what} must return a real scalar tensor (the loss), got {got}; pass a loss_fn "
-                        "that reduces the model's output (a dict or tuple too) to one number")
+        )
+        raise TypeError(
+            f"{what} must return a real scalar tensor (the loss), got {got}; pass a loss_fn "
+            "that reduces the model's output (a dict or tuple too) to one number"
+        )
     return loss.reshape(())
 
 
-def _zeros_for_none(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor], batch: Optional[int] = None) -> List[Tensor]:
+def _zeros_for_none(
+    grads: Sequence[Optional[Tensor]], like: Sequence[Tensor], batch: Optional[int] = None
+) -> List[Tensor]:
     # A parameter the loss does not use has a zero gradient and a zero Hessian row.
     out = []
     for g, p in zip(grads, like):
@@ -138,14 +161,16 @@ def _zeros_for_none(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor], b
 # Nodes that mark a missing double backward. A backward decorated @once_differentiable hangs an
 # Error node off a detached leaf: autograd.grad(g, params) prunes that branch and would return
 # Hessian-vector products without those second-derivative terms, silently. Found by a graph walk.
-_NO_DOUBLE_BACKWARD = {"torch::autograd::Error": "a custom autograd.Function whose backward is @once_differentiable",
-                       "torch::autograd::NotImplemented": "an op whose derivative of the backward is not implemented"}
+_NO_DOUBLE_BACKWARD = {
+    "torch::autograd::Error": "a custom autograd.Function whose backward is @once_differentiable",
+    "torch::autograd::NotImplemented": "an op whose derivative of the backward is not implemented",
+}
 
 
 def check_twice_differentiable(grads: Sequence[Tensor]) -> None:
     """Raise if the graph of ``grads`` holds a node that cannot be differentiated (see above)."""
-    stack = [g.grad_fn for g in grads if g.grad_fn is not None]
-    seen = set()
+    stack: List[Optional[Node]] = [g.grad_fn for g in grads if g.grad_fn is not None]
+    seen: Set[Node] = set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -153,8 +178,10 @@ def check_twice_differentiable(grads: Sequence[Tensor]) -> None:
         seen.add(node)
         reason = _NO_DOUBLE_BACKWARD.get(node.name())
         if reason is not None:
-            raise RuntimeError(f"the gradient graph holds a {node.name()} node: {reason}; it has no double "
-                               "backward, so reverse-over-reverse Hessian-vector products are impossible")
+            raise RuntimeError(
+                f"the gradient graph holds a {node.name()} node: {reason}; it has no double "
+                "backward, so reverse-over-reverse Hessian-vector products are impossible"
+            )
         stack.extend(fn for fn, _ in node.next_functions)
 
 
@@ -174,8 +201,9 @@ class ReverseOverReverse:
             self._build(loss, objective.params, batched, verify)
 
     @classmethod
-    def from_loss(cls, loss: Tensor, params: Sequence[Tensor], batched: bool = True,
-                  verify: bool = True) -> "ReverseOverReverse":
+    def from_loss(
+        cls, loss: Tensor, params: Sequence[Tensor], batched: bool = True, verify: bool = True
+    ) -> "ReverseOverReverse":
         self = cls.__new__(cls)
         with torch.enable_grad():
             self._build(loss, params, batched, verify)
@@ -185,7 +213,7 @@ class ReverseOverReverse:
         self.batched = batched
         self.params = list(params)
         self.loss = loss.detach()
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        grads: Sequence[Tensor] = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         grads = _zeros_for_none(grads, self.params)
         if verify:
             check_twice_differentiable(grads)
@@ -202,13 +230,20 @@ class ReverseOverReverse:
         with torch.enable_grad():
             cotangents = [vectors[i] for i in self._live]
             if self.batched:
-                hv = torch.autograd.grad(self._graph_grads, self.params, cotangents, retain_graph=True,
-                                         is_grads_batched=True, allow_unused=True)
+                hv = torch.autograd.grad(
+                    self._graph_grads,
+                    self.params,
+                    cotangents,
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
                 return [h.detach() for h in _zeros_for_none(hv, self.params, k)]
             rows = []
             for j in range(k):
-                hv = torch.autograd.grad(self._graph_grads, self.params, [c[j] for c in cotangents],
-                                         retain_graph=True, allow_unused=True)
+                hv = torch.autograd.grad(
+                    self._graph_grads, self.params, [c[j] for c in cotangents], retain_graph=True, allow_unused=True
+                )
                 rows.append(_zeros_for_none(hv, self.params))
             return [torch.stack([r[i] for r in rows]).detach() for i in range(len(self.params))]
 
@@ -240,12 +275,17 @@ class ForwardOverReverse:
         def loss_of(params: Dict[str, Tensor]) -> Tensor:
             return self.objective([params[n] for n in names])
 
-        def one(tangents: Dict[str, Tensor]):
-            (grads, loss), (hv, _) = jvp(grad_and_value(loss_of), (self._primals,), (tangents,))
+        def one(tangents: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Tensor]:
+            # jvp without has_aux returns (primals_out, tangents_out); its stub also admits a 3-tuple.
+            (grads, loss), (hv, _) = cast(
+                Tuple[Tuple[Dict[str, Tensor], Tensor], Tuple[Dict[str, Tensor], Tensor]],
+                jvp(grad_and_value(loss_of), (self._primals,), (tangents,)),
+            )
             return hv, grads, loss
 
         with self.objective.evaluation_context():
-            hv, grads, loss = vmap(one, randomness="same", out_dims=(0, None, None))(dict(zip(names, vectors)))
+            # out_dims_t in torch's stubs omits None inside the tuple, which vmap accepts (unbatched outputs).
+            hv, grads, loss = vmap(one, randomness="same", out_dims=(0, None, None))(dict(zip(names, vectors)))  # type: ignore[arg-type]
         if self.grads is None:
             self.loss, self.grads = loss.detach(), [grads[n].detach() for n in names]
         return [hv[n].detach() for n in names]

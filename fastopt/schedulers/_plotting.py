@@ -1,33 +1,32 @@
 """PNG line plots of scheduler histories; matplotlib is optional and imported only here, when asked."""
+
 from __future__ import annotations
 
 import math
 import os
 from typing import Optional, Sequence, Tuple
 
+from .._plotting import agg_figure
+
 Series = Tuple[Sequence[float], Sequence[float], str]  # x, y, label
 
 
-def _matplotlib(what: str):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(f"{what} needs matplotlib, an optional dependency of fastopt: "
-                          "pip install 'fastopt[plot]'") from err
-    return Figure, FigureCanvasAgg
-
-
-def save_line_plot(path: str, series: Sequence[Series], *, title: str, xlabel: str, ylabel: str,
-                   what: str, log_y: Optional[bool] = None) -> str:
+def save_line_plot(
+    path: str,
+    series: Sequence[Series],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    what: str,
+    log_y: Optional[bool] = None,
+) -> str:
     """Draw ``series`` into a PNG at ``path`` and return the path.
 
     A Figure with the Agg canvas, not pyplot: no GUI backend, no global state left behind.
     ``log_y=None`` uses a log scale when every finite value is positive.
     """
-    Figure, FigureCanvasAgg = _matplotlib(what)
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = agg_figure(what, figsize=(7, 4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     values = [y for _, ys, _ in series for y in ys if math.isfinite(y)]
     for xs, ys, label in series:

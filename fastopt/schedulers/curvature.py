@@ -20,6 +20,7 @@ same probes, :math:`\mathrm{tr}\, H_{gg} = E[v_g^\top (Hv)_g]` (the cross-block 
 so they cost nothing extra; power iteration runs one vector per group beside the global one, all
 in the same batched Hessian-vector product per iteration.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..optim import _validation as v
+from .. import _validation as v
 from . import _hvp
 
 METHODS = ("hutchinson", "power")
@@ -77,8 +78,14 @@ class CurvatureMeasurement(GroupMeasurement):
 
 def _rademacher(like: Sequence[Tensor], k: int, generator: torch.Generator) -> List[Tensor]:
     # Drawn on the generator's device (the first parameter's), then moved: parameters may span devices.
-    return [torch.empty((k,) + tuple(p.shape), dtype=p.dtype, device=generator.device)
-            .bernoulli_(0.5, generator=generator).mul_(2).sub_(1).to(p.device) for p in like]
+    return [
+        torch.empty((k,) + tuple(p.shape), dtype=p.dtype, device=generator.device)
+        .bernoulli_(0.5, generator=generator)
+        .mul_(2)
+        .sub_(1)
+        .to(p.device)
+        for p in like
+    ]
 
 
 def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -155,32 +162,37 @@ class CurvatureEstimator:
         >>> est.hessian_trace(x, y, n_samples=100), est.top_eigenvalue(x, y, n_iterations=20)
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Optional[Callable], method: str = "hutchinson", *,
-                 n_samples: int = 10, n_iterations: int = 5, tol: Optional[float] = None, hvp: str = "auto",
-                 groups: Union[None, str, Mapping[str, Iterable[Tensor]], torch.optim.Optimizer] = None,
-                 parameters: Optional[Iterable[Tensor]] = None, estimation_batch_size: Optional[int] = None,
-                 max_probes_per_pass: Optional[int] = None, eps: float = 1e-8, math_attention: bool = True,
-                 fd_relative_step: Optional[float] = None, seed: int = 0):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Optional[Callable],
+        method: str = "hutchinson",
+        *,
+        n_samples: int = 10,
+        n_iterations: int = 5,
+        tol: Optional[float] = None,
+        hvp: str = "auto",
+        groups: Union[None, str, Mapping[str, Iterable[Tensor]], torch.optim.Optimizer] = None,
+        parameters: Optional[Iterable[Tensor]] = None,
+        estimation_batch_size: Optional[int] = None,
+        max_probes_per_pass: Optional[int] = None,
+        eps: float = 1e-8,
+        math_attention: bool = True,
+        fd_relative_step: Optional[float] = None,
+        seed: int = 0,
+    ):
+        v.nn_module("model", model)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
         v.one_of(METHODS)("method", method)
         v.int_at_least(1)("n_samples", n_samples)
         v.int_at_least(1)("n_iterations", n_iterations)
-        if tol is not None:
-            v.at_least(0.0)("tol", tol)
+        v.optional(v.at_least(0.0))("tol", tol)
         v.one_of(HVP_CHOICES)("hvp", hvp)
-        if estimation_batch_size is not None:
-            v.int_at_least(1)("estimation_batch_size", estimation_batch_size)
-        if max_probes_per_pass is not None:
-            v.int_at_least(1)("max_probes_per_pass", max_probes_per_pass)
-        v.at_least(0.0)("eps", eps)
-        v.finite("eps", eps)
-        if fd_relative_step is not None:
-            v.finite("fd_relative_step", fd_relative_step)
-            if not fd_relative_step > 0:
-                raise ValueError(f"Invalid fd_relative_step: {fd_relative_step!r} (must be > 0)")
+        v.optional(v.int_at_least(1))("estimation_batch_size", estimation_batch_size)
+        v.optional(v.int_at_least(1))("max_probes_per_pass", max_probes_per_pass)
+        v.at_least(0.0, finite=True)("eps", eps)
+        v.optional(v.finite_positive)("fd_relative_step", fd_relative_step)
         v.int_at_least(0)("seed", seed)
         self.model = model
         self.loss_fn = loss_fn
@@ -220,7 +232,9 @@ class CurvatureEstimator:
             raise ValueError("model has no trainable parameters (none requires grad): nothing to measure")
         dtypes = {p.dtype for _, p in named}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise TypeError(f"the measured parameters must share one floating-point dtype, got {sorted(map(str, dtypes))}")
+            raise TypeError(
+                f"the measured parameters must share one floating-point dtype, got {sorted(map(str, dtypes))}"
+            )
         return [n for n, _ in named], [p for _, p in named]
 
     def _resolve_groups(self, groups) -> Dict[str, List[int]]:
@@ -239,8 +253,10 @@ class CurvatureEstimator:
         elif isinstance(groups, Mapping):
             items = [(str(k), val) for k, val in groups.items()]
         else:
-            raise TypeError(f"groups must be None, one of {GROUPINGS}, a mapping name -> parameters or an "
-                            f"optimizer, got {type(groups).__name__}")
+            raise TypeError(
+                f"groups must be None, one of {GROUPINGS}, a mapping name -> parameters or an "
+                f"optimizer, got {type(groups).__name__}"
+            )
         for key, tensors in items:
             if key in out:
                 raise ValueError(f"groups: the name {key!r} appears twice")
@@ -248,8 +264,10 @@ class CurvatureEstimator:
             idx = []
             for p in tensors:
                 if id(p) not in index:
-                    raise ValueError(f"groups[{key!r}] holds a tensor that is not among the measured parameters "
-                                     "(the model's trainable parameters, or `parameters`)")
+                    raise ValueError(
+                        f"groups[{key!r}] holds a tensor that is not among the measured parameters "
+                        "(the model's trainable parameters, or `parameters`)"
+                    )
                 idx.append(index[id(p)])
             if not idx:
                 raise ValueError(f"groups[{key!r}] is empty")
@@ -276,8 +294,10 @@ class CurvatureEstimator:
         """:math:`\\kappa_g` of each group (needs ``groups``); also appends the global :math:`\\kappa`
         to ``curvature_history``."""
         if not self.groups:
-            raise ValueError("estimate_per_group needs groups: construct the estimator with groups='layers', "
-                             "'parameters', a mapping name -> parameters or an optimizer")
+            raise ValueError(
+                "estimate_per_group needs groups: construct the estimator with groups='layers', "
+                "'parameters', a mapping name -> parameters or an optimizer"
+            )
         m = self.measure(inputs, targets)
         self.curvature_history.append(m.curvature)
         return {k: g.curvature for k, g in m.groups.items()}
@@ -295,27 +315,34 @@ class CurvatureEstimator:
         probes (default ``self.n_samples``), whatever ``method`` is."""
         n = self.n_samples if n_samples is None else n_samples
         v.int_at_least(1)("n_samples", n)
-        return self._measure(self._source(inputs, targets), "hutchinson", n, self.n_iterations).trace
+        trace = self._measure(self._source(inputs, targets), "hutchinson", n, self.n_iterations).trace
+        assert trace is not None  # the hutchinson method always sets it
+        return trace
 
     def top_eigenvalue(self, inputs: Any, targets: Any = None, n_iterations: Optional[int] = None) -> float:
         """The eigenvalue of :math:`\\nabla^2 L` of largest magnitude (signed), by ``n_iterations``
         power iterations (default ``self.n_iterations``), whatever ``method`` is."""
         n = self.n_iterations if n_iterations is None else n_iterations
         v.int_at_least(1)("n_iterations", n)
-        return self._measure(self._source(inputs, targets), "power", self.n_samples, n).top_eigenvalue
+        top = self._measure(self._source(inputs, targets), "power", self.n_samples, n).top_eigenvalue
+        assert top is not None  # the power method always sets it
+        return top
 
     def hessian_vector_products(self, inputs: Any, targets: Any, vectors: Sequence[Tensor]) -> List[Tensor]:
         """:math:`H v_i` for a batch of vectors: ``vectors[j]`` has shape ``(k, *p_j.shape)`` for the
         j-th measured parameter (order of ``self.names``); the result has the same shapes."""
         vectors = list(vectors)
         if len(vectors) != len(self.params):
-            raise ValueError(f"vectors must hold one tensor per measured parameter ({len(self.params)}), "
-                             f"got {len(vectors)}")
+            raise ValueError(
+                f"vectors must hold one tensor per measured parameter ({len(self.params)}), got {len(vectors)}"
+            )
         k = vectors[0].shape[0] if torch.is_tensor(vectors[0]) and vectors[0].dim() > 0 else None
         for j, (t, p) in enumerate(zip(vectors, self.params)):
             if not torch.is_tensor(t) or tuple(t.shape) != (k,) + tuple(p.shape):
-                raise ValueError(f"vectors[{j}] must have shape (k, *{tuple(p.shape)}) with the same k for all, "
-                                 f"got {tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+                raise ValueError(
+                    f"vectors[{j}] must have shape (k, *{tuple(p.shape)}) with the same k for all, "
+                    f"got {tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}"
+                )
         vectors = [t.to(device=p.device, dtype=p.dtype) for t, p in zip(vectors, self.params)]
         return self._first_products(self._source(inputs, targets), vectors)[1]
 
@@ -324,9 +351,13 @@ class CurvatureEstimator:
         """History, the probe generator's state and the resolved HVP engine; plain types and one
         uint8 tensor, so ``torch.load(weights_only=True)`` reads it."""
         last = self.last_measurement
-        return {"curvature_history": list(self.curvature_history), "hvp_in_use": self.hvp_in_use,
-                "resolved": dict(self._resolved), "generator": self._generator.get_state(),
-                "last_measurement": None if last is None else dataclasses.asdict(last)}
+        return {
+            "curvature_history": list(self.curvature_history),
+            "hvp_in_use": self.hvp_in_use,
+            "resolved": dict(self._resolved),
+            "generator": self._generator.get_state(),
+            "last_measurement": None if last is None else dataclasses.asdict(last),
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         missing = {"curvature_history", "hvp_in_use", "generator"} - set(state_dict)
@@ -350,8 +381,10 @@ class CurvatureEstimator:
     def _source(self, inputs: Any, targets: Any):
         forward_seed = self._draw_seed()  # drawn first by every source: the same probes follow
         if torch.is_inference_mode_enabled():
-            raise RuntimeError("CurvatureEstimator cannot differentiate inside torch.inference_mode(); "
-                               "call it outside (torch.no_grad() is fine: it enables grad itself)")
+            raise RuntimeError(
+                "CurvatureEstimator cannot differentiate inside torch.inference_mode(); "
+                "call it outside (torch.no_grad() is fine: it enables grad itself)"
+            )
         if self.estimation_batch_size is not None:
             leaves = [t for t in tree_flatten(inputs)[0] if torch.is_tensor(t) and t.dim() > 0]
             if not leaves:
@@ -360,8 +393,9 @@ class CurvatureEstimator:
             if self.estimation_batch_size < batch:
                 inputs = _leading_slice(inputs, batch, self.estimation_batch_size)
                 targets = _leading_slice(targets, batch, self.estimation_batch_size)
-        objective = _hvp.Objective(self.model, self.loss_fn, self.names, self.params, inputs, targets,
-                                   forward_seed, self.math_attention)
+        objective = _hvp.Objective(
+            self.model, self.loss_fn, self.names, self.params, inputs, targets, forward_seed, self.math_attention
+        )
 
         def make(name: str, verify: bool):
             if name == "finite_difference":
@@ -377,16 +411,21 @@ class CurvatureEstimator:
         self._draw_seed()  # the forward seed _source draws: probes then match those of estimate(inputs, targets)
         _hvp.check_scalar_loss(loss, "the loss passed in")
         if loss.grad_fn is None:
-            raise ValueError("the loss passed in has no autograd graph (grad_fn is None): compute it with "
-                             "gradients enabled from the model's parameters")
+            raise ValueError(
+                "the loss passed in has no autograd graph (grad_fn is None): compute it with "
+                "gradients enabled from the model's parameters"
+            )
 
         def make(name: str, verify: bool):
-            return _hvp.ReverseOverReverse.from_loss(loss, self.params, batched=(name == "reverse_over_reverse"),
-                                                     verify=verify)
+            return _hvp.ReverseOverReverse.from_loss(
+                loss, self.params, batched=(name == "reverse_over_reverse"), verify=verify
+            )
 
         if self.hvp in ("forward_over_reverse", "finite_difference"):
-            raise ValueError(f"hvp={self.hvp!r} needs inputs and targets to re-evaluate the loss; a loss graph "
-                             "supports only 'reverse_over_reverse' (or 'auto')")
+            raise ValueError(
+                f"hvp={self.hvp!r} needs inputs and targets to re-evaluate the loss; a loss graph "
+                "supports only 'reverse_over_reverse' (or 'auto')"
+            )
         order = ("reverse_over_reverse", "reverse_over_reverse_loop") if self.hvp == "auto" else (self.hvp,)
         return "loss", make, order
 
@@ -412,13 +451,16 @@ class CurvatureEstimator:
                 continue
             if failures:
                 reasons = "; ".join(f"{n}: {type(e).__name__}: {str(e).splitlines()[0][:200]}" for n, e in failures)
-                warnings.warn(f"CurvatureEstimator: using {name} Hessian-vector products from now on ({reasons})",
-                              stacklevel=4)
+                warnings.warn(
+                    f"CurvatureEstimator: using {name} Hessian-vector products from now on ({reasons})", stacklevel=4
+                )
             self._resolved[kind] = name
             self.hvp_in_use = name
             return engine, products
         reasons = "\n".join(f"  {n}: {type(e).__name__}: {e}" for n, e in failures)
-        raise RuntimeError(f"CurvatureEstimator: no Hessian-vector product method worked:\n{reasons}") from failures[-1][1]
+        raise RuntimeError(f"CurvatureEstimator: no Hessian-vector product method worked:\n{reasons}") from failures[
+            -1
+        ][1]
 
     # -- the estimators --------------------------------------------------------------------------
     def _measure(self, source, method: str, n_samples: int, n_iterations: int) -> CurvatureMeasurement:
@@ -436,22 +478,29 @@ class CurvatureEstimator:
             norm = abs(trace) if method == "hutchinson" else abs(top)
             measured[key] = GroupMeasurement(norm / (g_sq + self.eps), norm, g_sq, trace, se, top)
         whole = measured.pop(GLOBAL)
-        m = CurvatureMeasurement(**vars(whole), loss=float(engine.loss), groups=measured, method=method,
-                                 hvp=self.hvp_in_use, n_products=n_products)
+        assert self.hvp_in_use is not None  # _first_products set it: every estimate calls it first
+        m = CurvatureMeasurement(
+            **vars(whole),
+            loss=float(engine.loss),
+            groups=measured,
+            method=method,
+            hvp=self.hvp_in_use,
+            n_products=n_products,
+        )
         self.last_measurement = m
         return m
 
     def _hutchinson(self, source, n_samples: int, generator: torch.Generator):
         chunk = self.max_probes_per_pass or n_samples
-        engine, dots = None, []
+        engine, dot_chunks = None, []
         for start in range(0, n_samples, chunk):
             probes = _rademacher(self.params, min(chunk, n_samples - start), generator)
             if engine is None:
                 engine, products = self._first_products(source, probes)
             else:
                 products = engine.hvp(probes)
-            dots.append(_dots(probes, products))
-        dots = torch.cat(dots, dim=1)  # (n_params, k): v_p . (Hv)_p
+            dot_chunks.append(_dots(probes, products))
+        dots = torch.cat(dot_chunks, dim=1)  # (n_params, k): v_p . (Hv)_p
         figures = {}
         for key, idx in [(GLOBAL, list(range(len(self.params))))] + list(self.groups.items()):
             samples = dots[idx].sum(0)
@@ -466,9 +515,14 @@ class CurvatureEstimator:
         mask = torch.zeros(len(self.params), b, dtype=torch.float64)
         for j, (_, idx) in enumerate(supports):
             mask[idx, j] = 1.0
-        masks = [mask[i].to(device=p.device, dtype=p.dtype).view((b,) + (1,) * p.dim()) for i, p in enumerate(self.params)]
-        vecs = [torch.randn((b,) + tuple(p.shape), dtype=p.dtype, device=generator.device, generator=generator)
-                .to(p.device) * m for p, m in zip(self.params, masks)]
+        masks = [
+            mask[i].to(device=p.device, dtype=p.dtype).view((b,) + (1,) * p.dim()) for i, p in enumerate(self.params)
+        ]
+        vecs = [
+            torch.randn((b,) + tuple(p.shape), dtype=p.dtype, device=generator.device, generator=generator).to(p.device)
+            * m
+            for p, m in zip(self.params, masks)
+        ]
         vecs = self._normalized(vecs)
         engine, previous, rayleigh = None, None, torch.zeros(b, dtype=torch.float64)
         n_products = 0
@@ -481,8 +535,11 @@ class CurvatureEstimator:
             products = [h * m for h, m in zip(products, masks)]  # the diagonal block of each group
             rayleigh = _dots(vecs, products).sum(0)  # v is unit and supported on its block
             vecs = self._normalized(products, keep=vecs)
-            if self.tol is not None and previous is not None and \
-                    bool(((rayleigh - previous).abs() <= self.tol * rayleigh.abs()).all()):
+            if (
+                self.tol is not None
+                and previous is not None
+                and bool(((rayleigh - previous).abs() <= self.tol * rayleigh.abs()).all())
+            ):
                 break
             previous = rayleigh
         return engine, {key: (None, None, float(rayleigh[j])) for j, (key, _) in enumerate(supports)}, n_products
