@@ -449,3 +449,17 @@ def test_auto_falls_back_to_torch_func_with_the_same_result():
         finals.append(([r.attempts for r in results], lm.flat_params.clone()))
     assert finals[0][0] == finals[1][0]
     assert_close(finals[0][1], finals[1][1], rtol=1e-10, atol=1e-12, what="torch.func vs layer by layer")
+
+
+@pytest.mark.parametrize("channels,height,width", [(1, 28, 28), (3, 9, 6)])
+@pytest.mark.parametrize("kernel,stride,padding", [((4, 4), (2, 2), 0), ((2, 3), (1, 2), (1, 2)), ((3, 3), (1, 1), 1)])
+def test_layerwise_unfold_equals_torch_unfold(channels, height, width, kernel, stride, padding):
+    # The strided-view unfold of the conv Jacobian against F.unfold (im2col), bit for bit.
+    from fastopt.lm._layerwise import _unfolded
+
+    a = torch.randn(5, channels, height, width)
+    expected = torch.nn.functional.unfold(a, kernel, padding=padding, stride=stride)
+    got = _unfolded(a, kernel, (1, 1), padding, stride)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    dilated = _unfolded(a, (2, 2), (2, 2), 0, (1, 1))
+    assert torch.equal(dilated, torch.nn.functional.unfold(a, (2, 2), dilation=(2, 2)))

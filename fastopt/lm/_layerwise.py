@@ -116,6 +116,25 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _unfolded(
+    a: Tensor, kernel: Tuple[int, ...], dilation: Tuple[int, ...], padding: Any, stride: Tuple[int, ...]
+) -> Tensor:
+    """``F.unfold(a, ...)``: (B, C * kh * kw, OH * OW), the same values. Without dilation it is a
+    strided view of the (padded) input copied once: measured on this project's CPU, 5000 samples
+    of the MNIST example's convolutions, 27 ms against F.unfold's 65 ms (1 x 28 x 28, k 4, s 2),
+    37 against 57 (8 x 13 x 13) and 0.6-1.5 against 7-9 ms (the 2 x 2 kernels): F.unfold (im2col)
+    works through the batch sample by sample."""
+    if tuple(dilation) != (1, 1):
+        return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+    if pad_h or pad_w:
+        a = F.pad(a, (pad_w, pad_w, pad_h, pad_h))
+    (kh, kw), (sh, sw) = kernel, stride
+    windows = a.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, OH, OW, kh, kw), a view
+    b, c, oh, ow = windows.shape[:4]
+    return windows.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kh * kw, oh * ow)
+
+
 class LayerwiseJacobian:
     """Writes ``[J | r]`` of a qualifying model into a buffer (see the module doc).
 
@@ -208,6 +227,6 @@ class LayerwiseJacobian:
                 conv = cast(nn.Conv2d, m)
                 # _leaf_reason admits no padding string but "valid": the rest are numbers.
                 padding = 0 if conv.padding == "valid" else cast(Tuple[int, ...], conv.padding)
-                cols = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+                cols = _unfolded(a, conv.kernel_size, conv.dilation, padding, conv.stride)
                 grad = torch.bmm(delta.flatten(2), cols.transpose(1, 2))
                 block.copy_(grad.reshape(batch, -1))
