@@ -106,7 +106,6 @@ class FastDataLoader(DataLoader):
         device = torch.device(device)
         super().__init__(dataset=dataset, batch_size=int(batch_size))
         self.repeat = int(repeat)
-        self._batch_size = int(batch_size)
         self.shuffle = shuffle
         self.shuffle_generator = generator
         if type(dataset) is TensorDataset and collate_fn in (None, default_collate):
@@ -124,8 +123,12 @@ class FastDataLoader(DataLoader):
             order = torch.arange(self.num_examples)
             if self.shuffle:
                 order = order[torch.randperm(self.num_examples, generator=self.shuffle_generator)]
-            for start in range(0, self.num_examples, self._batch_size):
-                yield tree_indices(self.examples, order[start : start + self._batch_size])
+            for start in range(0, self.num_examples, self._batch):
+                yield tree_indices(self.examples, order[start : start + self._batch])
 
     def __len__(self) -> int:
-        return self.repeat * -(-self.num_examples // self._batch_size)
+        return self.repeat * -(-self.num_examples // self._batch)
+
+    @property
+    def _batch(self) -> int:
+        return cast(int, self.batch_size)  # set from the int argument, never None here

@@ -46,9 +46,34 @@ def _timed_fit(tlm: ModuleType, module: Any, loader: Any, epochs: int, seed: int
     return time.perf_counter() - start
 
 
-def _seeded(make: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return make()
+def _train_both(
+    tlm: ModuleType,
+    network: Callable[[], torch.nn.Module],
+    adam_loss: torch.nn.Module,
+    lm_module: Callable[[torch.nn.Module], Any],
+    train: Any,
+    epochs: int,
+    seed: int,
+    adam: bool,
+    evaluate: Callable[[torch.nn.Module], Dict[str, float]],
+    fit_kwargs: Callable[[], Dict[str, Any]] = dict,
+) -> Dict[str, float]:
+    """What both examples do: Adam (lr 0.01) through ``OptimizerModule``, then LM, each on a fresh
+    copy of the network made from ``seed``, each fit timed; ``{trainer}_seconds`` and
+    ``{trainer}_{name}`` for each value ``evaluate`` returns."""
+    result: Dict[str, float] = {}
+    for name in ("adam", "lm") if adam else ("lm",):
+        torch.manual_seed(seed)  # the same initial weights under both packages
+        model = network()
+        if name == "adam":
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+            module = tlm.training.OptimizerModule(model=model, optimizer=optimizer, loss_fn=adam_loss)
+        else:
+            module = lm_module(model)
+        result[f"{name}_seconds"] = _timed_fit(tlm, module, train, epochs, seed + 1, **fit_kwargs())
+        with torch.no_grad():
+            result.update({f"{name}_{key}": value for key, value in evaluate(model).items()})
+    return result
 
 
 def sinc_example(
@@ -72,21 +97,15 @@ def sinc_example(
     def network() -> torch.nn.Module:
         return torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1)).to(device)
 
-    result: Dict[str, float] = {}
-    for name in ("adam", "lm") if adam else ("lm",):
-        model = _seeded(network, seed)
-        if name == "adam":
-            module = tlm.training.OptimizerModule(
-                model=model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01), loss_fn=torch.nn.MSELoss()
-            )
-        else:
-            module = tlm.training.LevenbergMarquardtModule(
-                model=model, loss_fn=tlm.loss.MSELoss(), learning_rate=1.0, attempts_per_step=10, solve_method="qr"
-            )
-        result[f"{name}_seconds"] = _timed_fit(tlm, module, train, epochs, seed + 1)
-        with torch.no_grad():
-            result[f"{name}_loss"] = torch.nn.functional.mse_loss(model(x), y).item()
-    return result
+    def lm_module(model: torch.nn.Module) -> Any:
+        return tlm.training.LevenbergMarquardtModule(
+            model=model, loss_fn=tlm.loss.MSELoss(), learning_rate=1.0, attempts_per_step=10, solve_method="qr"
+        )
+
+    def evaluate(model: torch.nn.Module) -> Dict[str, float]:
+        return {"loss": torch.nn.functional.mse_loss(model(x), y).item()}
+
+    return _train_both(tlm, network, torch.nn.MSELoss(), lm_module, train, epochs, seed, adam, evaluate)
 
 
 def conv_classifier(device: Any = "cpu") -> torch.nn.Module:
@@ -120,27 +139,32 @@ def digits_example(
     xt, yt = digits(test, seed=seed + 1, size=28)
     x, y, xt, yt = (t.to(device) for t in (x, y, xt, yt))
     loader_ = _loader(tlm, TensorDataset(x, y), batch_size, repeat, loader, device)
-    result: Dict[str, float] = {}
-    for name in ("adam", "lm") if adam else ("lm",):
-        model = _seeded(lambda: conv_classifier(device), seed)
-        if name == "adam":
-            module = tlm.training.OptimizerModule(
-                model=model,
-                optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
-                loss_fn=torch.nn.CrossEntropyLoss(),
-            )
-        else:
-            module = tlm.training.LevenbergMarquardtModule(
-                model=model,
-                loss_fn=tlm.loss.CrossEntropyLoss(),
-                learning_rate=0.05,
-                attempts_per_step=10,
-                solve_method="cholesky",
-            )
-        kwargs = {"metrics": metrics()} if metrics is not None else {}
-        result[f"{name}_seconds"] = _timed_fit(tlm, module, loader_, epochs, seed + 1, **kwargs)
-        with torch.no_grad():
-            logits = model(xt)
-            result[f"{name}_loss"] = torch.nn.functional.cross_entropy(logits, yt).item()
-            result[f"{name}_accuracy"] = (logits.argmax(1) == yt).float().mean().item()
-    return result
+
+    def lm_module(model: torch.nn.Module) -> Any:
+        return tlm.training.LevenbergMarquardtModule(
+            model=model,
+            loss_fn=tlm.loss.CrossEntropyLoss(),
+            learning_rate=0.05,
+            attempts_per_step=10,
+            solve_method="cholesky",
+        )
+
+    def evaluate(model: torch.nn.Module) -> Dict[str, float]:
+        logits = model(xt)
+        return {
+            "loss": torch.nn.functional.cross_entropy(logits, yt).item(),
+            "accuracy": (logits.argmax(1) == yt).float().mean().item(),
+        }
+
+    return _train_both(
+        tlm,
+        lambda: conv_classifier(device),
+        torch.nn.CrossEntropyLoss(),
+        lm_module,
+        loader_,
+        epochs,
+        seed,
+        adam,
+        evaluate,
+        (lambda: {"metrics": metrics()}) if metrics is not None else dict,
+    )
