@@ -59,6 +59,15 @@ POINTERS = {
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+def warps_for(dtype: str, kernel=None) -> int:
+    """Warps per program the launches use for this dtype and kernel (LaunchSettings.warps for the
+    kernels with a vector path, num_warps for the others)."""
+    settings = _multi_tensor.settings()
+    if kernel is not None and "VECTOR" not in kernel.arg_names:
+        return settings.num_warps
+    return settings.num_warps_16bit if dtype in ("bf16", "fp16") else settings.num_warps
+
+
 def compile_kernel(kernel, constexprs, arch: int, dtype: str, stencil: int, index_64: bool, lr_on_device: bool = False):
     settings = _multi_tensor.settings()
     names = kernel.arg_names
@@ -70,11 +79,16 @@ def compile_kernel(kernel, constexprs, arch: int, dtype: str, stencil: int, inde
         "LR_ON_DEVICE": lr_on_device,
         **constexprs,
     }
+    if "VECTOR" in names:  # kernels with the vector path (kernels/_vector_tile.py)
+        const.setdefault("VECTOR", 1)
+        const.update(TW=settings.tile_width, VEC=16 // {"fp32": 4, "bf16": 2, "fp16": 2}[dtype])
     pointers = {**POINTERS, "lr": "*fp32"} if lr_on_device else POINTERS
     signature = {n: pointers.get(n, f"*{dtype}" if n == "stash" else "fp32") for n in names if n not in const}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=const)
     return triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": settings.num_warps, "enable_fp_fusion": False}
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": warps_for(dtype, kernel), "enable_fp_fusion": False},
     )
 
 
@@ -112,10 +126,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="Markdown file to append the table to")
     args = parser.parse_args(argv)
     s = _multi_tensor.settings()
-    per_thread = s.tile // (32 * s.num_warps)
+    warps = warps_for(args.dtype, ladam_step._ladam_step_kernel)
+    per_thread = s.tile // (32 * warps)
     title = (
         f"sm_{args.arch}, {args.dtype}, {args.stencil}-point, {'int64' if args.index_64 else 'int32'} offsets; "
-        f"{s.tile} lanes, {s.num_warps} warps ({per_thread} elements per thread); triton {triton.__version__}"
+        f"{s.tile} lanes, {warps} warps ({per_thread} elements per thread); triton {triton.__version__}"
         + ("; lr read in-kernel (capturable)" if args.lr_on_device else "")
     )
     lines = [f"{'kernel':<24} {'registers':>9} {'stack B':>7} {'shared B':>8} {'SASS instr':>10} {'div.rn/elem':>11}"]
@@ -127,7 +142,7 @@ def main(argv=None) -> int:
         )
         lines.append(
             f"{name:<24} {r['registers']:>9} {r['stack']:>7} {r['shared']:>8} {r['sass']:>10} "
-            f"{r['divisions'] / per_thread:>11.1f}"
+            f"{r['divisions'] * 32 * warps_for(args.dtype, kernel) / s.tile:>11.1f}"
         )
         print(lines[-1] if len(lines) > 2 else "\n".join([title] + lines), flush=True)
     if args.out:

@@ -9,7 +9,8 @@ Math: fastopt/reference/siblings.py. The denominator of LAdaGrad and LRMSProp is
 import triton
 import triton.language as tl
 
-from ._multi_tensor import offsets, smoothed
+from ._stencil import smoothed
+from ._tile import offsets
 
 
 @triton.jit

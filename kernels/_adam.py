@@ -5,10 +5,14 @@ Math: fastopt/reference/ladam.py::_adam_step. ``m <- b1 m + (1 - b1) g``,
 Adam direction ``m_hat / (sqrt(v_hat) + eps)``.
 """
 
+import math
+
 import triton
 import triton.language as tl
 
-from ._multi_tensor import launch, load_tile, offsets, one_minus_powers, stencil_code, step_of, table_for
+from ._launch import launch
+from ._table import stencil_code, table_for
+from ._tile import load_tile, offsets, one_minus_powers, step_of
 
 
 @triton.jit
@@ -74,10 +78,16 @@ def direction_args(pointers, g_layout, g_factor, beta1, one_minus_beta1, beta2, 
     return (pointers[2], pointers[3], pointers[1], g_layout, tl.load(g_layout) != 0, g_factor, hyper)
 
 
-def adam_launcher(kernel, stashed: int, op: str):
+def _log(beta: float) -> float:
+    """ln(beta) in fp64 (-inf for beta = 0, whose bias correction 1 - 0**t is 1)."""
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+def adam_launcher(kernel, stashed: int, op: str, vectorized: bool = False):
     """The launcher of one of the EMA-mode kernels (they share arguments), with the signature of
     ``fastopt.reference.<op>_reference``; ``stashed``: how many of p, m, v the mode reads at
-    neighbours (see kernels/_multi_tensor.py)."""
+    neighbours (see kernels/_multi_tensor.py). A ``vectorized`` kernel has the vector path of
+    kernels/_vector_tile.py and takes ``ln(beta1), ln(beta2)`` after the other scalars."""
 
     def launcher(
         params,
@@ -101,17 +111,10 @@ def adam_launcher(kernel, stashed: int, op: str):
             return
         code = stencil_code(stencil)
         table = table_for(params, (exp_avgs, exp_avg_sqs), steps, use_laps, stashed=stashed)
-        launch(
-            kernel,
-            table,
-            grads,
-            lr,
-            weight_decay,
-            (beta1, 1 - beta1, beta2, 1 - beta2, eps, c2),
-            grad_scale,
-            found_inf,
-            STENCIL=code,
-        )
+        args: tuple = (beta1, 1 - beta1, beta2, 1 - beta2, eps, c2)
+        if vectorized:
+            args += (_log(beta1), _log(beta2))
+        launch(kernel, table, grads, lr, weight_decay, args, grad_scale, found_inf, vectorized, STENCIL=code)
 
     launcher.__name__ = launcher.__qualname__ = f"{op}_triton"
     launcher.__doc__ = (

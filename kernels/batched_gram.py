@@ -18,7 +18,7 @@ import triton.language as tl
 
 from fastopt.reference.batched_lsq import check_gram_inputs
 
-from ._multi_tensor import on_device
+from ._device import on_device
 
 __all__ = ["batched_gram_triton", "BATCHED_GRAM_DTYPES"]
 

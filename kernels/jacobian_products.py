@@ -17,7 +17,7 @@ import triton.language as tl
 
 from fastopt.reference.lm import check_jacobian_products_args
 
-from ._multi_tensor import on_device
+from ._device import on_device
 
 # bf16/fp16 inputs accumulate into an fp32 output; fp32 and fp64 into their own dtype.
 JACOBIAN_PRODUCTS_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})

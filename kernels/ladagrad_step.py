@@ -14,7 +14,10 @@ import triton
 import triton.language as tl
 
 from ._accumulator import smoothed_accumulator
-from ._multi_tensor import launch, learning_rate, load_tile, stencil_code, step_of, store, store_shared, table_for
+from ._border import store_shared
+from ._launch import launch
+from ._table import stencil_code, table_for
+from ._tile import learning_rate, load_tile, step_of, store
 
 
 @triton.jit

@@ -18,6 +18,12 @@ once scaled by c2). v is the only array read at neighbours and updated in place,
 through the border protocol of kernels/_multi_tensor.py (1 stashed value per border element).
 Parameters without a Laplacian take the same kernel as plain AdamW (the branch on the tensor's
 Laplacian mode is uniform per program).
+
+Two paths, chosen per tensor on the host (constexpr ``VECTOR``, see kernels/_vector_tile.py): the
+vector path for contiguous, aligned tensors (128-bit accesses; bias corrections from ln(beta) in
+~25 instructions; reciprocal bias corrections, so one IEEE division per element; the halo summed
+through the accumulator's linearity) and the generic path for the rest (strided layouts, odd row
+lengths). Both give the reference's results to rounding.
 """
 
 import triton
@@ -25,7 +31,17 @@ import triton.language as tl
 
 from ._accumulator import accumulated
 from ._adam import adam_launcher, adam_tile
-from ._multi_tensor import learning_rate, smoothed, store, store_shared
+from ._border import store_shared
+from ._stencil import smoothed
+from ._table import LAP_OFF, LAPLACIAN, META_FIELDS, PARAM, STATE0, STATE1, STEP
+from ._table import VECTOR as VECTOR_COL
+from ._tile import learning_rate, store
+from ._vector_tile import (
+    accumulator_laplacian,
+    one_minus_power,
+    store_accumulator_shared,
+    vector_tile,
+)
 
 
 @triton.jit
@@ -48,15 +64,158 @@ def _ladam_step_kernel(
     one_minus_beta2,
     eps,
     c2,
+    log_beta1,
+    log_beta2,
     STENCIL: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
     TILE: tl.constexpr,
     BORDER_LANES: tl.constexpr,
     IDX: tl.constexpr,
+    VECTOR: tl.constexpr,
+    TW: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
+    vector = VECTOR == 1
+    if VECTOR == 2:
+        vector = tl.load(meta + tl.load(tiles + tl.program_id(0)).to(tl.int64) * META_FIELDS + VECTOR_COL) != 0
+    if vector:
+        _vector_step(
+            tiles,
+            meta,
+            p_layouts,
+            g_ptrs,
+            counters,
+            stash,
+            grad_scale,
+            lr,
+            decay,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            c2,
+            log_beta1,
+            log_beta2,
+            STENCIL,
+            TILE,
+            BORDER_LANES,
+            IDX,
+            TW,
+            VEC,
+        )
+    else:
+        _generic_step(
+            tiles,
+            meta,
+            p_layouts,
+            g_ptrs,
+            g_layouts,
+            counters,
+            stash,
+            grad_scale,
+            lr,
+            decay,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            c2,
+            STENCIL,
+            TILE,
+            BORDER_LANES,
+            IDX,
+        )
+
+
+@triton.jit
+def _vector_step(
+    tiles,
+    meta,
+    p_layouts,
+    g_ptrs,
+    counters,
+    stash,
+    grad_scale,
+    lr,
+    decay,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    c2,
+    log_beta1,
+    log_beta2,
+    STENCIL: tl.constexpr,
+    TILE: tl.constexpr,
+    BORDER_LANES: tl.constexpr,
+    IDX: tl.constexpr,
+    TW: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """The step of a tensor on the vector path (kernels/_vector_tile.py)."""
+    geo, elem = vector_tile(tiles, meta, TILE, TW, VEC, IDX)
+    t, row, flat, valid = geo[0], geo[1], elem[2], elem[3]
+    ptr = tl.pointer_type(stash.dtype.element_ty)
+    # 16-byte aligned: the host checked (TensorTable's VECTOR column, the launch's VECTOR).
+    p_ptr = tl.multiple_of(tl.load(row + PARAM).to(ptr), 16)
+    g_ptr = tl.multiple_of(tl.load(g_ptrs + t).to(ptr), 16)
+    m_ptr = tl.multiple_of(tl.load(row + STATE0).to(ptr), 16)
+    v_ptr = tl.multiple_of(tl.load(row + STATE1).to(ptr), 16)
+    step = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
+    inv_bias1 = tl.div_rn(1.0, one_minus_power(log_beta1, step))
+    inv_bias2 = tl.div_rn(1.0, one_minus_power(log_beta2, step))
+    g_factor = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)  # fp64 division: IEEE-exact
+    p = tl.load(p_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + flat, mask=valid, other=0.0).to(tl.float32) * g_factor
+    m = tl.load(m_ptr + flat, mask=valid, other=0.0).to(tl.float32) * beta1 + one_minus_beta1 * g
+    v_old = tl.load(v_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    v = v_old * beta2 + one_minus_beta2 * g * g
+    mode = tl.load(row + LAPLACIAN)
+    v_hat = v * inv_bias2
+    if mode != LAP_OFF:
+        gain = one_minus_beta2 * (g_factor * g_factor)
+        lap = accumulator_laplacian(v_ptr, g_ptr, beta2, gain, v, elem, geo[2], geo[3], mode, STENCIL)
+        v_hat = tl.maximum(v_hat + (c2 * inv_bias2) * lap, eps, propagate_nan=tl.PropagateNan.ALL)
+    # sqrt.approx and div.full (~1-2 ulp, 2 and 3 instructions) instead of the IEEE sqrt and
+    # division (~10 each with their slow-path tests): an ulp or two of the update, as the
+    # reciprocal bias corrections above
+    p = p * decay - lr * ((m * inv_bias1) / (tl.sqrt(v_hat) + eps))
+    store(p_ptr + flat, p, valid)
+    store(m_ptr + flat, m, valid)
+    recompute = (v_ptr, g_ptr, g_factor, beta2, one_minus_beta2)
+    store_accumulator_shared(v, v_old, recompute, geo, elem, stash, counters, STENCIL, BORDER_LANES)
+
+
+@triton.jit
+def _generic_step(
+    tiles,
+    meta,
+    p_layouts,
+    g_ptrs,
+    g_layouts,
+    counters,
+    stash,
+    grad_scale,
+    lr,
+    decay,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    c2,
+    STENCIL: tl.constexpr,
+    TILE: tl.constexpr,
+    BORDER_LANES: tl.constexpr,
+    IDX: tl.constexpr,
+):
+    """The step of a tensor on the generic path (any layout)."""
     geo, elem, pointers, p_layout, g_layout, p_at, values, bias, g_factor = adam_tile(
         tiles,
         meta,
@@ -83,4 +242,4 @@ def _ladam_step_kernel(
     store_shared((v,), (v_ptr,), geo, elem, p_at, p_layout, stash, counters, STENCIL, 1, False, BORDER_LANES)
 
 
-ladam_step_triton = adam_launcher(_ladam_step_kernel, 1, "ladam_step")
+ladam_step_triton = adam_launcher(_ladam_step_kernel, 1, "ladam_step", vectorized=True)

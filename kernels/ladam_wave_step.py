@@ -20,21 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (
-    NUMEL,
-    SCALAR,
-    has_stencil,
-    laplacian,
-    launch,
-    learning_rate,
-    load_tile,
-    one_minus_powers,
-    stencil_code,
-    step_of,
-    store,
-    store_shared,
-    table_for,
-)
+from ._border import store_shared
+from ._launch import launch
+from ._stencil import has_stencil, laplacian
+from ._table import NUMEL, SCALAR, stencil_code, table_for
+from ._tile import learning_rate, load_tile, one_minus_powers, step_of, store
 
 _REDUCE_LANES = tl.constexpr(1024)
 

@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 
 from ._adam import adam_direction, adam_launcher, adam_tile, direction_args, direction_at
-from ._multi_tensor import has_stencil, laplacian, learning_rate, offsets, store_shared
+from ._border import store_shared
+from ._stencil import has_stencil, laplacian
+from ._tile import learning_rate, offsets
 
 
 @triton.jit

@@ -14,13 +14,13 @@ from fastopt import backends
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(backends.why_not("triton") is not None, reason=str(backends.why_not("triton")))
-@pytest.mark.parametrize("variant", [[], ["--lr-on-device"]], ids=["lr_argument", "lr_on_device"])
-def test_every_kernel_compiles_for_sm90(variant):
+def _run_compiling(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run bench/<script> in a fresh process without TRITON_INTERPRET (it compiles for sm_90);
+    skip where Triton's CUDA backend cannot compile, fail on any other error."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "kernel_resources.py"), "--arch", "90", *variant],
+        [sys.executable, os.path.join(ROOT, "bench", script), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -30,6 +30,13 @@ def test_every_kernel_compiles_for_sm90(variant):
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
         pytest.skip(f"Triton's CUDA backend cannot compile here: {done.stderr[-300:]}")
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.skipif(backends.why_not("triton") is not None, reason=str(backends.why_not("triton")))
+@pytest.mark.parametrize("variant", [[], ["--lr-on-device"]], ids=["lr_argument", "lr_on_device"])
+def test_every_kernel_compiles_for_sm90(variant):
+    done = _run_compiling("kernel_resources.py", "--arch", "90", *variant)
     for op in (
         "ladam_step",
         "ladam_update_lap_step",
@@ -67,3 +74,31 @@ def test_kernels_unpack_only_flat_tuples():
                     ):
                         nested.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} in {fn.name}")
     assert not nested, "nested tuple targets in Triton kernels: " + ", ".join(nested)
+
+
+# Register bounds of ladam_step's vector path on sm_90 (65536 registers per SM, allocated per warp
+# in units of 256): fp32 at 8 warps and 128 registers keeps 2 programs (16 warps) per SM, bf16 at
+# 4 warps and 168 registers 3 programs (12 warps). The issue's target (3 programs of 8 warps, <= 80
+# registers) is not met yet: these bounds stop a regression, they do not claim the target.
+REGISTER_BOUNDS = {"fp32": 128, "bf16": 168}
+
+
+@pytest.mark.skipif(backends.why_not("triton") is not None, reason=str(backends.why_not("triton")))
+def test_ladam_step_moves_its_streams_128_bits_wide():
+    """bench/kernel_model.py on the sm_90 build (deterministic, not timed): the vector path of
+    ladam_step loads p, g, m, v and the north/south halo rows of v and g with 128-bit loads (8)
+    and stores p, m, v with 128-bit stores (3), uses no generic LD/ST, spills nothing and stays
+    within its register bound; its common-path figures are printed."""
+    import json
+
+    done = _run_compiling("kernel_model.py", "--json")
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for dtype, f in found.items():
+        print(dtype, {k: f[k] for k in ("registers", "spills", "warps", "programs_per_sm", "per_element", "widths")})
+        widths = f["widths"]
+        assert widths.get("LDG.128", 0) >= 8, (dtype, widths)
+        assert widths.get("STG.128", 0) >= 3, (dtype, widths)
+        assert not any(k.startswith(("LD.", "ST.")) for k in widths), (dtype, widths)
+        assert f["spills"] == 0, (dtype, f["spills"])
+        assert f["registers"] <= REGISTER_BOUNDS[dtype], (dtype, f["registers"])
+        assert f["per_thread"] is not None, f["note"]

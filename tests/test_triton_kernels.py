@@ -34,6 +34,7 @@ pytestmark = pytest.mark.skipif(
 if backends.why_not("triton", device=DEVICE) is None:
     import fastopt.kernels as kernels
     from fastopt.kernels import _multi_tensor as mt
+    from fastopt.kernels import _table
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CONFIGS = [pytest.param(c, id=c[0].replace(" ", "-")) for c in CHECKS]
@@ -153,7 +154,7 @@ def test_grads_need_not_share_the_params_layout():
 def test_the_64_bit_index_path(monkeypatch):
     """Tensors of 2**31 elements need int64 offsets; the same kernels with IDX=int64, on small
     tensors by lowering the threshold."""
-    monkeypatch.setattr(mt, "_INT32_LIMIT", 64)
+    monkeypatch.setattr(_table, "_INT32_LIMIT", 64)
     torch.manual_seed(0)
     params = _device_params([torch.randn(9, 13), torch.randn(37), torch.randn(3, 4)])
     with mt.use_settings(**TINY_TILES):
@@ -355,9 +356,14 @@ def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
             assert backends.resolve(op, "cuda", dtype) == "triton", (op, dtype)
 
 
-def test_the_stash_holds_exactly_the_borders_the_cost_figures_count(monkeypatch):
-    """bench/stencil_cost.py reports the protocol's extra memory and traffic from
-    TileGrid.border_elements / halo_elements: the stash slots a launch really writes are those."""
+@pytest.mark.parametrize("path", ["generic", "vector"])
+def test_the_stash_holds_exactly_the_borders_the_cost_figures_count(path, monkeypatch):
+    """bench/stencil_cost.py reports the generic protocol's extra memory and traffic from
+    TileGrid.border_elements / halo_elements: the stash slots a launch really writes are those.
+    The vector path recomputes its borders at commit instead (kernels/_vector_tile.py): it writes
+    no stash slot."""
+    if path == "generic":
+        monkeypatch.setattr(_table, "_vector_ready", lambda *args: False)
     stashes = []
     make = mt.TensorTable.stash
 
@@ -368,6 +374,8 @@ def test_the_stash_holds_exactly_the_borders_the_cost_figures_count(monkeypatch)
 
     monkeypatch.setattr(mt.TensorTable, "stash", kept)
     shapes = [(5, 7), (9, 11), (13, 3), (37,), (3, 2, 2, 2)]
+    if path == "vector":
+        shapes = [(5, 8), (9, 12), (36,), (3, 2, 2, 2)]  # rows of a multiple of 4 elements (16 bytes)
     params = [torch.randn(s, device=DEVICE) for s in shapes]
     with mt.use_settings(**TINY_TILES) as settings:
         state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
@@ -380,4 +388,73 @@ def test_the_stash_holds_exactly_the_borders_the_cost_figures_count(monkeypatch)
             **HYPER,
         )
         expected = sum(mt.tile_grid(s, True, settings).border_elements() for s in shapes)
-    assert int((~torch.isnan(stashes[-1])).sum()) == expected > 0
+    assert expected > 0
+    assert int((~torch.isnan(stashes[-1])).sum()) == (expected if path == "generic" else 0)
+
+
+# -- the vector path (kernels/_vector_tile.py) and its host-side choice ------------------------------
+# With 4 x 4 tiles every 2-D tensor with >= 4 columns (a multiple of 4) takes the vector path in fp32;
+# odd column counts, strided params and misaligned grads take the generic one, in the same launch.
+VECTOR_SHAPES = {
+    "3x3 tiles, 12 columns": lambda dt: torch.randn(9, 12, dtype=dt),
+    "2x2 tiles, 8 columns": lambda dt: torch.randn(5, 8, dtype=dt),
+    "1-D, 40": lambda dt: torch.randn(40, dtype=dt),
+    "no lap, 4 x 4": lambda dt: torch.randn(2, 16, dtype=dt),
+    "4-D, 4 columns": lambda dt: torch.randn(7, 1, 2, 2, dtype=dt),
+}
+
+
+def _launched_vector_modes(monkeypatch):
+    """Record the VECTOR constexpr of every launch."""
+    from fastopt.kernels import _adam
+
+    seen = []
+    launch = _adam.launch
+
+    def recorded(kernel, table, grads, *args, **kwargs):
+        launch(kernel, table, grads, *args, **kwargs)
+        if kwargs.get("vectorized", len(args) > 5 and args[5]):  # launch's 9th positional argument
+            seen.append(table.vector_mode())
+
+    monkeypatch.setattr(_adam, "launch", recorded)
+    return seen
+
+
+@pytest.mark.parametrize("mix", ["all vector", "mixed", "all generic"])
+def test_the_vector_and_generic_paths_match_the_reference(mix, monkeypatch):
+    torch.manual_seed(0)
+    shapes = list(VECTOR_SHAPES.values())
+    if mix == "mixed":
+        shapes += [TINY_SHAPES["transposed"], TINY_SHAPES["2x2 tiles"], TINY_SHAPES["1-D"]]
+    if mix == "all generic":
+        monkeypatch.setattr(_table, "_vector_ready", lambda *args: False)
+    params = _device_params([make(torch.float32) for make in shapes])
+    seen = _launched_vector_modes(monkeypatch)
+    with mt.use_settings(**TINY_TILES):
+        _assert_same_as_reference("LAdam", dict(COMMON), params, steps=3, none_every=0)
+    assert set(seen) == {{"all vector": 1, "mixed": 2, "all generic": 0}[mix]}, seen
+
+
+def test_misaligned_grads_take_the_generic_path(monkeypatch):
+    """Grads that are views into a flat buffer (DDP's gradient_as_bucket_view) need not be 16-byte
+    aligned: the launch falls back to the generic path for all tensors, with the same results."""
+    torch.manual_seed(0)
+    params = _device_params([make(torch.float32) for make in VECTOR_SHAPES.values()])
+    expected = clone_params([p.detach().cpu() for p in params])
+    ours = fastopt.LAdam(params, backend="triton", **COMMON)
+    ref = fastopt.LAdam(expected, backend="torch", **COMMON)
+    seen = _launched_vector_modes(monkeypatch)
+    for _ in range(2):
+        grads = [torch.randn(p.shape) for p in params]
+        bucket = torch.zeros(1 + sum(g.numel() for g in grads), device=DEVICE)
+        offset = 1  # 4 bytes past an aligned allocation
+        for p, g in zip(params, grads):
+            p.grad = bucket[offset : offset + g.numel()].view(g.shape)
+            p.grad.copy_(g)
+            offset += g.numel()
+        set_grads(expected, grads)
+        with mt.use_settings(**TINY_TILES):
+            ours.step()
+        ref.step()
+    compare_optimizers(ours, ref, params, expected, scale_atol=True).check()
+    assert seen == [0, 0], seen
