@@ -346,7 +346,10 @@ SECTIONS = [
     # (section, functions whose lines belong to it), the innermost frame decides
     ("table and tile geometry", {"vector_tile", "locate", "load_tile", "adam_tile", "offsets", "learning_rate"}),
     ("bias corrections", {"one_minus_power", "one_minus_powers", "step_of"}),
-    ("neighbours (stencil)", {"accumulator_laplacian", "laplacian", "accumulated", "direction_at", "smoothed"}),
+    (
+        "neighbours (stencil)",
+        {"accumulator_laplacian", "laplacian", "accumulated", "direction_at", "smoothed", "_old_v", "_adamw_at"},
+    ),
     ("border stash and stores", {"store_accumulator_shared", "store_shared", "_border", "_extent", "store"}),
     ("arrivals", {"arrive", "_neighbour_tile"}),
     ("commit", {"_commit", "_commit_accumulator", "_border_lanes"}),
@@ -410,6 +413,7 @@ class Scenario:
             "range(ndim)": 0,
             "has_stencil(geo)": self.stencil != "none",  # update_lap, weight_lap
             "step == 1.0": False,  # wave_variance: the step that records E0 (once per run)
+            "p_strided": False,  # weight_lap: the param read at its neighbours is contiguous
         }
 
 
@@ -463,7 +467,8 @@ class Compiled:
     def _check(self, path: List[int], scenario: Scenario) -> None:
         """A walk that missed what the scenario must execute is an error, not a figure."""
         found = {section_of(self.instrs[i], self.functions, self.texts) for i in path}
-        needed = {"table and tile geometry", "bias corrections", "divisions and sqrt"}
+        compiled = {section_of(ins, self.functions, self.texts) for ins in self.instrs}
+        needed = {"table and tile geometry", "bias corrections", "divisions and sqrt"} & compiled
         if scenario.stencil != "none":
             needed.add("neighbours (stencil)")
         if scenario.tiled:
