@@ -591,7 +591,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="Markdown file to write the tables to")
     parser.add_argument("--all-kernels", action="store_true", help="also the other five kernels' figures")
-    parser.add_argument("--json", action="store_true", help="ladam_step's vector-path figures as JSON, nothing else")
+    parser.add_argument("--json", action="store_true", help="the vector paths' figures as JSON, nothing else")
     args = parser.parse_args(argv)
     import triton
 
@@ -599,9 +599,10 @@ def main(argv=None) -> int:
         import json
 
         found = {}
-        for dtype in ("fp32", "bf16"):
-            f = Compiled("ladam_step", dtype, 1).figures(INTERIOR)
-            found[dtype] = dataclasses.asdict(f) | {"per_element": f.per_element}
+        for name in ("ladam_step", "ladagrad_step", "lrmsprop_step"):
+            for dtype in ("fp32", "bf16"):
+                f = Compiled(name, dtype, 1).figures(INTERIOR)
+                found[f"{name} {dtype}"] = dataclasses.asdict(f) | {"per_element": f.per_element}
         print(json.dumps(found))
         return 0
 
@@ -625,11 +626,13 @@ def main(argv=None) -> int:
             section_rows.append(f)
     others = [k for k in kernel_resources.KERNELS if k != "ladam_step"] if args.all_kernels else []
     for name in others:
+        vectorized = "VECTOR" in kernel_resources.KERNELS[name][0].arg_names
         for dtype in ("fp32", "bf16"):
-            f = Compiled(name, dtype, None).figures(dataclasses.replace(INTERIOR, vector=False))
-            out(_row(f))
-            if f.note:
-                out(f"|  | | {f.note} | | | | | | | | |")
+            for v in (1, 0) if vectorized else (None,):
+                f = Compiled(name, dtype, v).figures(dataclasses.replace(INTERIOR, vector=v == 1))
+                out(_row(f))
+                if f.note:
+                    out(f"|  | | {f.note} | | | | | | | | |")
     alternatives = []
     with kernel_resources._multi_tensor.use_settings(tile=2048, num_warps=8, num_warps_16bit=8):
         for dtype in ("fp32", "bf16"):

@@ -21,7 +21,21 @@ import triton
 import triton.language as tl
 
 from ._border import _extent, arrive
-from ._table import COLS, FIRST_TILE, LAP_STENCIL, META_FIELDS, ROWS, STASH_SLOTS, TILE_COLS, TILE_ROWS
+from ._table import (
+    COLS,
+    FIRST_TILE,
+    LAP_OFF,
+    LAP_STENCIL,
+    LAPLACIAN,
+    META_FIELDS,
+    PARAM,
+    ROWS,
+    STASH_SLOTS,
+    STATE0,
+    STATE1,
+    TILE_COLS,
+    TILE_ROWS,
+)
 from ._tile import store
 
 
@@ -132,6 +146,54 @@ def accumulator_laplacian(acc_ptr, g_ptr, keep, gain, center, elem, rows, cols, 
                     1.0 / 6.0
                 )
     return lap
+
+
+@triton.jit
+def vector_accumulator(
+    tiles,
+    meta,
+    g_ptrs,
+    stash,
+    grad_scale,
+    keep,
+    gain,
+    eps,
+    c2,
+    STENCIL: tl.constexpr,
+    TILE: tl.constexpr,
+    TW: tl.constexpr,
+    VEC: tl.constexpr,
+    IDX: tl.constexpr,
+):
+    """The vector path of the accumulator kernels (LAdaGrad: keep = gain = 1; LRMSProp: alpha,
+    1 - alpha): this program's tile, its param and unscaled grad, the accumulator
+    ``a = keep a_old + gain g**2`` and the denominator ``sqrt(max(a + c2 lap(a), 0)) + eps``
+    (``sqrt(a) + eps`` without use_lap), as kernels/_accumulator.py's ``smoothed_accumulator``.
+
+    Returns ``(geo, elem, pointers, p, g, a, a_old, g_factor, denom)``, pointers = (param, grad,
+    accumulator, state 1), 16-byte aligned (the host checked).
+    """
+    geo, elem = vector_tile(tiles, meta, TILE, TW, VEC, IDX)
+    t, row, flat, valid = geo[0], geo[1], elem[2], elem[3]
+    ptr = tl.pointer_type(stash.dtype.element_ty)
+    p_ptr = tl.multiple_of(tl.load(row + PARAM).to(ptr), 16)
+    g_ptr = tl.multiple_of(tl.load(g_ptrs + t).to(ptr), 16)
+    a_ptr = tl.multiple_of(tl.load(row + STATE0).to(ptr), 16)
+    s_ptr = tl.multiple_of(tl.load(row + STATE1).to(ptr), 16)  # 0 where the op has one state
+    g_factor = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)  # fp64 division: IEEE-exact
+    p = tl.load(p_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + flat, mask=valid, other=0.0).to(tl.float32) * g_factor
+    a_old = tl.load(a_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    a = a_old * keep + gain * g * g
+    mode = tl.load(row + LAPLACIAN)
+    y = a
+    if mode != LAP_OFF:
+        lap = accumulator_laplacian(
+            a_ptr, g_ptr, keep, gain * (g_factor * g_factor), a, elem, geo[2], geo[3], mode, STENCIL
+        )
+        y = tl.maximum(a + c2 * lap, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    denom = tl.sqrt(y) + eps  # sqrt.approx: an ulp or two (kernels/ladam_step.py)
+    return geo, elem, (p_ptr, g_ptr, a_ptr, s_ptr), p, g, a, a_old, g_factor, denom
 
 
 @triton.jit

@@ -9,7 +9,9 @@ Math: fastopt/reference/siblings.py::lrmsprop_step_reference. Per element, in fp
     else:          p <- p - lr g / d
 
 One pass over memory. a is read at the neighbours and updated in place, so it goes through the
-border protocol of kernels/_multi_tensor.py; the momentum buffer is element-wise.
+border protocol of kernels/_multi_tensor.py; the momentum buffer is element-wise. Contiguous,
+aligned tensors take the vector path (kernels/_vector_tile.py: 128-bit accesses, no stash), the
+others the generic one, in the same launch (constexpr VECTOR, as kernels/ladam_step.py).
 """
 
 import triton
@@ -18,8 +20,10 @@ import triton.language as tl
 from ._accumulator import smoothed_accumulator
 from ._border import store_shared
 from ._launch import launch
-from ._table import stencil_code, table_for
+from ._table import META_FIELDS, stencil_code, table_for
+from ._table import VECTOR as VECTOR_COL
 from ._tile import learning_rate, load_tile, store
+from ._vector_tile import store_accumulator_shared, vector_accumulator
 
 
 @triton.jit
@@ -47,10 +51,79 @@ def _lrmsprop_step_kernel(
     TILE: tl.constexpr,
     BORDER_LANES: tl.constexpr,
     IDX: tl.constexpr,
+    VECTOR: tl.constexpr,
+    TW: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     if tl.load(found_inf) != 0:
         return  # AMP: some gradient is inf/NaN, the step is a no-op (every program returns here)
     lr, decay = learning_rate(lr, decay, LR_ON_DEVICE)
+    vector = VECTOR == 1
+    if VECTOR == 2:
+        vector = tl.load(meta + tl.load(tiles + tl.program_id(0)).to(tl.int64) * META_FIELDS + VECTOR_COL) != 0
+    if vector:
+        geo, elem, ptrs, p, g, a, a_old, g_factor, denom = vector_accumulator(
+            tiles, meta, g_ptrs, stash, grad_scale, alpha, one_minus_alpha, eps, c2, STENCIL, TILE, TW, VEC, IDX
+        )
+        flat, valid = elem[2], elem[3]
+        if MOMENTUM:
+            buf = tl.load(ptrs[3] + flat, mask=valid, other=0.0).to(tl.float32) * momentum + g / denom
+            store(ptrs[3] + flat, buf, valid)
+            p = p * decay - lr * buf
+        else:
+            p = p * decay - lr * (g / denom)
+        store(ptrs[0] + flat, p, valid)
+        recompute = (ptrs[2], ptrs[1], g_factor, alpha, one_minus_alpha)
+        store_accumulator_shared(a, a_old, recompute, geo, elem, stash, counters, STENCIL, BORDER_LANES)
+    else:
+        _generic_step(
+            tiles,
+            meta,
+            p_layouts,
+            g_ptrs,
+            g_layouts,
+            counters,
+            stash,
+            grad_scale,
+            lr,
+            decay,
+            alpha,
+            one_minus_alpha,
+            eps,
+            momentum,
+            c2,
+            STENCIL,
+            MOMENTUM,
+            TILE,
+            BORDER_LANES,
+            IDX,
+        )
+
+
+@triton.jit
+def _generic_step(
+    tiles,
+    meta,
+    p_layouts,
+    g_ptrs,
+    g_layouts,
+    counters,
+    stash,
+    grad_scale,
+    lr,
+    decay,
+    alpha,
+    one_minus_alpha,
+    eps,
+    momentum,
+    c2,
+    STENCIL: tl.constexpr,
+    MOMENTUM: tl.constexpr,
+    TILE: tl.constexpr,
+    BORDER_LANES: tl.constexpr,
+    IDX: tl.constexpr,
+):
+    """The step of a tensor on the generic path (any layout)."""
     geo, elem, pointers, p_layout, g_layout, p_at, p, g, g_factor = load_tile(
         tiles, meta, p_layouts, g_ptrs, g_layouts, stash, grad_scale, TILE, IDX
     )
@@ -109,6 +182,7 @@ def lrmsprop_step_triton(
         (alpha, 1 - alpha, eps, momentum, c2),
         grad_scale,
         found_inf,
+        vectorized=True,
         STENCIL=code,
         MOMENTUM=with_momentum,
     )

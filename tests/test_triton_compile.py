@@ -76,29 +76,44 @@ def test_kernels_unpack_only_flat_tuples():
     assert not nested, "nested tuple targets in Triton kernels: " + ", ".join(nested)
 
 
-# Register bounds of ladam_step's vector path on sm_90 (65536 registers per SM, allocated per warp
-# in units of 256): fp32 at 8 warps and 128 registers keeps 2 programs (16 warps) per SM, bf16 at
-# 4 warps and 168 registers 3 programs (12 warps). The issue's target (3 programs of 8 warps, <= 80
-# registers) is not met yet: these bounds stop a regression, they do not claim the target.
-REGISTER_BOUNDS = {"fp32": 128, "bf16": 168}
+# Register bounds of the vector paths on sm_90 (65536 registers per SM, allocated per warp in units
+# of 256): ladam_step fp32 at 8 warps and <= 128 registers keeps 2 programs (16 warps) per SM, bf16
+# at 4 warps and <= 168 registers 3 programs (12 warps); ladagrad_step and lrmsprop_step at 8 warps
+# within 128. The issue's target for ladam_step (3 programs of 8 warps, <= 80 registers) is not met:
+# with ptxas maxnreg=80 it spills (bench/results/triton_kernel_model.md). These bounds stop a
+# regression; they do not claim the target.
+REGISTER_BOUNDS = {
+    "ladam_step fp32": 128,
+    "ladam_step bf16": 168,
+    "ladagrad_step fp32": 128,
+    "ladagrad_step bf16": 168,
+    "lrmsprop_step fp32": 128,
+    "lrmsprop_step bf16": 168,
+}
+# 128-bit accesses each vector path must have: loads of p, g, the state it reads and the north and
+# south halo rows of the accumulator and g (ladam_step: p, g, m, v + 4; the siblings: p, g, a + 4;
+# lrmsprop's momentum buffer once more); stores of p and every state (ladam_step: p, m, v).
+WIDE_ACCESSES = {"ladam_step": (8, 3), "ladagrad_step": (7, 2), "lrmsprop_step": (7, 2)}
 
 
 @pytest.mark.skipif(backends.why_not("triton") is not None, reason=str(backends.why_not("triton")))
-def test_ladam_step_moves_its_streams_128_bits_wide():
-    """bench/kernel_model.py on the sm_90 build (deterministic, not timed): the vector path of
-    ladam_step loads p, g, m, v and the north/south halo rows of v and g with 128-bit loads (8)
-    and stores p, m, v with 128-bit stores (3), uses no generic LD/ST, spills nothing and stays
-    within its register bound; its common-path figures are printed."""
+def test_the_vector_paths_move_their_streams_128_bits_wide():
+    """bench/kernel_model.py on the sm_90 build (deterministic, not timed): the vector paths of
+    ladam_step, ladagrad_step and lrmsprop_step move their streams with 128-bit loads and stores,
+    use no generic LD/ST, spill nothing and stay within their register bounds; the common-path
+    figures are printed."""
     import json
 
     done = _run_compiling("kernel_model.py", "--json")
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    for dtype, f in found.items():
-        print(dtype, {k: f[k] for k in ("registers", "spills", "warps", "programs_per_sm", "per_element", "widths")})
+    assert set(found) == set(REGISTER_BOUNDS), sorted(found)
+    for key, f in found.items():
+        print(key, {k: f[k] for k in ("registers", "spills", "warps", "programs_per_sm", "per_element", "widths")})
         widths = f["widths"]
-        assert widths.get("LDG.128", 0) >= 8, (dtype, widths)
-        assert widths.get("STG.128", 0) >= 3, (dtype, widths)
-        assert not any(k.startswith(("LD.", "ST.")) for k in widths), (dtype, widths)
-        assert f["spills"] == 0, (dtype, f["spills"])
-        assert f["registers"] <= REGISTER_BOUNDS[dtype], (dtype, f["registers"])
+        loads, stores = WIDE_ACCESSES[key.split()[0]]
+        assert widths.get("LDG.128", 0) >= loads, (key, widths)
+        assert widths.get("STG.128", 0) >= stores, (key, widths)
+        assert not any(k.startswith(("LD.", "ST.")) for k in widths), (key, widths)
+        assert f["spills"] == 0, (key, f["spills"])
+        assert f["registers"] <= REGISTER_BOUNDS[key], (key, f["registers"])
         assert f["per_thread"] is not None, f["note"]

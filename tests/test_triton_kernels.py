@@ -406,22 +406,28 @@ VECTOR_SHAPES = {
 
 def _launched_vector_modes(monkeypatch):
     """Record the VECTOR constexpr of every launch."""
-    from fastopt.kernels import _adam
+    from fastopt.kernels import _adam, _launch, ladagrad_step, lrmsprop_step
 
     seen = []
-    launch = _adam.launch
+    launch = _launch.launch
 
     def recorded(kernel, table, grads, *args, **kwargs):
         launch(kernel, table, grads, *args, **kwargs)
         if kwargs.get("vectorized", len(args) > 5 and args[5]):  # launch's 9th positional argument
             seen.append(table.vector_mode())
 
-    monkeypatch.setattr(_adam, "launch", recorded)
+    for module in (_adam, ladagrad_step, lrmsprop_step):  # the launchers of the vectorized kernels
+        monkeypatch.setattr(module, "launch", recorded)
     return seen
 
 
+VECTOR_OPS = ("ladam_step", "ladagrad_step", "lrmsprop_step")  # the kernels with a vector path
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.values[0][3] in VECTOR_OPS])
 @pytest.mark.parametrize("mix", ["all vector", "mixed", "all generic"])
-def test_the_vector_and_generic_paths_match_the_reference(mix, monkeypatch):
+def test_the_vector_and_generic_paths_match_the_reference(mix, config, monkeypatch):
+    label, cls_name, kw, op = config
     torch.manual_seed(0)
     shapes = list(VECTOR_SHAPES.values())
     if mix == "mixed":
@@ -431,7 +437,7 @@ def test_the_vector_and_generic_paths_match_the_reference(mix, monkeypatch):
     params = _device_params([make(torch.float32) for make in shapes])
     seen = _launched_vector_modes(monkeypatch)
     with mt.use_settings(**TINY_TILES):
-        _assert_same_as_reference("LAdam", dict(COMMON), params, steps=3, none_every=0)
+        _assert_same_as_reference(cls_name, {**COMMON, **kw}, params, steps=3, none_every=0)
     assert set(seen) == {{"all vector": 1, "mixed": 2, "all generic": 0}[mix]}, seen
 
 
