@@ -454,7 +454,7 @@ class Compiled:
         self.usage = kernel_resources.resources(self.compiled)
         self.instrs, self.labels = disassemble(self.compiled.asm["cubin"])
         self.arms, self.functions, self.texts = source_arms()
-        self.warps = kernel_resources.warps_for(dtype, kernel)
+        self.warps = kernel_resources.warps_for(dtype, kernel, 1 if vector is None else vector)
         self._walks: Dict[Scenario, List[int]] = {}
 
     def path(self, scenario: Scenario) -> List[int]:

@@ -59,11 +59,11 @@ POINTERS = {
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def warps_for(dtype: str, kernel=None) -> int:
-    """Warps per program the launches use for this dtype and kernel (LaunchSettings.warps for the
-    kernels with a vector path, num_warps for the others)."""
+def warps_for(dtype: str, kernel=None, vector: int = 1) -> int:
+    """Warps per program the launches use for this dtype and kernel (LaunchSettings.warps for
+    launches that take a vector path, num_warps for the others: kernels/_launch.py)."""
     settings = _multi_tensor.settings()
-    if kernel is not None and "VECTOR" not in kernel.arg_names:
+    if kernel is not None and ("VECTOR" not in kernel.arg_names or vector == 0):
         return settings.num_warps
     return settings.num_warps_16bit if dtype in ("bf16", "fp16") else settings.num_warps
 
@@ -88,7 +88,7 @@ def compile_kernel(kernel, constexprs, arch: int, dtype: str, stencil: int, inde
     return triton.compile(
         source,
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": warps_for(dtype, kernel), "enable_fp_fusion": False},
+        options={"num_warps": warps_for(dtype, kernel, const.get("VECTOR", 1)), "enable_fp_fusion": False},
     )
 
 

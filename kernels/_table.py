@@ -77,10 +77,11 @@ class LaunchSettings:
         tile_width: widest 2-D tile, a power of 2 <= tile. 32 x 32 tiles: rows of 128 bytes (fp32,
             one cache line) and the smallest border for 1024 lanes, 12.1% of the elements.
         num_warps: warps per program (4-byte dtypes): 4 elements per thread, one 128-bit access.
-        num_warps_16bit: warps per program for 2-byte dtypes (bf16, fp16) in kernels with the vector
-            path: 8 elements per thread, so that a thread's contiguous elements fill one 128-bit
-            access (bench/kernel_model.py: 9.1 instead of 11.1 warp-instructions per element for
-            ladam_step, at 168 registers).
+        num_warps_16bit: warps per program for 2-byte dtypes (bf16, fp16) in launches that take the
+            vector path (VECTOR 1 or 2; generic-only launches keep num_warps): 8 elements per
+            thread, so that a thread's contiguous elements fill one 128-bit access
+            (bench/kernel_model.py: 9.1 instead of 11.1 warp-instructions per element for
+            ladam_step when introduced, at 168 registers).
     """
 
     tile: int = 1024
