@@ -6,12 +6,17 @@
 Two questions, per workload (a small CNN, a small transformer LM, and a tiny MLP where per-call
 overhead dominates):
 
-1. Overhead of HomotopyLR at estimation_freq=10 with 5 Hutchinson probes: ten training steps with
-   the scheduler (one estimate among them) against ten plain steps, as a fraction of the plain
-   steps' time. Per HVP engine, plus a quarter-batch estimate (estimation_batch_size) and
-   CurvatureAdaptiveLR, which reuses the training step's own graph (no extra forward).
-2. Batched probes against a Python loop of double-backward calls (the seed's Hutchinson loop):
-   one whole estimate (forward, gradient graph, 5 probes) and the 5 products alone on a built graph.
+1. Overhead of HomotopyLR at estimation_freq=10, update_curvature called every step: ten training
+   steps with the scheduler (one estimate among them) against ten plain steps, as a fraction of
+   the plain steps' time. Per estimator method: secant (the training gradients, no extra pass),
+   secant_same_batch (one extra gradient per estimate), amortized_power (the default: one power
+   iteration per estimate by finite differences: one or two extra gradients), Hutchinson with 5
+   probes per HVP engine and on a quarter batch (estimation_batch_size), power iteration (5
+   products), amortized_power and secant_same_batch on a quarter batch (two quarter-batch gradients
+   each); CurvatureAdaptiveLR with its default and with Hutchinson on the step's own graph.
+2. The cost of one estimate of each method against one training step (the secant methods given
+   the training gradient, as the schedulers do); batched probes against a Python loop of
+   double-backward calls (the seed's Hutchinson loop), whole estimates and the 5 products alone.
 
 Every variant runs once per round, the order rotated each round; ratios are medians of per-round
 ratios (paired), so load on the machine that drifts between rounds cancels. Prints a table,
@@ -35,10 +40,12 @@ import torch.nn.functional as F
 
 from fastopt import benchmarking
 from fastopt.schedulers import CurvatureAdaptiveLR, CurvatureEstimator, HomotopyLR, _hvp
+from fastopt.schedulers.curvature import DEFAULT_METHOD
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PROBES = 5
+PROBES = 5  # Hutchinson probes, power iterations
 FREQ = 10
+LOOP = "estimate: hutchinson reverse_over_reverse_loop (Python loop)"
 
 
 # -- workloads ---------------------------------------------------------------------------------------
@@ -162,8 +169,8 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
             loss_fn(model(x), y).backward()
             opt.step()
 
-    def with_homotopy(**estimator_kwargs):
-        est = CurvatureEstimator(model, loss_fn, n_samples=PROBES, **estimator_kwargs)
+    def with_homotopy(method="hutchinson", **estimator_kwargs):
+        est = CurvatureEstimator(model, loss_fn, method, n_samples=PROBES, n_iterations=PROBES, **estimator_kwargs)
         sched = HomotopyLR(
             opt, model, loss_fn, base_lr=1e-4, curvature_target=1e30, estimation_freq=FREQ, estimator=est
         )
@@ -178,9 +185,9 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
 
         return run
 
-    def with_graph_scheduler():
+    def with_graph_scheduler(method):
         sched = CurvatureAdaptiveLR(
-            opt, model, base_lr=1e-4, curvature_target=1e30, estimation_freq=FREQ, n_samples=PROBES
+            opt, model, base_lr=1e-4, curvature_target=1e30, estimation_freq=FREQ, method=method, n_samples=PROBES
         )
 
         def run():
@@ -195,27 +202,54 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
 
     loops = {
         "10 plain steps": plain_steps,
-        "HomotopyLR reverse_over_reverse (default)": with_homotopy(hvp="reverse_over_reverse"),
-        "HomotopyLR forward_over_reverse": with_homotopy(hvp="forward_over_reverse"),
-        "HomotopyLR reverse_over_reverse_loop (seed)": with_homotopy(hvp="reverse_over_reverse_loop"),
-        f"HomotopyLR default, estimation_batch_size={quarter}": with_homotopy(estimation_batch_size=quarter),
-        "CurvatureAdaptiveLR step(loss), graph reused": with_graph_scheduler(),
+        **{_named(f"HomotopyLR {m}", m): with_homotopy(m) for m in ("secant", "secant_same_batch", "amortized_power")},
+        f"HomotopyLR amortized_power, estimation_batch_size={quarter}": with_homotopy(
+            "amortized_power", estimation_batch_size=quarter
+        ),
+        f"HomotopyLR secant_same_batch, estimation_batch_size={quarter}": with_homotopy(
+            "secant_same_batch", estimation_batch_size=quarter
+        ),
+        "HomotopyLR hutchinson reverse_over_reverse": with_homotopy(hvp="reverse_over_reverse"),
+        "HomotopyLR hutchinson forward_over_reverse": with_homotopy(hvp="forward_over_reverse"),
+        "HomotopyLR hutchinson reverse_over_reverse_loop (seed)": with_homotopy(hvp="reverse_over_reverse_loop"),
+        f"HomotopyLR hutchinson, estimation_batch_size={quarter}": with_homotopy(estimation_batch_size=quarter),
+        "HomotopyLR power": with_homotopy("power"),
+        **{
+            _named(f"CurvatureAdaptiveLR step(loss) {m}", m): with_graph_scheduler(m)
+            for m in ("secant", "amortized_power")
+        },
+        "CurvatureAdaptiveLR step(loss) hutchinson, graph reused": with_graph_scheduler("hutchinson"),
     }
     estimators = {
-        "estimate: reverse_over_reverse (batched)": CurvatureEstimator(
-            model, loss_fn, n_samples=PROBES, hvp="reverse_over_reverse"
-        ),
-        "estimate: forward_over_reverse (batched, torch.func)": CurvatureEstimator(
-            model, loss_fn, n_samples=PROBES, hvp="forward_over_reverse"
-        ),
-        "estimate: reverse_over_reverse_loop (Python loop)": CurvatureEstimator(
-            model, loss_fn, n_samples=PROBES, hvp="reverse_over_reverse_loop"
-        ),
+        f"estimate: {m}": CurvatureEstimator(model, loss_fn, m, n_samples=PROBES, n_iterations=PROBES)
+        for m in ("secant", "secant_same_batch", "amortized_power", "power")
     }
-    one_step = {
-        "1 training step": lambda: (opt.zero_grad(set_to_none=True), loss_fn(model(x), y).backward(), opt.step())
-    }
-    one_step.update({n: (lambda e=e: e.estimate(x, y)) for n, e in estimators.items()})
+    estimators.update(
+        {
+            "estimate: hutchinson reverse_over_reverse (batched)": CurvatureEstimator(
+                model, loss_fn, n_samples=PROBES, hvp="reverse_over_reverse", method="hutchinson"
+            ),
+            "estimate: hutchinson forward_over_reverse (batched, torch.func)": CurvatureEstimator(
+                model, loss_fn, n_samples=PROBES, hvp="forward_over_reverse", method="hutchinson"
+            ),
+            LOOP: CurvatureEstimator(
+                model, loss_fn, n_samples=PROBES, hvp="reverse_over_reverse_loop", method="hutchinson"
+            ),
+        }
+    )
+
+    def training_step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()  # .grad keeps this step's gradient: the secant estimates below read it
+
+    def estimate(e):
+        # As a scheduler calls it: the training gradient in .grad (the step before moved the
+        # parameters, so a secant pairs two different points).
+        return e.estimate(x, y, grads=[p.grad for p in e.params] if e.wants_grad else None)
+
+    one_step = {"1 training step": training_step}
+    one_step.update({n: (lambda e=e: estimate(e)) for n, e in estimators.items()})
 
     env = benchmarking.environment(device)
     env["threads"] = str(torch.get_num_threads())
@@ -246,12 +280,12 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
     add("overhead", loop_times, "10 plain steps", "time / time of 10 plain steps (1 + overhead)")
     step_times = interleaved(one_step, rounds, device)
     add("estimate", step_times, "1 training step", "time / time of 1 training step")
-    loop_est = step_times["estimate: reverse_over_reverse_loop (Python loop)"]
+    loop_est = step_times[LOOP]
     for r in rows[-len(one_step) :]:
         r["speedup_vs_loop"] = round(_paired(loop_est, step_times[r["variant"]]), 3)
     # The 5 products alone, on one gradient graph built outside the timing (after the training
     # above: the graph saves the parameters, which optimizer.step() changes in place).
-    est = estimators["estimate: reverse_over_reverse (batched)"]
+    est = estimators["estimate: hutchinson reverse_over_reverse (batched)"]
     objective = _hvp.Objective(model, loss_fn, est.names, est.params, x, y, 0, True)
     graph = _hvp.ReverseOverReverse(objective)
     probes = [torch.randint(0, 2, (PROBES,) + tuple(p.shape), device=device).to(p.dtype) * 2 - 1 for p in est.params]
@@ -266,6 +300,10 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
             _paired(prod_times["products: Python loop of double-backward calls"], prod_times[r["variant"]]), 3
         )
     return rows
+
+
+def _named(label: str, method: str) -> str:
+    return f"{label} (default)" if method == DEFAULT_METHOD else label
 
 
 def _with(graph, batched):

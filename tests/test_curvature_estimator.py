@@ -205,11 +205,11 @@ def test_ops_without_double_backward_fall_back_to_finite_differences():
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
     vectors = _random_vectors(model, 2)
-    est = CurvatureEstimator(model, F.cross_entropy)
+    est = CurvatureEstimator(model, F.cross_entropy, method="hutchinson")
     with pytest.warns(UserWarning, match="finite_difference.*once_differentiable"):
         got = est.hessian_vector_products(x, y, vectors)
     assert est.hvp_in_use == "finite_difference"
-    exact = CurvatureEstimator(twin, F.cross_entropy)
+    exact = CurvatureEstimator(twin, F.cross_entropy, method="hutchinson")
     want = exact.hessian_vector_products(x, y, vectors)
     assert exact.hvp_in_use == "reverse_over_reverse"
     for a, b in zip(got, want):
@@ -219,7 +219,7 @@ def test_ops_without_double_backward_fall_back_to_finite_differences():
         kappa = est.estimate(x, y)
     assert kappa == pytest.approx(exact.estimate(x, y), rel=1e-6)
     with pytest.raises(RuntimeError, match="once_differentiable"):
-        CurvatureEstimator(model, F.cross_entropy, hvp="reverse_over_reverse").estimate(x, y)
+        CurvatureEstimator(model, F.cross_entropy, method="hutchinson", hvp="reverse_over_reverse").estimate(x, y)
 
 
 def test_fused_attention_without_the_math_kernel_falls_back_to_finite_differences():
@@ -283,7 +283,7 @@ def test_dropout_masks_are_shared_by_all_evaluations_of_an_estimate():
 
 def test_kappa_is_the_seed_definition():
     model, x, y = _problem("mlp")
-    est = CurvatureEstimator(model, half_mse, n_samples=4, eps=1e-3)
+    est = CurvatureEstimator(model, half_mse, method="hutchinson", n_samples=4, eps=1e-3)
     m = est.measure(x, y)
     grads = torch.autograd.grad(half_mse(model(x), y), list(model.parameters()))
     g_sq = sum(float(g.pow(2).sum()) for g in grads)
@@ -345,16 +345,16 @@ def test_estimate_from_a_live_loss_graph_matches_estimate():
     model, x, y = _problem("mlp")
     loss = half_mse(model(x), y)
     loss.backward(retain_graph=True)
-    from_graph = CurvatureEstimator(model, None, seed=6).measure_from_loss(loss)
-    direct = CurvatureEstimator(model, half_mse, seed=6).measure(x, y)
+    from_graph = CurvatureEstimator(model, None, "hutchinson", seed=6).measure_from_loss(loss)
+    direct = CurvatureEstimator(model, half_mse, "hutchinson", seed=6).measure(x, y)
     assert from_graph.curvature == pytest.approx(direct.curvature, rel=1e-12)
     loss.backward()  # frees the graph
     with pytest.raises(RuntimeError, match="second time"):
-        CurvatureEstimator(model, None).estimate_from_loss(loss)
+        CurvatureEstimator(model, None, "hutchinson").estimate_from_loss(loss)
     with pytest.raises(ValueError, match="no autograd graph"):
         CurvatureEstimator(model, None).estimate_from_loss(loss.detach())
     with pytest.raises(ValueError, match="needs inputs and targets"):
-        CurvatureEstimator(model, None, hvp="finite_difference").estimate_from_loss(half_mse(model(x), y))
+        CurvatureEstimator(model, None, "hutchinson", hvp="finite_difference").estimate_from_loss(half_mse(model(x), y))
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -440,7 +440,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="Invalid n_samples"):
         est.hessian_trace(x, y, n_samples=0)
     # A user error inside the model is reported, each engine's attempt listed, and settles nothing.
-    fresh = CurvatureEstimator(model, half_mse)
+    fresh = CurvatureEstimator(model, half_mse, method="hutchinson")
     with pytest.raises(RuntimeError, match="(?s)no Hessian-vector product method worked.*finite_difference.*mat1"):
         fresh.estimate(torch.zeros(4, 5, dtype=torch.float64), y)
     assert fresh.hvp_in_use is None and fresh.curvature_history == []
@@ -460,7 +460,7 @@ def test_attention_runs_on_the_math_kernel_inside_estimates_only():
             return self.inner(x)
 
     before = seen_now = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
-    CurvatureEstimator(Spy(model), half_mse).estimate(x, y)
+    CurvatureEstimator(Spy(model), half_mse, method="hutchinson").estimate(x, y)
     assert seen == [(False, True)]
     seen_now = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
     assert seen_now == before == (True, True)

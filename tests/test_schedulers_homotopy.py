@@ -71,7 +71,10 @@ def test_lr_falls_when_curvature_exceeds_the_target_and_not_below():
     k0 = kappa()
     for target, alpha in [(k0 / 4, 1.0), (k0 / 4, 0.5), (k0 / 100, 2.0), (4 * k0, 1.0), (k0, 1.0)]:
         opt = torch.optim.SGD(model.parameters(), lr=123.0)
-        sched = HomotopyLR(opt, model, loss, base_lr=0.1, curvature_target=target, alpha=alpha, estimation_freq=1)
+        hutchinson = CurvatureEstimator(model, loss, "hutchinson")  # exact here: H is diagonal
+        sched = HomotopyLR(
+            opt, model, loss, base_lr=0.1, curvature_target=target, alpha=alpha, estimation_freq=1, estimator=hutchinson
+        )
         sched.update_curvature(None, None)
         opt.step()  # no gradients: a no-op, in the order torch schedulers expect
         sched.step()
@@ -89,7 +92,10 @@ def test_lr_falls_when_curvature_exceeds_the_target_and_not_below():
 def test_smoothing_and_estimation_freq():
     model, loss, kappa = _diagonal_quadratic()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    sched = HomotopyLR(opt, model, loss, base_lr=0.01, curvature_target=1e-3, estimation_freq=3, smoothing=0.5)
+    hutchinson = CurvatureEstimator(model, loss, "hutchinson")  # exact here: H is diagonal
+    sched = HomotopyLR(
+        opt, model, loss, base_lr=0.01, curvature_target=1e-3, estimation_freq=3, smoothing=0.5, estimator=hutchinson
+    )
     assert sched.get_last_lr() == [0.01]  # before any estimate the curvature is the target
     expected, seen = None, []
     for step in range(7):
@@ -124,7 +130,7 @@ def test_warmup_emerges_where_curvature_decays():
         alpha=1.0,
         estimation_freq=1,
         smoothing=0.0,
-        estimator=CurvatureEstimator(model, model.loss, n_samples=2),
+        estimator=CurvatureEstimator(model, model.loss, "hutchinson", n_samples=2),
     )
     lrs = []
     for _ in range(400):
@@ -177,9 +183,16 @@ def test_curvature_adaptive_lr_uses_the_step_graph_in_the_seed_loop():
     twin = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
     sched = CurvatureAdaptiveLR(
-        opt, model, base_lr=1e-2, curvature_target=0.5, adaptation_rate=0.25, estimation_freq=2, n_samples=4
+        opt,
+        model,
+        base_lr=1e-2,
+        curvature_target=0.5,
+        adaptation_rate=0.25,
+        estimation_freq=2,
+        method="hutchinson",
+        n_samples=4,
     )
-    reference = CurvatureEstimator(twin, half_mse, n_samples=4)
+    reference = CurvatureEstimator(twin, half_mse, "hutchinson", n_samples=4)
     smoothed = 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()" warning
@@ -325,8 +338,8 @@ def test_curvature_aware_clip():
 def test_homotopy_adam_sets_rates_then_steps_like_adam():
     model = _mlp()
     twin = copy.deepcopy(model)
-    est = CurvatureEstimator(model, half_mse, n_samples=3)
-    twin_est = CurvatureEstimator(twin, half_mse, n_samples=3)
+    est = CurvatureEstimator(model, half_mse, "hutchinson", n_samples=3)
+    twin_est = CurvatureEstimator(twin, half_mse, "hutchinson", n_samples=3)
     opt = HomotopyAdam(
         [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}],
         lr=0.1,

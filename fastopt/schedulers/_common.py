@@ -16,6 +16,15 @@ from .curvature import CurvatureEstimator
 check_estimator = v.instance_of(CurvatureEstimator, "a CurvatureEstimator")
 
 
+def training_grads(estimator: CurvatureEstimator) -> Optional[List[Optional[torch.Tensor]]]:
+    """The measured parameters' ``.grad`` where the estimator uses the training gradient (the
+    gradient-only methods: secant, secant_same_batch, amortized_power; ``use_grad=True``), else
+    None. Schedulers call their estimator after ``loss.backward()`` on the batch they pass, so
+    ``.grad`` is the gradient there; a ``.grad`` that is None or all zeros makes the estimator
+    compute its own."""
+    return [p.grad for p in estimator.params] if estimator.wants_grad else None
+
+
 def check_base_lr(base_lr: Optional[float]) -> Optional[float]:
     """``base_lr`` as a float: finite and >= 0, or None (each group's own rate)."""
     v.optional(v.at_least(0.0, finite=True))("base_lr", base_lr)

@@ -291,6 +291,16 @@ class ForwardOverReverse:
         return [hv[n].detach() for n in names]
 
 
+def loss_and_grads(objective: Objective, values: Sequence[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+    """The loss and its gradient (first derivatives only) with ``values`` standing in for the
+    objective's parameters, under its evaluation context; both detached."""
+    leaves = [v.detach().requires_grad_(True) for v in values]
+    with objective.evaluation_context():
+        loss = objective(leaves)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return loss.detach(), [g.detach() for g in _zeros_for_none(grads, leaves)]
+
+
 class FiniteDifference:
     r"""Central differences of the gradient: :math:`Hv \approx (g(\theta+hv) - g(\theta-hv)) / 2h`.
 
@@ -313,11 +323,7 @@ class FiniteDifference:
         self._scale = max(1.0, math.sqrt(theta_sq / max(n, 1)))
 
     def _loss_and_grads(self, values: Sequence[Tensor]):
-        leaves = [v.detach().requires_grad_(True) for v in values]
-        with self.objective.evaluation_context():
-            loss = self.objective(leaves)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        return loss.detach(), [g.detach() for g in _zeros_for_none(grads, leaves)]
+        return loss_and_grads(self.objective, values)
 
     def hvp(self, vectors: Sequence[Tensor]) -> List[Tensor]:
         k = vectors[0].shape[0]

@@ -1,4 +1,4 @@
-r"""CurvatureEstimator: the local curvature of a model's loss from Hessian-vector products.
+r"""CurvatureEstimator: the local curvature of a model's loss from gradients or Hessian-vector products.
 
 The curvature at parameters :math:`\theta` (the seed's definition) is
 
@@ -7,6 +7,23 @@ The curvature at parameters :math:`\theta` (the seed's definition) is
 
 with :math:`\|\nabla^2 L\|` estimated by one of
 
+* ``method='secant'``: the secant (Barzilai-Borwein) curvature along the path since the
+  previous estimate, :math:`\|y\| / \|s\|` with :math:`s = \theta_t - \theta_{t'}` and
+  :math:`y = g_t - g_{t'}` (:math:`y = \bar H s`, :math:`\bar H` the Hessian averaged along the
+  segment, so :math:`\|y\|/\|s\| \le \|\bar H\|_2`, equal along its top eigenvector). Through a
+  scheduler it reuses the training gradients in ``.grad``: no extra pass. Successive estimates see
+  different mini-batches, so :math:`y` also carries their gradient noise (an upward bias, smaller the
+  longer the segment);
+* ``method='secant_same_batch'``: the same with :math:`g_{t'}` re-evaluated at :math:`\theta_{t'}`
+  on the current batch, which removes that noise, for one extra gradient per estimate;
+* ``method='amortized_power'`` (the default): power iteration spread over the estimates, one iteration each: the
+  vector :math:`v` is kept from one estimate to the next, :math:`\|H\| := \|Hv\|` and
+  :math:`v \leftarrow Hv / \|Hv\|`, with :math:`Hv` a finite difference of gradients on the batch
+  (one gradient beyond the training one in ``.grad``, two where the model has active dropout or
+  no training gradient is given). It converges to :math:`|\lambda|_{max}` while the Hessian
+  changes slowly against the estimation interval;
+* ``method='exact'``: :math:`|\lambda|_{max}` of the dense Hessian (``n`` Hessian-vector products and
+  ``eigvalsh``), the reference for models of at most ``MAX_EXACT_PARAMETERS`` parameters;
 * ``method='hutchinson'``: :math:`|\mathrm{tr}\, H|` from Hutchinson's estimator
   :math:`\mathrm{tr}\, H \approx \frac1k \sum_{i=1}^k v_i^\top H v_i` with Rademacher probes
   :math:`v_i \in \{-1, 1\}^n` (unbiased; variance :math:`\frac2k \sum_{a \ne b} H_{ab}^2`).
@@ -27,7 +44,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +53,18 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .. import _validation as v
 from . import _hvp
 
-METHODS = ("hutchinson", "power")
+METHODS = ("secant", "secant_same_batch", "amortized_power", "hutchinson", "power", "exact")
+# The gradient-only methods: they can use the training gradient (``grads``), need no double backward.
+SECANT_METHODS = ("secant", "secant_same_batch", "amortized_power")
+# Chosen by measurement (bench/results/curvature_accuracy.md, curvature_warmup.md, curvature_cpu.md):
+# the cheapest method whose ||H|| followed |lambda|_max (full batch: median 0.99x the exact figure)
+# and which kept the warmup experiment's conclusions; one (two with dropout) gradient per estimate.
+# 'secant' costs nothing but measures the curvature along the optimizer's path (0.006-0.4x
+# |lambda|_max, varying 10x along a run) and reversed the CNN warmup trend.
+DEFAULT_METHOD = "amortized_power"
+# The dense Hessian of 'exact' takes n Hessian-vector products and n^2 floats: 4096 parameters is
+# 134 MB in float64 and a few seconds on a CPU core.
+MAX_EXACT_PARAMETERS = 4096
 HVP_CHOICES = ("auto",) + _hvp.HVP_METHODS
 GROUPINGS = ("layers", "parameters")
 GLOBAL = "__all__"  # the key of the whole-model figures inside the power iteration
@@ -49,11 +77,16 @@ class GroupMeasurement:
 
     Attributes:
         curvature: :math:`\\kappa = \\|H\\| / (\\|g\\|^2 + \\epsilon)`.
-        hessian_norm: :math:`\\|H\\|`: ``abs(trace)`` (hutchinson) or ``abs(top_eigenvalue)`` (power).
+        hessian_norm: :math:`\\|H\\|`: ``abs(trace)`` (hutchinson), ``abs(top_eigenvalue)`` (power,
+            exact), :math:`\\|y\\|/\\|s\\|` (secant methods) or :math:`\\|Hv\\|` (amortized_power).
         grad_norm_sq: :math:`\\|g\\|^2`.
-        trace: Hutchinson's estimate of :math:`\\mathrm{tr}\\, H` (hutchinson only).
+        trace: Hutchinson's estimate of :math:`\\mathrm{tr}\\, H` (hutchinson), the exact trace (exact).
         trace_std_error: its standard error, sample std / sqrt(k) (hutchinson, k >= 2).
-        top_eigenvalue: the Rayleigh quotient of the largest-magnitude eigenvalue (power only).
+        top_eigenvalue: the largest-magnitude eigenvalue, signed: a Rayleigh quotient (power) or
+            exact (exact).
+        directional_curvature: :math:`s^\\top y / s^\\top s` along the secant step (secant methods;
+            the Rayleigh quotient :math:`v^\\top Hv` for amortized_power).
+        step_norm: :math:`\\|s\\|`, the length of the secant step (1 for amortized_power's unit vector).
     """
 
     curvature: float
@@ -62,6 +95,8 @@ class GroupMeasurement:
     trace: Optional[float] = None
     trace_std_error: Optional[float] = None
     top_eigenvalue: Optional[float] = None
+    directional_curvature: Optional[float] = None
+    step_norm: Optional[float] = None
 
 
 @dataclass
@@ -74,6 +109,7 @@ class CurvatureMeasurement(GroupMeasurement):
     method: str = ""
     hvp: str = ""
     n_products: int = 0  # Hessian-vector products computed
+    n_gradients: int = 0  # gradient evaluations of the gradient-only methods beyond the training step's
 
 
 def _rademacher(like: Sequence[Tensor], k: int, generator: torch.Generator) -> List[Tensor]:
@@ -91,6 +127,17 @@ def _rademacher(like: Sequence[Tensor], k: int, generator: torch.Generator) -> L
 def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """(n_params, k) float64: per parameter and probe, <a_i, b_i>."""
     return torch.stack([(x * y).reshape(x.shape[0], -1).sum(1, dtype=torch.float64) for x, y in zip(a, b)])
+
+
+def _has_active_dropout(model: nn.Module) -> bool:
+    """Whether a dropout module of ``model`` would draw a mask (training mode, p > 0); functional
+    dropout inside a forward is invisible here."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
+
+
+def _dots_flat(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """(n_params,) float64: per parameter, <a, b>."""
+    return torch.stack([(x.to(torch.float64) * y.to(torch.float64)).sum() for x, y in zip(a, b)])
 
 
 def _sq_norms(tensors: Sequence[Tensor]) -> Tensor:
@@ -118,8 +165,29 @@ class CurvatureEstimator:
         loss_fn (callable or None): ``loss_fn(model(inputs), targets)`` returns the scalar loss;
             it may unpack a model output that is a dict or tuple. ``None``: ``model(inputs)`` is
             the loss itself and ``targets`` are ignored.
-        method (str): ``'hutchinson'`` (:math:`\|H\| := |\mathrm{tr}\, H|`) or ``'power'``
-            (:math:`\|H\| := |\lambda|_{max}`). Default: ``'hutchinson'``.
+        method (str): ``'secant'`` (:math:`\|H\| := \|y\|/\|s\|` along the path since the previous
+            estimate, from gradients only), ``'secant_same_batch'`` (the same, both gradients on the
+            current batch), ``'amortized_power'`` (:math:`\|H\| := \|Hv\|`, one power iteration per
+            estimate by differences of gradients), ``'hutchinson'`` (:math:`\|H\| := |\mathrm{tr}\, H|`),
+            ``'power'`` (:math:`\|H\| := |\lambda|_{max}` by power iteration) or ``'exact'``
+            (:math:`|\lambda|_{max}` of the dense Hessian, small models only). Default:
+            ``'amortized_power'``, the cheapest that followed the exact figure
+            (bench/results/curvature_accuracy.md, curvature_cpu.md).
+
+    **The gradient-only methods** (``'secant'``, ``'secant_same_batch'``, ``'amortized_power'``) need
+    no double backward. A secant needs two points: the first estimate (or one at the same parameters
+    as the previous) takes a central difference along the gradient, :math:`s = 2h\, g` (relative
+    length ``fd_relative_step``, default :math:`\epsilon_{mach}^{1/3}`), two gradients on the batch
+    (three without ``grads``); later ones pair the current point with the previous estimate's.
+    ``grads`` (:meth:`estimate`, :meth:`measure`; the schedulers pass the parameters' ``.grad``) is
+    the gradient of the loss on ``inputs`` at the current parameters: with it ``'secant'`` costs no
+    pass at all, ``'secant_same_batch'`` and ``'amortized_power'`` one gradient (two for the latter
+    under active dropout); without it each computes the current gradient too. Under
+    ``torch.amp.GradScaler`` unscale ``.grad`` first (``scaler.unscale_(optimizer)``); with gradient
+    accumulation construct the scheduler's estimator with ``use_grad=False``. The loss in a
+    measurement from ``grads`` is NaN (no forward ran). Per-group figures use the rows of the
+    group, :math:`\|y_g\| / \|s_g\|` (:math:`\|(Hv)_g\| / \|v_g\|`), so they include the coupling
+    to other groups.
 
     Keyword Args:
         n_samples (int): Rademacher probes per Hutchinson estimate. Default: 10 (the seed's).
@@ -149,6 +217,8 @@ class CurvatureEstimator:
         fd_relative_step (float or None): the finite-difference step relative to
             :math:`\max(1, \mathrm{rms}(\theta))`; default :math:`\epsilon_{mach}^{1/3}`.
         seed (int): seeds the probes and the forward passes of estimates. Default: 0.
+        use_grad (bool): whether the schedulers hand the secant methods the parameters' ``.grad``
+            as the gradient on the estimation batch. Default: True.
 
     Attributes:
         curvature_history (list of float): :math:`\kappa` of each :meth:`estimate`.
@@ -166,7 +236,7 @@ class CurvatureEstimator:
         self,
         model: nn.Module,
         loss_fn: Optional[Callable],
-        method: str = "hutchinson",
+        method: str = DEFAULT_METHOD,
         *,
         n_samples: int = 10,
         n_iterations: int = 5,
@@ -180,6 +250,7 @@ class CurvatureEstimator:
         math_attention: bool = True,
         fd_relative_step: Optional[float] = None,
         seed: int = 0,
+        use_grad: bool = True,
     ):
         v.nn_module("model", model)
         if loss_fn is not None and not callable(loss_fn):
@@ -208,6 +279,16 @@ class CurvatureEstimator:
         self.fd_relative_step = fd_relative_step
         self.names, self.params = self._select_parameters(parameters)
         self.groups = self._resolve_groups(groups)
+        self.use_grad = bool(use_grad)
+        n = sum(p.numel() for p in self.params)
+        if method == "exact" and n > MAX_EXACT_PARAMETERS:
+            raise ValueError(
+                f"method='exact' builds the dense Hessian: {n} measured parameters is more than "
+                f"MAX_EXACT_PARAMETERS={MAX_EXACT_PARAMETERS}; use 'secant', 'hutchinson' or 'power'"
+            )
+        # The secant methods' previous point: (parameters, gradient) at the latest estimate.
+        self._secant_point: Optional[Tuple[List[Tensor], List[Tensor]]] = None
+        self._power_vector: Optional[List[Tensor]] = None  # amortized_power's current unit vector
         self.curvature_history: List[float] = []
         self.last_measurement: Optional[CurvatureMeasurement] = None
         self.hvp_in_use: Optional[str] = None
@@ -275,22 +356,35 @@ class CurvatureEstimator:
         return out
 
     # -- public API ------------------------------------------------------------------------------
-    def estimate(self, inputs: Any, targets: Any = None) -> float:
+    @property
+    def wants_grad(self) -> bool:
+        """Whether a scheduler should pass the training gradient (``.grad``) as ``grads``."""
+        return self.use_grad and self.method in SECANT_METHODS
+
+    def estimate(
+        self, inputs: Any, targets: Any = None, *, grads: Optional[Sequence[Optional[Tensor]]] = None
+    ) -> float:
         """:math:`\\kappa` at the current parameters (by ``method``); appended to
-        ``curvature_history``. Non-finite when the loss or gradient is (nothing is clipped)."""
-        m = self.measure(inputs, targets)
+        ``curvature_history``. Non-finite when the loss or gradient is (nothing is clipped).
+        ``grads``: the gradient on ``inputs`` at the current parameters, if the caller has it
+        (one tensor per measured parameter; used by the secant methods only)."""
+        m = self.measure(inputs, targets, grads=grads)
         self.curvature_history.append(m.curvature)
         return m.curvature
 
-    def estimate_from_loss(self, loss: Tensor) -> float:
+    def estimate_from_loss(self, loss: Tensor, *, grads: Optional[Sequence[Optional[Tensor]]] = None) -> float:
         """:math:`\\kappa` from a loss whose autograd graph is still alive (e.g. after
         ``loss.backward(retain_graph=True)``), without another forward pass; appended to
-        ``curvature_history``. Only reverse-over-reverse products can use such a graph."""
-        m = self.measure_from_loss(loss)
+        ``curvature_history``. Only reverse-over-reverse products can use such a graph; the secant
+        method differentiates it once (no graph needed when ``grads`` is given), and
+        ``'secant_same_batch'`` cannot work from a loss (it needs the batch)."""
+        m = self.measure_from_loss(loss, grads=grads)
         self.curvature_history.append(m.curvature)
         return m.curvature
 
-    def estimate_per_group(self, inputs: Any, targets: Any = None) -> Dict[str, float]:
+    def estimate_per_group(
+        self, inputs: Any, targets: Any = None, *, grads: Optional[Sequence[Optional[Tensor]]] = None
+    ) -> Dict[str, float]:
         """:math:`\\kappa_g` of each group (needs ``groups``); also appends the global :math:`\\kappa`
         to ``curvature_history``."""
         if not self.groups:
@@ -298,16 +392,30 @@ class CurvatureEstimator:
                 "estimate_per_group needs groups: construct the estimator with groups='layers', "
                 "'parameters', a mapping name -> parameters or an optimizer"
             )
-        m = self.measure(inputs, targets)
+        m = self.measure(inputs, targets, grads=grads)
         self.curvature_history.append(m.curvature)
         return {k: g.curvature for k, g in m.groups.items()}
 
-    def measure(self, inputs: Any, targets: Any = None) -> CurvatureMeasurement:
+    def measure(
+        self, inputs: Any, targets: Any = None, *, grads: Optional[Sequence[Optional[Tensor]]] = None
+    ) -> CurvatureMeasurement:
         """All figures of one estimate (see :class:`CurvatureMeasurement`); no history entry."""
+        if self.method in SECANT_METHODS:
+            objective, sliced = self._objective(inputs, targets)
+            # A gradient of the whole batch does not pair with gradients of its leading samples.
+            if self.method == "amortized_power":
+                return self._amortized_power(objective, None if sliced else grads)
+            return self._secant(objective, None if sliced else grads)
         return self._measure(self._source(inputs, targets), self.method, self.n_samples, self.n_iterations)
 
-    def measure_from_loss(self, loss: Tensor) -> CurvatureMeasurement:
+    def measure_from_loss(
+        self, loss: Tensor, *, grads: Optional[Sequence[Optional[Tensor]]] = None
+    ) -> CurvatureMeasurement:
         """:meth:`measure` from a loss whose graph is alive; see :meth:`estimate_from_loss`."""
+        if self.method == "amortized_power":
+            return self._amortized_power_from_loss(loss)
+        if self.method in SECANT_METHODS:
+            return self._secant_from_loss(loss, grads)
         return self._measure(self._loss_source(loss), self.method, self.n_samples, self.n_iterations)
 
     def hessian_trace(self, inputs: Any, targets: Any = None, n_samples: Optional[int] = None) -> float:
@@ -348,10 +456,15 @@ class CurvatureEstimator:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """History, the probe generator's state and the resolved HVP engine; plain types and one
-        uint8 tensor, so ``torch.load(weights_only=True)`` reads it."""
+        """History, the probe generator's state, the resolved HVP engine and the secant methods'
+        previous point; plain types and tensors, so ``torch.load(weights_only=True)`` reads it."""
         last = self.last_measurement
+        point = self._secant_point
         return {
+            "secant_point": None
+            if point is None
+            else {"params": [t.clone() for t in point[0]], "grads": [t.clone() for t in point[1]]},
+            "power_vector": None if self._power_vector is None else [t.clone() for t in self._power_vector],
             "curvature_history": list(self.curvature_history),
             "hvp_in_use": self.hvp_in_use,
             "resolved": dict(self._resolved),
@@ -373,18 +486,35 @@ class CurvatureEstimator:
             last["groups"] = {k: GroupMeasurement(**g) for k, g in last.get("groups", {}).items()}
             last = CurvatureMeasurement(**last)
         self.last_measurement = last
+        point = state_dict.get("secant_point")
+        self._secant_point = (
+            None
+            if point is None
+            else (self._like_params(point["params"], "secant_point"), self._like_params(point["grads"], "secant_point"))
+        )
+        vector = state_dict.get("power_vector")
+        self._power_vector = None if vector is None else self._like_params(vector, "power_vector")
+
+    def _like_params(self, tensors: Sequence[Tensor], what: str) -> List[Tensor]:
+        tensors = list(tensors)
+        if [tuple(t.shape) for t in tensors] != [tuple(p.shape) for p in self.params]:
+            raise ValueError(f"CurvatureEstimator state_dict: {what} does not match the measured parameters' shapes")
+        return [t.to(device=p.device, dtype=p.dtype).clone() for t, p in zip(tensors, self.params)]
 
     # -- sources of Hessian-vector products ------------------------------------------------------
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2**62, (), generator=self._generator))
 
-    def _source(self, inputs: Any, targets: Any):
+    def _objective(self, inputs: Any, targets: Any) -> Tuple[_hvp.Objective, bool]:
+        """The loss on (the leading ``estimation_batch_size`` samples of) the batch, and whether it
+        was sliced."""
         forward_seed = self._draw_seed()  # drawn first by every source: the same probes follow
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "CurvatureEstimator cannot differentiate inside torch.inference_mode(); "
                 "call it outside (torch.no_grad() is fine: it enables grad itself)"
             )
+        sliced = False
         if self.estimation_batch_size is not None:
             leaves = [t for t in tree_flatten(inputs)[0] if torch.is_tensor(t) and t.dim() > 0]
             if not leaves:
@@ -393,9 +523,14 @@ class CurvatureEstimator:
             if self.estimation_batch_size < batch:
                 inputs = _leading_slice(inputs, batch, self.estimation_batch_size)
                 targets = _leading_slice(targets, batch, self.estimation_batch_size)
+                sliced = True
         objective = _hvp.Objective(
             self.model, self.loss_fn, self.names, self.params, inputs, targets, forward_seed, self.math_attention
         )
+        return objective, sliced
+
+    def _source(self, inputs: Any, targets: Any):
+        objective, _ = self._objective(inputs, targets)
 
         def make(name: str, verify: bool):
             if name == "finite_difference":
@@ -468,6 +603,8 @@ class CurvatureEstimator:
         generator = torch.Generator(device=device).manual_seed(self._draw_seed())
         if method == "hutchinson":
             engine, figures, n_products = self._hutchinson(source, n_samples, generator)
+        elif method == "exact":
+            engine, figures, n_products = self._exact(source)
         else:
             engine, figures, n_products = self._power(source, n_iterations, generator)
         grad_sq = _sq_norms(engine.grads)
@@ -475,7 +612,7 @@ class CurvatureEstimator:
         for key, idx in [(GLOBAL, list(range(len(self.params))))] + list(self.groups.items()):
             trace, se, top = figures[key]
             g_sq = float(grad_sq[idx].sum())
-            norm = abs(trace) if method == "hutchinson" else abs(top)
+            norm = abs(trace) if method == "hutchinson" else abs(top)  # power and exact: |lambda|_max
             measured[key] = GroupMeasurement(norm / (g_sq + self.eps), norm, g_sq, trace, se, top)
         whole = measured.pop(GLOBAL)
         assert self.hvp_in_use is not None  # _first_products set it: every estimate calls it first
@@ -543,6 +680,251 @@ class CurvatureEstimator:
                 break
             previous = rayleigh
         return engine, {key: (None, None, float(rayleigh[j])) for j, (key, _) in enumerate(supports)}, n_products
+
+    def _exact(self, source):
+        """The dense Hessian from n products with the unit vectors, then eigvalsh per block."""
+        sizes = [p.numel() for p in self.params]
+        n = sum(sizes)
+        chunk = self.max_probes_per_pass or n
+        engine, columns = None, []
+        for start in range(0, n, chunk):
+            eye = torch.eye(n, dtype=self.params[0].dtype)[start : start + chunk]
+            probes = [
+                block.reshape((-1,) + tuple(p.shape)).to(p.device)
+                for block, p in zip(eye.split(sizes, dim=1), self.params)
+            ]
+            if engine is None:
+                engine, products = self._first_products(source, probes)
+            else:
+                products = engine.hvp(probes)
+            columns.append(torch.cat([h.reshape(h.shape[0], -1).to("cpu", torch.float64) for h in products], 1))
+        hessian = torch.cat(columns)
+        hessian = (hessian + hessian.T) / 2  # symmetric up to rounding
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        figures = {}
+        for key, idx in [(GLOBAL, list(range(len(self.params))))] + list(self.groups.items()):
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
+            block = hessian[rows][:, rows]
+            eig = torch.linalg.eigvalsh(block)
+            top = float(eig[eig.abs().argmax()])
+            figures[key] = (float(block.trace()), None, top)
+        return engine, figures, n
+
+    # -- the secant methods ------------------------------------------------------------------------
+    def _secant_from_loss(self, loss: Tensor, grads: Optional[Sequence[Optional[Tensor]]]) -> CurvatureMeasurement:
+        self._draw_seed()  # as _objective does: the same random stream whichever entry point
+        _hvp.check_scalar_loss(loss, "the loss passed in")
+        if self.method == "secant_same_batch":
+            raise ValueError(
+                "method='secant_same_batch' re-evaluates the gradient on the batch, which a loss does not "
+                "carry: use estimate(inputs, targets), or method='secant'"
+            )
+        g = self._usable(grads)
+        point = self._secant_point
+        first = point is None or self._same_point(point[0])
+        if (g is None or first) and loss.grad_fn is None:
+            raise ValueError(
+                "the loss passed in has no autograd graph (grad_fn is None): compute it with "
+                "gradients enabled from the model's parameters"
+            )
+        n_gradients = 0
+        if g is None:
+            with torch.enable_grad():
+                raw = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
+            g = [t.detach() for t in _hvp._zeros_for_none(raw, self.params)]
+            n_gradients += 1
+        n_products = 0
+        if first:
+            # No earlier point: the limit of a short step back along the gradient, y = h H g, from
+            # one Hessian-vector product through the loss graph (the first estimate only).
+            _, products = self._first_products(self._loss_source(loss), [t.unsqueeze(0) for t in g])
+            n_products = 1
+            point = ([p.detach() - t for p, t in zip(self.params, g)], [a - b[0] for a, b in zip(g, products)])
+        return self._secant_step(loss.detach(), g, point, n_gradients, n_products)
+
+    def _secant_step(self, loss: Tensor, g: List[Tensor], point, n_gradients: int, n_products: int = 0):
+        """The figures of the secant from ``point`` to here; here becomes the next estimate's point."""
+        theta = [p.detach() for p in self.params]
+        steps = [a - b for a, b in zip(theta, point[0])]
+        changes = [a - b for a, b in zip(g, point[1])]
+        self._secant_point = ([t.clone() for t in theta], [t.clone() for t in g])
+        return self._secant_figures(loss, g, steps, changes, n_gradients, n_products)
+
+    # -- amortized power iteration -----------------------------------------------------------------
+    def _start_vector(self, g: Optional[List[Tensor]] = None) -> List[Tensor]:
+        if self._power_vector is not None:
+            return self._power_vector
+        if g is not None and float(_sq_norms(g).sum()) > 0:
+            # The gradient lies mostly in the top eigenspace (cross-entropy, least squares): a
+            # better start than a random vector (0.43 against 0.20 of |lambda|_max=0.64 on a
+            # small MLP), so the first estimates are nearer.
+            return [t[0] for t in self._normalized([t.unsqueeze(0) for t in g])]
+        generator = torch.Generator(device=self.params[0].device).manual_seed(self._draw_seed())
+        v = [
+            torch.randn(p.shape, dtype=p.dtype, device=generator.device, generator=generator).to(p.device)
+            for p in self.params
+        ]
+        return [t[0] for t in self._normalized([t.unsqueeze(0) for t in v])]
+
+    def _keep_vector(self, v: List[Tensor], hv: List[Tensor]) -> None:
+        rows = self._normalized([t.unsqueeze(0) for t in hv], keep=[t.unsqueeze(0) for t in v])
+        self._power_vector = [t[0] for t in rows]
+
+    def _amortized_power(
+        self, objective: _hvp.Objective, grads: Optional[Sequence[Optional[Tensor]]]
+    ) -> CurvatureMeasurement:
+        theta = [p.detach() for p in self.params]
+        g = self._usable(grads)
+        loss, n_gradients, own = torch.tensor(math.nan), 0, False
+        if g is None and self._power_vector is None:
+            loss, g = _hvp.loss_and_grads(objective, theta)  # once, for the start vector
+            n_gradients, own = 1, True
+        v = self._start_vector(g)
+        # One-sided differences need the same function at both points: with dropout active the
+        # training forward's masks are not the estimate's (the estimator's own gradient's are).
+        if g is not None and (own or not _has_active_dropout(self.model)):
+            h = self._fd_step(theta, v)
+            _, g_plus = _hvp.loss_and_grads(objective, [t + h * d for t, d in zip(theta, v)])
+            hv = [(a - b) / h for a, b in zip(g_plus, g)]
+            n_gradients += 1
+        else:
+            h = self._fd_step(theta, v)
+            loss_plus, g_plus = _hvp.loss_and_grads(objective, [t + h * d for t, d in zip(theta, v)])
+            loss_minus, g_minus = _hvp.loss_and_grads(objective, [t - h * d for t, d in zip(theta, v)])
+            hv = [(a - b) / (2 * h) for a, b in zip(g_plus, g_minus)]
+            if g is None:  # the mean of the two gradients is g(theta) up to O(h^2)
+                g = [(a + b) / 2 for a, b in zip(g_plus, g_minus)]
+                loss = (loss_plus + loss_minus) / 2
+            n_gradients += 2
+        self._keep_vector(v, hv)
+        return self._secant_figures(loss, g, v, hv, n_gradients, 0)
+
+    def _amortized_power_from_loss(self, loss: Tensor) -> CurvatureMeasurement:
+        source = self._loss_source(loss)  # checks the loss and its graph first
+        if self._power_vector is None:
+            with torch.enable_grad():
+                raw = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
+            v = self._start_vector([t.detach() for t in _hvp._zeros_for_none(raw, self.params)])
+        else:
+            v = self._power_vector
+        engine, products = self._first_products(source, [t.unsqueeze(0) for t in v])
+        hv = [t[0] for t in products]
+        self._keep_vector(v, hv)
+        return self._secant_figures(engine.loss, list(engine.grads), v, hv, 0, 1)
+
+    def _usable(self, grads: Optional[Sequence[Optional[Tensor]]]) -> Optional[List[Tensor]]:
+        """``grads`` checked against the parameters, or None where there is nothing to use (None,
+        a missing ``.grad``, or all zeros: a gradient zeroed but not yet recomputed)."""
+        if grads is None:
+            return None
+        grads = list(grads)
+        if len(grads) != len(self.params):
+            raise ValueError(
+                f"grads must hold one tensor per measured parameter ({len(self.params)}), got {len(grads)}"
+            )
+        if any(g is None for g in grads):
+            return None
+        for j, (g, p) in enumerate(zip(grads, self.params)):
+            if not torch.is_tensor(g) or g.shape != p.shape:
+                raise ValueError(
+                    f"grads[{j}] must be a tensor of shape {tuple(p.shape)}, got "
+                    f"{tuple(g.shape) if torch.is_tensor(g) else type(g).__name__}"
+                )
+        detached = [cast(Tensor, g).detach() for g in grads]
+        if float(_sq_norms(detached).sum()) == 0.0:
+            return None
+        return detached
+
+    def _same_point(self, values: Sequence[Tensor]) -> bool:
+        return all(torch.equal(a, p.detach()) for a, p in zip(values, self.params))
+
+    def _secant(self, objective: _hvp.Objective, grads: Optional[Sequence[Optional[Tensor]]]) -> CurvatureMeasurement:
+        theta = [p.detach() for p in self.params]
+        point = self._secant_point
+        usable = self._usable(grads)
+        n_gradients = 0
+        loss = torch.tensor(math.nan)
+        if point is None or self._same_point(point[0]):
+            # No earlier point to pair with: a central difference along the gradient, both
+            # gradients on this batch under one seed (dropout masks match). Central, not one-sided:
+            # in float32 a one-sided step of sqrt(eps) gave 2.3x |lambda|_max on the transformer.
+            if usable is None:
+                loss, g = _hvp.loss_and_grads(objective, theta)
+                n_gradients += 1
+            else:
+                g = usable
+            direction = g
+            if float(_sq_norms(g).sum()) == 0.0:
+                generator = torch.Generator(device=theta[0].device).manual_seed(self._draw_seed())
+                direction = [r[0] for r in _rademacher(self.params, 1, generator)]
+            h = self._fd_step(theta, direction)
+            loss_plus, g_plus = _hvp.loss_and_grads(objective, [t + h * d for t, d in zip(theta, direction)])
+            loss_minus, g_minus = _hvp.loss_and_grads(objective, [t - h * d for t, d in zip(theta, direction)])
+            n_gradients += 2
+            if not math.isfinite(float(loss)):
+                loss = (loss_plus + loss_minus) / 2
+            self._secant_point = ([t.clone() for t in theta], [t.clone() for t in g])
+            steps = [2 * h * d for d in direction]
+            changes = [a - b for a, b in zip(g_plus, g_minus)]
+            return self._secant_figures(loss, g, steps, changes, n_gradients, 0)
+        else:
+            if usable is None:
+                loss, g = _hvp.loss_and_grads(objective, theta)
+                n_gradients += 1
+            else:
+                g = usable
+            if self.method == "secant_same_batch":
+                _, g_previous = _hvp.loss_and_grads(objective, point[0])
+                n_gradients += 1
+                point = (point[0], g_previous)
+        return self._secant_step(loss, g, point, n_gradients)
+
+    def _fd_step(self, theta: Sequence[Tensor], direction: Sequence[Tensor]) -> float:
+        """A finite-difference step along ``direction``: ``h ||direction|| = delta max(1, rms(theta))``
+        with ``delta = fd_relative_step``, by default eps^(1/3) (for central differences it balances
+        O(h^2) truncation and eps/h rounding; one-sided ones use it too, not sqrt(eps): backward
+        passes carry far more rounding than eps, and sqrt(eps) in float32 gave 2-3x |lambda|_max on
+        the transformer of bench/experiment_warmup.py). The whole move is delta times
+        a typical coordinate, wherever the direction concentrates: a per-coordinate step (delta
+        rms(theta) / rms(direction)) or one of delta ||theta|| moved a 135k-parameter transformer
+        near its minimum so far (0.5 in norm along a sharp direction) that the gradients there were
+        10-100x off (bench/experiment_warmup.py, float32)."""
+        n = sum(t.numel() for t in theta)
+        rms_theta = math.sqrt(float(_sq_norms(theta).sum()) / max(n, 1))
+        direction_norm = math.sqrt(float(_sq_norms(direction).sum()))
+        relative = self.fd_relative_step or torch.finfo(theta[0].dtype).eps ** (1 / 3)
+        return relative * max(1.0, rms_theta) / direction_norm
+
+    def _secant_figures(
+        self, loss: Tensor, g: List[Tensor], steps: List[Tensor], changes: List[Tensor], n_gradients: int, n_products
+    ) -> CurvatureMeasurement:
+        """||y_g|| / ||s_g|| and s_g.y_g / s_g.s_g per group, for a secant (s, y) or a product (v, Hv)."""
+        # One transfer of all per-parameter sums: this estimate's whole cost is these few reductions.
+        stats = torch.stack([_sq_norms(steps), _sq_norms(changes), _dots_flat(steps, changes), _sq_norms(g)])
+        s_sq, y_sq, sy, grad_sq = stats.cpu().tolist()
+        measured = {}
+        for key, idx in [(GLOBAL, list(range(len(self.params))))] + list(self.groups.items()):
+            ss, yy, g_sq = sum(s_sq[i] for i in idx), sum(y_sq[i] for i in idx), sum(grad_sq[i] for i in idx)
+            # A group the step did not move has no secant: NaN, which the schedulers skip with a warning.
+            norm = math.sqrt(yy / ss) if ss > 0 else math.nan
+            directional = sum(sy[i] for i in idx) / ss if ss > 0 else math.nan
+            measured[key] = GroupMeasurement(
+                norm / (g_sq + self.eps), norm, g_sq, directional_curvature=directional, step_norm=math.sqrt(ss)
+            )
+        whole = measured.pop(GLOBAL)
+        m = CurvatureMeasurement(
+            **vars(whole),
+            loss=float(loss),
+            groups=measured,
+            method=self.method,
+            hvp="",
+            n_products=n_products,
+            n_gradients=n_gradients,
+        )
+        self.last_measurement = m
+        return m
 
     @staticmethod
     def _normalized(vectors: Sequence[Tensor], keep: Optional[Sequence[Tensor]] = None) -> List[Tensor]:

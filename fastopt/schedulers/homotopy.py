@@ -32,8 +32,16 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from .. import _validation as v
-from ._common import Histories, SchedulerState, check_base_lr, check_estimator, set_lr, warn_non_finite
-from .curvature import CurvatureEstimator
+from ._common import (
+    Histories,
+    SchedulerState,
+    check_base_lr,
+    check_estimator,
+    set_lr,
+    training_grads,
+    warn_non_finite,
+)
+from .curvature import DEFAULT_METHOD, CurvatureEstimator
 
 
 def homotopy_scale(curvature: float, target: float, alpha: float) -> float:
@@ -133,7 +141,9 @@ class HomotopyLR(_SmoothedHomotopyRate):
     r"""Learning rate from the loss landscape's curvature:
     :math:`\eta = \eta_{base} / (1 + \alpha \max(0, \bar\kappa/\kappa_{target} - 1))`.
 
-    :meth:`update_curvature` (call it every step, before ``optimizer.step()``) estimates
+    :meth:`update_curvature` (call it every step, after ``loss.backward()`` on the same
+    ``inputs``/``targets`` and before ``optimizer.step()``; the default estimator reads the training
+    gradient from ``.grad``) estimates
     :math:`\kappa` on steps 1, 1 + ``estimation_freq``, 1 + 2 ``estimation_freq``, ... and smooths it,
     :math:`\bar\kappa \leftarrow s \bar\kappa + (1 - s) \kappa` (the first estimate initialises
     :math:`\bar\kappa`; before it, :math:`\bar\kappa = \kappa_{target}`). :meth:`step` (after
@@ -200,7 +210,7 @@ class HomotopyLR(_SmoothedHomotopyRate):
     def update_curvature(self, inputs: Any, targets: Any = None) -> None:
         """Count a training step; estimate the curvature on ``inputs``/``targets`` if it is due."""
         if self.will_estimate:
-            self._observe(self.estimator.estimate(inputs, targets))
+            self._observe(self.estimator.estimate(inputs, targets, grads=training_grads(self.estimator)))
         self.step_count += 1
 
 
@@ -212,14 +222,20 @@ class CurvatureAdaptiveLR(_SmoothedHomotopyRate):
     :math:`\bar\kappa \leftarrow (1 - r)\bar\kappa + r\kappa`,
     :math:`\eta = \eta_{base} / (1 + \alpha \max(0, \bar\kappa/\kappa_{target} - 1))`.
 
-    **How it gets the graph.** No second forward pass: the Hessian-vector products differentiate
-    ``loss``'s graph twice (reverse-over-reverse; the gradient graph is built once, the probes go
-    through it in one batched backward). The graph must still be alive, so on estimation steps call
-    ``loss.backward(retain_graph=True)`` (``scheduler.will_estimate`` says which steps those are),
-    and call ``scheduler.step(loss)`` *before* ``optimizer.step()`` (which changes the parameters
-    the graph saved). Ops without double backward (fused attention kernels: run the model's
-    attention on the math kernel) cannot be measured this way; :class:`HomotopyLR` can, with
-    finite differences on ``(inputs, targets)``.
+    **The default estimator** (``'amortized_power'``) takes one Hessian-vector product per estimate
+    through ``loss``'s graph (one power iteration, its vector kept between estimates), so keep the
+    graph on estimation steps as below. ``method='secant'`` instead pairs the gradient in ``.grad``
+    (call ``step(loss)`` after ``loss.backward()``) with the previous estimate's: no pass of its own
+    after its first estimate, which takes one product through the graph.
+
+    **How it gets the graph.** No second forward pass:
+    the Hessian-vector products differentiate ``loss``'s graph twice (reverse-over-reverse; the
+    gradient graph is built once, the probes go through it in one batched backward). The graph
+    must still be alive, so on estimation steps call ``loss.backward(retain_graph=True)``
+    (``scheduler.will_estimate`` says which steps those are), and call ``scheduler.step(loss)``
+    *before* ``optimizer.step()`` (which changes the parameters the graph saved). Ops without
+    double backward (fused attention kernels: run the model's attention on the math kernel) cannot
+    be measured this way; :class:`HomotopyLR` can, with finite differences on ``(inputs, targets)``.
 
     Args:
         optimizer: any torch optimizer (``fastopt.LAdam`` too).
@@ -232,7 +248,8 @@ class CurvatureAdaptiveLR(_SmoothedHomotopyRate):
     Keyword Args:
         alpha (float): Default: 1.
         estimation_freq (int): estimate on calls 1, 1 + freq, ... Default: 10.
-        method (str): ``'hutchinson'`` or ``'power'``. Default: ``'hutchinson'``.
+        method (str): one of :data:`~fastopt.schedulers.curvature.METHODS` but ``'secant_same_batch'``
+            (a loss carries no batch). Default: ``'amortized_power'``.
         n_samples (int): probes per estimate. Default: 5.
         estimator (CurvatureEstimator or None): overrides ``method`` and ``n_samples``.
 
@@ -257,7 +274,7 @@ class CurvatureAdaptiveLR(_SmoothedHomotopyRate):
         *,
         alpha: float = 1.0,
         estimation_freq: int = 10,
-        method: str = "hutchinson",
+        method: str = DEFAULT_METHOD,
         n_samples: int = 5,
         estimator: Optional[CurvatureEstimator] = None,
         last_epoch: int = -1,
@@ -304,7 +321,7 @@ class CurvatureAdaptiveLR(_SmoothedHomotopyRate):
 
     def _estimate(self, loss: Tensor) -> float:
         try:
-            return self.estimator.estimate_from_loss(loss)
+            return self.estimator.estimate_from_loss(loss, grads=training_grads(self.estimator))
         except RuntimeError as err:
             text = str(err) + str(err.__cause__ or "")
             if "second time" in text or "already been freed" in text:
@@ -396,7 +413,7 @@ class AdaptiveHomotopyLR(_ScaledRate):
         """Count a training step, estimate when due, set or adapt the target."""
         estimated = False
         if self.will_estimate:
-            kappa = self.estimator.estimate(inputs, targets)
+            kappa = self.estimator.estimate(inputs, targets, grads=training_grads(self.estimator))
             if math.isfinite(kappa):
                 self.curvature_steps.append(self.step_count)
                 self.curvature_history.append(kappa)

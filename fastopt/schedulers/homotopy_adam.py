@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, TypeVar, 
 import torch
 
 from .. import _validation as v
-from ._common import check_estimator, set_lr, warn_non_finite
+from ._common import check_estimator, set_lr, training_grads, warn_non_finite
 from .curvature import CurvatureEstimator
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class HomotopyAdam(torch.optim.Adam):
     ) -> Optional[_Loss]:
         """Estimate the curvature on ``inputs``/``targets`` (when given), set the rates, then Adam's step."""
         if self.curvature_estimator is not None and inputs is not None:
-            kappa = self.curvature_estimator.estimate(inputs, targets)
+            kappa = self.curvature_estimator.estimate(inputs, targets, grads=training_grads(self.curvature_estimator))
             self.curvature_history.append(kappa)
             if math.isfinite(kappa):
                 for group in self.param_groups:

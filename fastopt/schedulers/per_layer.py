@@ -10,9 +10,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import _validation as v
-from ._common import Histories, SchedulerState, check_estimator, set_lr, warn_non_finite
+from ._common import Histories, SchedulerState, check_estimator, set_lr, training_grads, warn_non_finite
 from ._plotting import save_line_plot
-from .curvature import CurvatureEstimator
+from .curvature import DEFAULT_METHOD, CurvatureEstimator
 
 
 class PerLayerHomotopyLR(SchedulerState, Histories):
@@ -33,7 +33,7 @@ class PerLayerHomotopyLR(SchedulerState, Histories):
             groups to that of the layer its parameters belong to; every group must lie within one
             layer (build them with :meth:`param_groups`).
         estimation_freq (int): :meth:`step` estimates every this many calls. Default: 1.
-        method (str), n_samples (int): for the default estimator. Defaults: ``'hutchinson'``, 10.
+        method (str), n_samples (int): for the default estimator. Defaults: ``'amortized_power'``, 10.
         estimator (CurvatureEstimator or None): must have ``groups``; its groups are the layers.
 
     Attributes:
@@ -49,7 +49,7 @@ class PerLayerHomotopyLR(SchedulerState, Histories):
         *,
         optimizer: Optional[Optimizer] = None,
         estimation_freq: int = 1,
-        method: str = "hutchinson",
+        method: str = DEFAULT_METHOD,
         n_samples: int = 10,
         estimator: Optional[CurvatureEstimator] = None,
     ):
@@ -102,7 +102,7 @@ class PerLayerHomotopyLR(SchedulerState, Histories):
 
     def get_per_layer_lr(self, inputs: Any, targets: Any = None) -> Dict[str, float]:
         """Estimate every layer's curvature and return the rate of each layer."""
-        curvatures = self.estimator.estimate_per_group(inputs, targets)
+        curvatures = self.estimator.estimate_per_group(inputs, targets, grads=training_grads(self.estimator))
         finite = {k: c for k, c in curvatures.items() if math.isfinite(c)}
         if len(finite) < len(curvatures):
             warn_non_finite(type(self).__name__, [c for c in curvatures.values() if not math.isfinite(c)][0])

@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import _validation as v
-from ._common import Histories, SchedulerState, check_estimator, set_lr
+from ._common import Histories, SchedulerState, check_estimator, set_lr, training_grads
 from .curvature import CurvatureEstimator
 
 
@@ -96,7 +96,7 @@ class CurvatureWarmup(SchedulerState, Histories):
     def step(self, inputs: Any, targets: Any = None) -> float:
         """Estimate (until done) and raise the rate if the curvature allows; returns ``current_lr``."""
         if not self.done:
-            kappa = self.estimator.estimate(inputs, targets)
+            kappa = self.estimator.estimate(inputs, targets, grads=training_grads(self.estimator))
             self.curvature_steps.append(self.step_count)
             self.curvature_history.append(kappa)
             if math.isfinite(kappa) and kappa < self.curvature_threshold:
