@@ -1,21 +1,26 @@
 """Batched curve fitting: fastopt.lm.curve_fit against scipy.optimize.curve_fit looped over the
 problems, timed in this one process, and the final costs compared problem by problem.
 
-    python bench/bench_lsq.py                                   # 10,000 peaks, then 1e3..1e5
-    python bench/bench_lsq.py --scaling 1000 10000 100000 1000000 --threads 1
-    python bench/bench_lsq.py --device cuda                     # where a GPU is lent
+    python bench/bench_lsq.py                      # 10,000 peaks, then 2e3, 1e5, 1e6
+    python bench/bench_lsq.py --scaling 2000 --no-compile --threads 1
+    python bench/bench_lsq.py --device cuda        # where a GPU is lent
 
 Workload (fastopt.lm.workloads.gaussian_peaks): B noisy Gaussian peaks, 4 parameters
 (height, centre, width, offset), 64 points each, a data-driven initial guess; each problem is
 fitted from the same p0 by both. scipy runs its default for unbounded fits (method="lm", MINPACK
 with forward-difference Jacobians) in float64 on the CPU.
 
-fastopt providers: curve_fit in float64 and float32, eager (torch.func Jacobians, the default)
-and with compile=True (torch.compile'd evaluation). For compiled providers the first call, which
-compiles, is timed apart ("cold"); the timed calls reuse the compiled code with fresh data of the
+fastopt providers: curve_fit in float64 and float32, eager (the default: Jacobians by forward
+lanes, fastopt.lm.forward_lanes) and with compile=True (torch.compile'd evaluation). For compiled
+providers the first call, which compiles, is timed apart ("cold"); the timed calls reuse the compiled
+code with fresh data of the
 same shape ("warm"). Every timed call before it warms up on a small batch, so that torch's one-time
 lazy imports (about 5 s here, on the first use of torch.func) are not counted; that one-time cost is
 reported in its own row.
+
+scipy's loop runs over every problem up to --scipy-max problems; for larger batches over the first
+--scipy-sample problems of the batch, and its time per problem is extrapolated to the batch
+(rows say so); final costs are then compared on that subsample.
 
 Reported per provider: seconds for the batch (best of --repeat), time per problem, the speedup
 over scipy's loop (scipy seconds / seconds, same batch, same run), and the final-cost comparison:
@@ -32,6 +37,7 @@ import csv
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -62,13 +68,13 @@ def scipy_loop(t: torch.Tensor, y: torch.Tensor, p0: torch.Tensor):
     tn, yn, pn = t.double().numpy(), y.double().numpy(), p0.double().numpy()
     popt = np.full(pn.shape, np.nan)
     failures = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for b in range(yn.shape[0]):
         try:
             popt[b] = scipy_curve_fit(g, tn, yn[b], p0=pn[b])[0]
         except RuntimeError:  # "Optimal parameters not found"
             failures += 1
-    return time.perf_counter() - start, torch.from_numpy(popt), failures
+    return (time.perf_counter() - start, time.process_time() - cpu_start), torch.from_numpy(popt), failures
 
 
 def costs64(t, y, popt):
@@ -84,11 +90,12 @@ def fastopt_fit(t, y, p0, compile_: bool):
 
 
 def timed(fn, repeat: int):
-    best, out = math.inf, None
+    """((best wall seconds, CPU seconds of that call), the last result)."""
+    best, out = (math.inf, math.inf), None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, (time.perf_counter() - start, time.process_time() - cpu_start))
     return best, out
 
 
@@ -110,6 +117,7 @@ def run(args) -> List[Dict]:
         threads=str(torch.get_num_threads()),
         python=platform.python_version(),
         load_avg="%.1f" % os.getloadavg()[0],
+        run_id=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     rows: List[Dict] = []
 
@@ -137,16 +145,26 @@ def run(args) -> List[Dict]:
     row(8, "float64", "fastopt first call in the process (one-time setup)", time.perf_counter() - start)
 
     compiled = set()
-    scipy_seconds: Dict[int, float] = {}
-    scipy_costs: Dict[int, torch.Tensor] = {}
     sizes = [args.batch] + [b for b in args.scaling if b != args.batch]
     for batch in sizes:
         t, y, p0, _ = gaussian_peaks(batch, torch.float64, seed=0)
-        if batch <= args.scipy_max:
-            seconds, popt, failures = scipy_loop(t, y, p0)
-            scipy_seconds[batch] = seconds
-            scipy_costs[batch] = costs64(t, y, popt).masked_fill(torch.isnan(popt).any(-1), math.nan)
-            row(batch, "float64", "scipy.optimize.curve_fit loop", seconds, speedup_vs_scipy=1.0, failures=failures)
+        sample = batch if batch <= args.scipy_max else min(args.scipy_sample, batch)
+        (seconds, cpu), popt, failures = scipy_loop(t, y[:sample], p0[:sample])
+        scipy_per_problem, scipy_cpu_per_problem = seconds / sample, cpu / sample
+        scipy_cost = costs64(t, y[:sample], popt).masked_fill(torch.isnan(popt).any(-1), math.nan)
+        name = "scipy.optimize.curve_fit loop"
+        if sample < batch:
+            name += f" (first {sample} problems, time extrapolated)"
+        row(
+            batch,
+            "float64",
+            name,
+            scipy_per_problem * batch,
+            cpu_seconds=scipy_cpu_per_problem * batch,
+            speedup_vs_scipy=1.0,
+            cpu_speedup_vs_scipy=1.0,
+            failures=failures,
+        )
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             td, yd, pd = (a.to(device=device, dtype=dtype) for a in (t, y, p0))
@@ -164,84 +182,134 @@ def run(args) -> List[Dict]:
                     row(batch, dtype_name, name + " (cold: first call, includes compilation)", cold)
                 elif not compile_:
                     fastopt_fit(td, yd[:64], pd[:64], False)  # warm-up on a small batch
-                repeat = args.repeat if batch <= args.batch else 1
-                seconds, (popt, ier, nfev) = timed(lambda: fastopt_fit(td, yd, pd, compile_), repeat)
-                extra = dict(
-                    nfev_mean=float(nfev.float().mean()), nfev_max=int(nfev.max()), not_converged=int((ier <= 0).sum())
+                repeat = args.repeat if batch <= args.scipy_max else 1
+                (seconds, cpu), (popt, ier, nfev) = timed(lambda: fastopt_fit(td, yd, pd, compile_), repeat)
+                frac, worse = compare(costs64(t, y[:sample], popt[:sample].cpu()), scipy_cost, dtype_name)
+                row(
+                    batch,
+                    dtype_name,
+                    name + (" (warm)" if compile_ else ""),
+                    seconds,
+                    cpu_seconds=cpu,
+                    speedup_vs_scipy=scipy_per_problem * batch / seconds,
+                    cpu_speedup_vs_scipy=scipy_cpu_per_problem * batch / cpu,
+                    cost_equal_or_better=frac,
+                    cost_worse_1e3=worse,
+                    nfev_mean=float(nfev.float().mean()),
+                    nfev_max=int(nfev.max()),
+                    not_converged=int((ier <= 0).sum()),
                 )
-                if batch in scipy_seconds:
-                    frac, worse = compare(costs64(t, y, popt.cpu()), scipy_costs[batch], dtype_name)
-                    extra.update(
-                        speedup_vs_scipy=scipy_seconds[batch] / seconds, cost_equal_or_better=frac, cost_worse_1e3=worse
-                    )
-                row(batch, dtype_name, name + (" (warm)" if compile_ else ""), seconds, **extra)
     return rows
 
 
-def write(rows: List[Dict], device: str) -> None:
+FIELDS = [
+    "run_id",
+    "workload",
+    "batch",
+    "dtype",
+    "provider",
+    "seconds",
+    "us_per_problem",
+    "speedup_vs_scipy",
+    "cpu_seconds",
+    "cpu_speedup_vs_scipy",
+    "cost_equal_or_better",
+    "cost_worse_1e3",
+    "nfev_mean",
+    "nfev_max",
+    "not_converged",
+    "failures",
+    "device",
+    "torch",
+    "triton",
+    "scipy",
+    "fastopt",
+    "commit",
+    "threads",
+    "python",
+    "load_avg",
+    "load_avg_end",
+]
+
+
+def write(rows: List[Dict], device: str, runs: int) -> None:
+    """Append this run to bench/results/lsq_<device>.csv (rewritten under the current header if an
+    older one differs) and write lsq_<device>.md from the last ``runs`` runs in it."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"lsq_{device}.csv")
-    fields = [
-        "workload",
-        "batch",
-        "dtype",
-        "provider",
-        "seconds",
-        "us_per_problem",
-        "speedup_vs_scipy",
-        "cost_equal_or_better",
-        "cost_worse_1e3",
-        "nfev_mean",
-        "nfev_max",
-        "not_converged",
-        "failures",
-        "device",
-        "torch",
-        "triton",
-        "scipy",
-        "fastopt",
-        "commit",
-        "threads",
-        "python",
-        "load_avg",
-    ]
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
+    old: List[Dict] = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old = list(reader)
+            rewrite = reader.fieldnames != FIELDS
+    else:
+        rewrite = True
+    with open(path, "w" if rewrite else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if rewrite:
             writer.writeheader()
+            writer.writerows(old)
         writer.writerows(rows)
+    with open(path, newline="") as f:
+        every = list(csv.DictReader(f))
+    run_ids = list(dict.fromkeys(r["run_id"] for r in every if r.get("run_id")))[-runs:]
     md = os.path.join(RESULTS, f"lsq_{device}.md")
-    meta = rows[0]
+    with open(md, "w") as f:
+        f.write(summary([r for r in every if r.get("run_id") in run_ids], run_ids))
+    print(f"wrote {path} and {md}")
+
+
+def summary(rows: List[Dict], run_ids: List[str]) -> str:
+    """Markdown: per batch, dtype and provider the median over runs of seconds and of the speedup,
+    with the speedup's range (the spread between runs)."""
+    meta = rows[-1]
+    loads = sorted({(r["run_id"], r["load_avg"], r.get("load_avg_end", "")) for r in rows})
     lines = [
         f"# bench_lsq: {meta['device']}",
         "",
         f"torch {meta['torch']}, scipy {meta['scipy']}, triton {meta['triton']}, fastopt {meta['fastopt']}, "
-        f"commit {meta['commit']}, torch threads {meta['threads']}, python {meta['python']}, "
-        f"1-minute load average at the start {meta['load_avg']} (the machine is shared: scipy and fastopt "
-        "run in the same process, one after the other, so ratios are comparable within a run)",
+        f"commit {meta['commit']}, torch threads {meta['threads']}, python {meta['python']}. "
+        f"{len(run_ids)} runs of `python bench/bench_lsq.py` (each under `flock /tmp/fastopt_timing.lock`); "
+        "1-minute load average at start/end of each: "
+        + ", ".join(f"{start}/{end or '-'}" for _, start, end in loads)
+        + ". The machine is shared: scipy and fastopt run in the same process, one after the other, so "
+        "ratios are comparable within a run; the table gives the median over runs and the range of the "
+        "speedup. Large batches: scipy looped over a subsample, its time per problem extrapolated (rows say so).",
         "",
-        "| batch | dtype | provider | seconds | us/problem | x vs scipy loop | cost <= scipy | worse >1e-3 | "
-        "nfev mean/max | not converged |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "Speedups are given twice: from wall time, and from CPU time (time.process_time: both sides run on "
+        "one thread, so CPU time is the work done and is less disturbed by other processes taking the cores).",
+        "",
+        "| batch | dtype | provider | seconds (median) | us/problem | x vs scipy loop, wall: median (range) | "
+        "x vs scipy loop, CPU time: median (range) | cost <= scipy | worse >1e-3 | nfev mean/max | not converged |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
-
-    def fmt(v, spec):
-        return "-" if v is None or v == "" else format(v, spec)
-
+    groups: Dict[tuple, List[Dict]] = {}
     for r in rows:
-        frac = r.get("cost_equal_or_better")
-        per_problem = "-" if "one-time" in r["provider"] else f"{r['us_per_problem']:.1f}"
+        groups.setdefault((int(r["batch"]), r["dtype"], r["provider"]), []).append(r)
+
+    def num(r, key):
+        v = r.get(key, "")
+        return float(v) if v not in ("", None) else None
+
+    for (batch, dtype, provider), rs in groups.items():
+        seconds = statistics.median(float(r["seconds"]) for r in rs)
+        speed = [num(r, "speedup_vs_scipy") for r in rs if num(r, "speedup_vs_scipy") is not None]
+        cpu_speed = [num(r, "cpu_speedup_vs_scipy") for r in rs if num(r, "cpu_speedup_vs_scipy") is not None]
+        frac = [num(r, "cost_equal_or_better") for r in rs if num(r, "cost_equal_or_better") is not None]
+        worse = [int(float(r["cost_worse_1e3"])) for r in rs if r.get("cost_worse_1e3") not in ("", None)]
+        last = rs[-1]
+        per_problem = "-" if "one-time" in provider else f"{seconds / batch * 1e6:.1f}"
+        sp = "-" if not speed else f"{statistics.median(speed):.1f} ({min(speed):.1f}-{max(speed):.1f})"
+        cs = "-" if not cpu_speed else f"{statistics.median(cpu_speed):.1f} ({min(cpu_speed):.1f}-{max(cpu_speed):.1f})"
+        nfev = "-/-" if not last.get("nfev_mean") else f"{float(last['nfev_mean']):.1f}/{last['nfev_max']}"
+        conv = last.get("not_converged") or last.get("failures") or "-"
         lines.append(
-            f"| {r['batch']} | {r['dtype']} | {r['provider']} | {r['seconds']:.3f} | {per_problem} | "
-            f"{fmt(r.get('speedup_vs_scipy'), '.1f')} | {fmt(None if frac is None else 100 * frac, '.2f')}"
-            f"{'%' if frac is not None else ''} | {fmt(r.get('cost_worse_1e3'), 'd')} | "
-            f"{fmt(r.get('nfev_mean'), '.1f')}/{fmt(r.get('nfev_max'), 'd')} | "
-            f"{fmt(r.get('not_converged', r.get('failures')), 'd')} |"
+            f"| {batch} | {dtype} | {provider} | {seconds:.3f} | {per_problem} | {sp} | {cs} | "
+            + (f"{100 * min(frac):.2f}% (worst run)" if frac else "-")
+            + f" | {max(worse) if worse else '-'} | {nfev} | {conv} |"
         )
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {path} and {md}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -252,22 +320,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--scaling",
         type=int,
         nargs="*",
-        default=[1_000, 100_000],
-        help="further batch sizes for fastopt (default 1000 100000)",
+        default=[2_000, 100_000, 1_000_000],
+        help="further batch sizes (default 2000 100000 1000000)",
     )
-    parser.add_argument("--scipy-max", type=int, default=10_000, help="largest batch scipy's loop is timed on")
+    parser.add_argument("--scipy-max", type=int, default=10_000, help="largest batch scipy's loop runs in full")
+    parser.add_argument(
+        "--scipy-sample", type=int, default=5_000, help="problems scipy's loop runs on for larger batches"
+    )
     parser.add_argument("--eager-max", type=int, default=10**9, help="largest batch the eager providers run")
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per provider (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile=True providers")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--runs", type=int, default=3, help="runs of the CSV summarised in the markdown")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)
     if not args.no_write:
-        write(rows, torch.device(args.device).type)
+        load_end = "%.1f" % os.getloadavg()[0]
+        for r in rows:
+            r["load_avg_end"] = load_end
+        write(rows, torch.device(args.device).type, args.runs)
     return 0
 
 

@@ -10,7 +10,13 @@ not B * P:
 * reverse (``jacrev``): differentiate ``x -> sum_b r(x)_b`` in R^N; row ``i`` of its Jacobian holds
   ``dr_bi / dx_b`` for every b. N vjps, vmapped.
 
-"auto" takes forward mode when P <= N (the usual tall problem) and reverse mode otherwise. A
+* lanes (``"lanes"``, :mod:`fastopt.lm.forward_lanes`): one call of ``residual_fn`` on a value
+  that carries P tangent lanes through the user's torch operations, lanes that are zero kept out
+  of the arithmetic. Several times less work than jacfwd for the usual model; a function using an
+  operation lanes do not cover falls back to jacfwd (same Jacobian, jacfwd's speed).
+
+"auto" takes lanes when P <= N (the usual tall problem) and reverse mode otherwise; with
+``compile=True`` it takes jacfwd (what torch.compile is known to trace). A
 ``residual_fn`` that mixes problems (e.g. normalises over the batch) breaks the independence and
 gets a wrong Jacobian: pass ``jac=callable`` for such functions.
 
@@ -27,9 +33,11 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, jacrev
 
+from .forward_lanes import lanes_input, lanes_output
+
 __all__ = ["JAC_MODES", "ProblemData", "Evaluator", "resolve_jac_mode", "is_per_problem"]
 
-JAC_MODES = ("auto", "jacfwd", "jacrev")
+JAC_MODES = ("auto", "lanes", "jacfwd", "jacrev")
 
 
 def is_per_problem(value: Any, batch: int) -> bool:
@@ -72,7 +80,7 @@ class ProblemData:
 class Evaluator:
     """Weighted residuals ``f = sqrt(w) * residual_fn(x, ...)`` (B, N) and their Jacobian (B, N, P).
 
-    ``jac`` is "jacfwd", "jacrev" (see :func:`resolve_jac_mode`) or a callable
+    ``jac`` is "lanes", "jacfwd", "jacrev" (see :func:`resolve_jac_mode`) or a callable
     ``jac(x, *args, **kwargs)`` returning the (B, N, P) Jacobian of the unweighted residuals.
 
     ``single`` marks one problem given as x0 of shape (P,): ``residual_fn`` then takes (P,) and
@@ -99,6 +107,8 @@ class Evaluator:
         chunk: int = 1 << 16,
     ):
         self.residual_fn, self.jac, self.single, self.reduce = residual_fn, jac, single, reduce
+        # Why lanes were given up for jacfwd (an operation they do not differentiate), or None.
+        self.lanes_fallback: Optional[str] = None
         self.compile, self.fuse_reduce, self.chunk = compile, compile and fuse_reduce, chunk
         self._evaluate_terms, self._evaluate_jacobian = self._terms, self._residuals_and_jacobian
         if compile:
@@ -162,6 +172,16 @@ class Evaluator:
             j = self.jac(jx, *args, **kwargs)
             j = j.unsqueeze(0) if self.single else j
             return f, (j if sqrt_weights is None else j * sqrt_weights.unsqueeze(-1))
+        if self.jac == "lanes":
+            try:
+                # a LaneDual stands in for the tensor x (it answers residual_fn's torch calls)
+                dual = cast(Tensor, lanes_input(x))
+                return lanes_output(self.residuals(dual, data), x.shape[-1])
+            except Exception as err:  # noqa: BLE001 - any failure of the lanes pass: jacfwd decides
+                # The same Jacobian from jacfwd, for this and every later evaluation; a genuine
+                # error of residual_fn is raised by jacfwd below.
+                self.lanes_fallback = f"{type(err).__name__}: {err}"
+                self.jac = "jacfwd"
         if self.jac == "jacfwd":
 
             def shifted(v):
@@ -179,8 +199,10 @@ class Evaluator:
         return f, j.permute(1, 0, 2)
 
 
-def resolve_jac_mode(jac: Any, n_params: int, n_residuals: int) -> Any:
-    """The Jacobian mode "auto" stands for: forward mode (P jvps) unless P > N (N vjps are fewer)."""
+def resolve_jac_mode(jac: Any, n_params: int, n_residuals: int, compile: bool = False) -> Any:
+    """The Jacobian mode "auto" stands for: forward mode (lanes eagerly, jacfwd under compile=True)
+    unless P > N (then reverse mode: N vjps are fewer). "lanes" under compile=True is jacfwd."""
+    forward = "jacfwd" if compile else "lanes"
     if jac == "auto":
-        return "jacfwd" if n_params <= n_residuals else "jacrev"
-    return jac
+        return forward if n_params <= n_residuals else "jacrev"
+    return forward if jac == "lanes" else jac

@@ -8,7 +8,9 @@ Moore-Penrose inverse of ``J^T J`` from the singular values of the (transformed,
 Jacobian at the solution, those below ``eps * max(M, P) * s_max`` discarded, scaled by the residual
 variance ``2 * cost / (M - P)`` unless ``absolute_sigma``; where it cannot be estimated
 (NaN in the Jacobian, or M <= P without absolute_sigma) it is filled with inf and an
-:class:`OptimizeWarning` is issued.
+:class:`OptimizeWarning` is issued. Problems whose J^T J (which the solver holds at the solution)
+is well conditioned get it as ``inv(J^T J)`` without evaluating J again; the others from J
+(:func:`covariance_from_normal_equations`).
 
 Differences from scipy, all because problems are batched:
 * ``f(xdata, p)`` takes the parameters as one tensor p of shape (B, P) (or (P,) for one
@@ -33,7 +35,7 @@ from torch import Tensor
 from .batched_jacobian import is_per_problem
 from .nonlinear_lsq import least_squares
 
-__all__ = ["curve_fit", "OptimizeWarning", "covariance_from_jacobian"]
+__all__ = ["curve_fit", "OptimizeWarning", "covariance_from_jacobian", "covariance_from_normal_equations"]
 
 _FORWARDED = ("ftol", "xtol", "gtol", "max_nfev", "loss", "f_scale", "check_every", "compact", "compile", "backend")
 
@@ -66,6 +68,36 @@ def covariance_from_jacobian(jac: Tensor) -> Tensor:
     if not bool(safe.all()):
         rest = (~safe).nonzero().flatten()
         pcov = pcov.index_copy(0, rest, _pinv_from_svd(r.index_select(0, rest), max(m, p)))
+    return pcov
+
+
+def covariance_from_normal_equations(jtj: Tensor, m: int, jacobian_at: Callable[[Tensor], Tensor]) -> Tensor:
+    """:func:`covariance_from_jacobian` from ``J^T J`` (B, P, P), which the solver holds at its
+    solution anyway, without evaluating J where that is as accurate.
+
+    ``inv(J^T J)`` from its Cholesky factor equals ``pinv(J^T J)`` for problems whose J^T J is well
+    away from singular: Frobenius condition estimate (an upper bound of cond(J)**2, since J^T J
+    squares J's singular values) below ``1e-3 / (eps * max(M, P))``, the bound
+    :func:`covariance_from_jacobian` puts on cond(J), here on its square. Forming J^T J costs
+    accuracy only where it squares an ill-conditioned J, and those problems are the ones sent on:
+    the rest (nearly rank-deficient, singular, non-finite) get ``jacobian_at(index)``, their
+    Jacobians at the solution, and scipy's SVD threshold through :func:`covariance_from_jacobian`.
+    Why: at 100,000 Gaussian fits the Jacobian at the solution (200 MB in float64) and its QR took
+    1.7 s of a 3.8 s call on this project's CPU, this function 54 ms of a 1.9 s call
+    (bench/results/lsq_profile_cpu.md).
+    """
+    p = jtj.shape[-1]
+    size = max(m, p)
+    chol, info = torch.linalg.cholesky_ex(jtj)
+    factored = (info == 0) & torch.isfinite(chol).flatten(1).all(-1)
+    # cholesky_inverse raises on a zero pivot: failed factors become identities (their rows go on)
+    eye = torch.eye(p, dtype=jtj.dtype, device=jtj.device)
+    pcov = torch.cholesky_inverse(torch.where(factored.reshape(-1, 1, 1), chol, eye))
+    cond = torch.linalg.matrix_norm(jtj) * torch.linalg.matrix_norm(pcov)
+    safe = factored & torch.isfinite(cond) & (cond * torch.finfo(jtj.dtype).eps * size < 1e-3)
+    if not bool(safe.all()):
+        rest = (~safe).nonzero().flatten()
+        pcov = pcov.index_copy(0, rest, covariance_from_jacobian(jacobian_at(rest)))
     return pcov
 
 
@@ -123,7 +155,8 @@ def curve_fit(
         absolute_sigma: sigma is absolute; else pcov is scaled by ``2 * cost / (M - P)``.
         bounds: (lb, ub) as in :func:`fastopt.lm.least_squares`: scalars, (P,) or (B, P).
         method: only None: fastopt runs its batched Levenberg-Marquardt, bounded or not.
-        jac: "auto", "jacfwd", "jacrev" or a callable ``jac(xdata, p)`` returning df/dp, (B, M, P)
+        jac: "auto", "lanes", "jacfwd", "jacrev" (see :func:`fastopt.lm.least_squares`) or a
+            callable ``jac(xdata, p)`` returning df/dp, (B, M, P)
             (or (M, P) for one problem).
         check_finite: raise ValueError if xdata or ydata hold NaN or inf.
         full_output: also return ``infodict`` (``nfev``, ``fvec``: transformed residuals at the
@@ -206,12 +239,11 @@ def curve_fit(
         args=args,
         jac=transformed_jac if callable(jac) else jac,
         bounds=bounds,
-        return_jac=True,
         **kwargs,
     )
-
-    assert res.jac is not None  # return_jac=True
-    pcov = covariance_from_jacobian(res.jac if not single else res.jac.unsqueeze(0))
+    normal = res._normal_equations
+    assert normal is not None  # least_squares always attaches it
+    pcov = covariance_from_normal_equations(normal.jtj, m, normal.jacobian_at)
     status = res.status.reshape(-1)
     cost = res.cost.reshape(-1)
     undefined = torch.isnan(pcov).flatten(1).any(-1)

@@ -37,7 +37,7 @@ and to drop finished problems from the batch (``compact``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
@@ -73,6 +73,24 @@ _COMPILE_CHUNK = (4096, 1 << 16)
 # took 13.9 s in chunks of 65536 and 3.7-4.5 s in chunks of 1024 to 4096 (temporaries that stay in
 # cache, no fresh pages per op); GPU: large enough to fill the device (not measured).
 _EAGER_CHUNK = (4096, 1 << 16)
+# Problems per solver run (CPU, GPU): larger batches are solved block after block. On this
+# project's CPU (1 thread) the bench_lsq workload took 15-18 us per problem at 2e3 to 1e5 problems
+# but 30 us (float64) and 16 us (float32, from 10.5) at 1e6 in one run without blocks: the
+# solver's per-iteration state (J^T J alone 128 MB in float64) went through fresh pages and main
+# memory every operation. With blocks: 14.9 and 11.3 us of CPU time per problem at 1e6, against
+# 12.9 and 10.5 at 1e4 (bench/results/lsq_cpu.md). GPU: no blocking below 2**22 problems (not
+# measured: no GPU here).
+_SOLVE_BLOCK = (16384, 1 << 22)
+
+
+@dataclass
+class _NormalEquations:
+    """What curve_fit needs beyond the result: J^T J at each solution (the Gauss-Newton matrix the
+    solver holds for its accepted point, of the scaled problem) and a way to get the Jacobian at
+    the solution of some problems only."""
+
+    jtj: Tensor
+    jacobian_at: Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -101,6 +119,8 @@ class LeastSquaresResult:
     nfev: Tensor
     njev: Tensor
     status: Tensor
+    # for curve_fit: J^T J at the solutions and the Jacobian of chosen problems (not a public field)
+    _normal_equations: Optional[_NormalEquations] = field(default=None, repr=False, compare=False)
 
     @property
     def success(self) -> Tensor:
@@ -258,9 +278,11 @@ def least_squares(
             dropped; 1-D tensors and anything else are shared and passed unchanged. Shared data
             of two or more dimensions whose leading dimension happens to be B must be closed
             over by residual_fn instead.
-        jac: "auto" (forward mode if P <= N, else reverse mode), "jacfwd", "jacrev" (torch.func),
+        jac: "auto" (forward mode if P <= N, else reverse mode), "lanes" (forward mode through
+            :mod:`fastopt.lm.forward_lanes`, what "auto" runs eagerly; a function using an
+            operation lanes do not cover falls back to jacfwd), "jacfwd", "jacrev" (torch.func),
             or a callable ``jac(x, *args, **kwargs)`` returning the (B, N, P) Jacobian of
-            residual_fn.
+            residual_fn. Under ``compile=True`` forward mode is jacfwd.
         bounds: (lb, ub), each a scalar, (P,) or (B, P); +-inf for no bound; or an object with
             ``lb``/``ub`` (scipy.optimize.Bounds). Needs lb < ub and lb <= x0 <= ub. Every iterate
             and the solution satisfy the bounds exactly (projection with an active set).
@@ -331,7 +353,7 @@ def least_squares(
     data = ProblemData(args, kwargs or {}, None, batch if not single else -1)
     evaluator = Evaluator(residual_fn, jac, single)
     with torch.no_grad():
-        f0 = evaluator.raw(x, data)
+        f0 = _raw_in_chunks(evaluator, x, data)
     n_res = _check_residuals(f0, batch, single)
     data.sqrt_weights = _sqrt_weights(weights, batch, n_res, x)
     model = _Model(loss, float(f_scale), gram.fn, dtype)
@@ -345,22 +367,40 @@ def least_squares(
     # closure, dtypes and shapes).
     evaluator = Evaluator(
         residual_fn,
-        resolve_jac_mode(jac, n_params, n_res),
+        resolve_jac_mode(jac, n_params, n_res, bool(compile)),
         single,
         model,
         compile=bool(compile),
         fuse_reduce=gram.fuses_reduce,
         chunk=chunk,
     )
-    solver = _Solver(
-        evaluator, data, lb, ub, bounded, ftol_, xtol_, gtol_, int(max_nfev), int(check_every), bool(compact)
-    )
+
+    def solver_for(d: ProblemData, lo: Tensor, hi: Tensor) -> _Solver:
+        return _Solver(
+            evaluator, d, lo, hi, bounded, ftol_, xtol_, gtol_, int(max_nfev), int(check_every), bool(compact)
+        )
+
     with torch.no_grad():  # forward-mode and torch.func transforms work inside it; no graphs kept
-        out = solver.run(x)
-        fun = evaluator.raw(out["x"], data).to(dtype)
+        block = _SOLVE_BLOCK[device.type == "cuda"]
+        if batch <= block:
+            out = solver_for(data, lb, ub).run(x)
+        else:
+            # Independent problems, solved block after block: every per-iteration tensor then
+            # stays block-sized (cache-resident, allocations reused) however large the batch.
+            parts = []
+            for start in range(0, batch, block):
+                stop = min(start + block, batch)
+                part = solver_for(data.rows(start, stop), lb[start:stop], ub[start:stop])
+                parts.append(part.run(x[start:stop]))
+            out = {k: torch.cat([o[k] for o in parts]) for k in parts[0]}
         jac_out: Optional[Tensor] = None
         if return_jac:
-            jac_out = model.scaled(*evaluator.residuals_and_jacobian(out["x"], data))[1]
+            f_weighted, j = evaluator.residuals_and_jacobian(out["x"], data)
+            jac_out = model.scaled(f_weighted, j)[1]
+            # without weights the evaluation's residuals are residual_fn's: no second evaluation
+            fun = (f_weighted if data.sqrt_weights is None else _raw_in_chunks(evaluator, out["x"], data)).to(dtype)
+        else:
+            fun = _raw_in_chunks(evaluator, out["x"], data).to(dtype)
     active = torch.zeros_like(out["x"], dtype=torch.int8)
     active = torch.where(out["x"] <= lb, -1, torch.where(out["x"] >= ub, 1, active)).to(torch.int8)
     # Every field but jac (None unless return_jac) is a tensor.
@@ -380,7 +420,26 @@ def least_squares(
             raise ValueError("Residuals are not finite in the initial point.")
         fields = {k: val[0] for k, val in fields.items()}
         jac_out = jac_out[0] if jac_out is not None else None
-    return LeastSquaresResult(jac=jac_out, **fields)
+
+    def jacobian_at(index: Tensor) -> Tensor:
+        """The scaled Jacobian (len(index), N, P) at the solutions of problems ``index``."""
+        with torch.no_grad():
+            return model.scaled(*evaluator.residuals_and_jacobian(out["x"][index], data.take(index)))[1]
+
+    return LeastSquaresResult(jac=jac_out, **fields, _normal_equations=_NormalEquations(out["jtj"], jacobian_at))
+
+
+def _raw_in_chunks(evaluator: Evaluator, x: Tensor, data: ProblemData) -> Any:
+    """residual_fn at x, at most _EAGER_CHUNK problems per call, so that its temporaries stay small:
+    at 100,000 problems one call on the whole batch took 0.48 s of a 1.9 s solve (float64, this
+    project's CPU, bench/results/lsq_profile_cpu.md), fresh pages for every 51 MB temporary."""
+    batch, chunk = x.shape[0], _EAGER_CHUNK[x.device.type == "cuda"]
+    if batch <= chunk:
+        return evaluator.raw(x, data)
+    parts = [evaluator.raw(x[s : s + chunk], data.rows(s, min(s + chunk, batch))) for s in range(0, batch, chunk)]
+    if not all(torch.is_tensor(f) for f in parts):
+        return parts[0]  # not a tensor: _check_residuals says so
+    return torch.cat(parts)
 
 
 def _check_residuals(f: Any, batch: int, single: bool) -> int:
@@ -451,7 +510,7 @@ class _Solver:
             ub=self.ub,
             index=torch.arange(batch, device=device),
         )
-        out = {k: st[k].clone() for k in ("x", "cost", "g", "optimality", "status", "nfev")}
+        out = {k: st[k].clone() for k in ("x", "cost", "g", "jtj", "optimality", "status", "nfev")}
         data = self.data
         iteration = 0
         while True:
@@ -539,19 +598,24 @@ def _update(
     """Accept or reject each problem's trial point, update damping, test the stopping rules."""
     x, cost, jtj, g, lam, nu = st["x"], st["cost"], st["jtj"], st["g"], st["lam"], st["nu"]
     running = st["status"] == _RUNNING
-    predicted = -((g * step).sum(-1) + 0.5 * ((jtj * step.unsqueeze(-2)).sum(-1) * step).sum(-1))
+    # predicted reduction -(g.s + s.A.s / 2); torch.linalg.vecdot is one dispatch for mul and sum
+    # (about 60 small operations run per iteration, and at a few us each they are most of a
+    # straggler's iteration: fewer of them is time)
+    half_as = (jtj * step.unsqueeze(-2)).sum(-1)
+    predicted = torch.linalg.vecdot(step, torch.add(g, half_as, alpha=0.5)).neg_()
     actual = cost - cost_new
-    ratio = torch.where(predicted > 0, actual / predicted, -math.inf)
-    ratio = torch.nan_to_num(ratio, nan=-math.inf)
+    ratio = torch.where(predicted > 0, actual / predicted, -math.inf).nan_to_num_(nan=-math.inf)
     # one reduction for "all finite": a sum is finite only if its terms are (or it overflowed)
-    finite = torch.isfinite(cost_new + jtj_new.sum((-1, -2)) + g_new.sum(-1))
-    accept = running & solved & finite & (ratio > _ACCEPT_RATIO)
+    finite = torch.isfinite(jtj_new.sum((-1, -2)).add_(g_new.sum(-1)).add_(cost_new))
+    usable = solved & finite
+    accept = usable & (ratio > _ACCEPT_RATIO) & running
 
-    # MINPACK's ftol test (lmder info 1): actual and predicted relative reductions both tiny.
-    small = ftol * cost
-    ftol_met = solved & finite & (actual.abs() <= small) & (predicted <= small) & (ratio <= 2)
-    xtol_met = solved & (step.norm(dim=-1) < xtol * (xtol + x.norm(dim=-1)))
-    code = torch.where(ftol_met & xtol_met, 4, torch.where(ftol_met, 2, torch.where(xtol_met, 3, 0)))
+    # MINPACK's ftol test (lmder info 1): actual and predicted relative reductions both tiny
+    # (max(|actual|, predicted) <= ftol * F is the pair of tests in one).
+    ftol_met = usable & (torch.maximum(actual.abs(), predicted) <= ftol * cost) & (ratio <= 2)
+    xtol_met = solved & (torch.linalg.vector_norm(step, dim=-1) < xtol * (xtol + torch.linalg.vector_norm(x, dim=-1)))
+    # status codes: 2 ftol, 3 xtol, 4 both (2 + 3 - 1), 0 neither
+    code = 2 * ftol_met.to(torch.int64) + 3 * xtol_met.to(torch.int64) - (ftol_met & xtol_met).to(torch.int64)
 
     take = accept.unsqueeze(-1)
     x = torch.where(take, x_new, x)
@@ -559,13 +623,16 @@ def _update(
     jtj = torch.where(take.unsqueeze(-1), jtj_new, jtj)
     cost = torch.where(accept, cost_new, cost)
     scale = torch.where(take & torch.isfinite(colsq_new), torch.maximum(st["scale"], colsq_new), st["scale"])
-    shrink = (1 - (2 * ratio - 1) ** 3).clamp_min(1 / 3)
-    lam = torch.where(accept, lam * shrink, lam * nu).clamp(lam_min, lam_max)
-    nu = torch.where(accept, torch.full_like(nu, 2.0), nu * 2)
-    frozen, gnorm = free_gradient_norm(x, g, st["lb"], st["ub"], bounded)
+    shrink = (1 - (2 * ratio - 1) ** 3).clamp_min_(1 / 3)
+    lam = (lam * torch.where(accept, shrink, nu)).clamp_(lam_min, lam_max)
+    nu = torch.where(accept, 2.0, nu * 2)
+    if bounded:
+        frozen, gnorm = free_gradient_norm(x, g, st["lb"], st["ub"], bounded)
+    else:  # nothing is ever frozen: keep the mask
+        frozen, gnorm = st["frozen"], g.abs().amax(-1)
     code = torch.where(accept & (gnorm < gtol), 1, code)  # gtol wins, as in scipy's loop
 
-    nfev = st["nfev"] + running.to(torch.int64)
+    nfev = st["nfev"] + running
     status = torch.where(running & (code > 0), code, st["status"])
     status = torch.where((status == _RUNNING) & (nfev >= max_nfev), 0, status)
     return dict(
