@@ -45,7 +45,9 @@ STASH_SLOTS = tl.constexpr(15)
 # 1 where the tensor may take the vector path (kernels/_vector_tile.py): param and state contiguous
 # and 16-byte aligned, stencil rows a multiple of 16 bytes, tiles of the launch's constexpr width.
 VECTOR = tl.constexpr(16)
-META_FIELDS = tl.constexpr(17)
+# Rows padded to 32 fields (256 bytes): with 17, ptxas gave ladam_weight_lap_step 128 registers and
+# 56 bytes of spills, with 16, 24 or 32 166 registers and none (sm_90, bench/kernel_resources.py).
+META_FIELDS = tl.constexpr(32)
 
 # Laplacian modes: off (use_lap False); use_lap True on a tensor whose stencil_layout is None (the
 # reference's smooth() still clamps: its Laplacian is 0); the stencil.
