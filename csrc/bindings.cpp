@@ -46,6 +46,21 @@ TORCH_LIBRARY(fastopt, m) {
       "ladam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor[] steps, bool[] use_laps, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "float c2, str stencil, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
+  // The other LAdam modes: update_lap and weight_lap take variance_lap's arguments.
+  m.def(
+      "ladam_update_lap_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor[] steps, bool[] use_laps, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float c2, str stencil, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
+  m.def(
+      "ladam_weight_lap_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor[] steps, bool[] use_laps, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float c2, str stencil, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
+  m.def(
+      "ladam_wave_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] prev_exp_avg_sqs, Tensor(e!)[] wave_e0_sqs, Tensor[] steps, bool[] use_laps, *, float lr, "
+      "float beta1, float eps, float weight_decay, float c2, str stencil, float wave_dt, float wave_kappa, "
+      "float wave_E0, float wave_damping, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? lr_tensor=None) -> ()");
   m.def(
       "ladagrad_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor[] steps, "
       "bool[] use_laps, *, float lr, float lr_decay, float eps, float weight_decay, float c2, str stencil, "
@@ -64,6 +79,9 @@ TORCH_LIBRARY(fastopt, m) {
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("ladam_step", &fastopt::ladam_step_cpu);
+  m.impl("ladam_update_lap_step", &fastopt::ladam_update_lap_step_cpu);
+  m.impl("ladam_weight_lap_step", &fastopt::ladam_weight_lap_step_cpu);
+  m.impl("ladam_wave_step", &fastopt::ladam_wave_step_cpu);
   m.impl("ladagrad_step", &fastopt::ladagrad_step_cpu);
   m.impl("lrmsprop_step", &fastopt::lrmsprop_step_cpu);
   m.impl("jacobian_products", &fastopt::jacobian_products_cpu);
@@ -73,6 +91,8 @@ TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
 #ifdef FASTOPT_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("ladam_step", &fastopt::ladam_step_cuda);
+  m.impl("ladam_update_lap_step", &fastopt::ladam_update_lap_step_cuda);
+  m.impl("ladam_weight_lap_step", &fastopt::ladam_weight_lap_step_cuda);
   m.impl("ladagrad_step", &fastopt::ladagrad_step_cuda);
   m.impl("lrmsprop_step", &fastopt::lrmsprop_step_cuda);
   m.impl("jacobian_products", &fastopt::jacobian_products_cuda);

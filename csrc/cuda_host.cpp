@@ -156,21 +156,43 @@ Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorLis
 
 }  // namespace
 
-void ladam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList steps, const c10::List<bool>& use_laps, double lr,
-                     double beta1, double beta2, double eps, double weight_decay, double c2,
-                     c10::string_view stencil, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf,
-                     const std::optional<at::Tensor>& lr_tensor) {
-  StepTensors st = prepare_step("ladam_step", c10::DeviceType::CUDA, params, grads,
+namespace {
+
+using LAdamLaunch = cudaError_t (*)(const cuda::LaunchArgs&, double, double, double, double, double, double);
+
+// The LAdam modes with an EMA of g^2 take the same tensors and hyperparameters.
+void run_ladam_mode(const char* op, LAdamLaunch launch_fn, at::TensorList params, at::TensorList grads,
+                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                    const c10::List<bool>& use_laps, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, double c2, c10::string_view stencil,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& lr_tensor) {
+  StepTensors st = prepare_step(op, c10::DeviceType::CUDA, params, grads,
                                 {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps, use_laps, stencil,
                                 /*steps_on_device=*/true);
   if (st.size() == 0) return;
-  check_device_scalars("ladam_step", grad_scale, found_inf, lr_tensor, st.params[0].device());
+  check_device_scalars(op, grad_scale, found_inf, lr_tensor, st.params[0].device());
   const c10::cuda::CUDAGuard guard(st.params[0].device());
   const Launch launch = prepare_launch(st, {exp_avgs, exp_avg_sqs}, steps, grad_scale, found_inf, lr_tensor);
-  C10_CUDA_CHECK(cuda::launch_ladam_step(launch.args, lr, beta1, beta2, eps, weight_decay, c2));
+  C10_CUDA_CHECK(launch_fn(launch.args, lr, beta1, beta2, eps, weight_decay, c2));
   st.write_back();
+}
+
+}  // namespace
+
+void ladam_step_cuda(FASTOPT_LADAM_STEP_ARGS) {
+  run_ladam_mode("ladam_step", cuda::launch_ladam_step, params, grads, exp_avgs, exp_avg_sqs, steps, use_laps, lr,
+                 beta1, beta2, eps, weight_decay, c2, stencil, grad_scale, found_inf, lr_tensor);
+}
+
+void ladam_update_lap_step_cuda(FASTOPT_LADAM_STEP_ARGS) {
+  run_ladam_mode("ladam_update_lap_step", cuda::launch_ladam_update_lap_step, params, grads, exp_avgs, exp_avg_sqs,
+                 steps, use_laps, lr, beta1, beta2, eps, weight_decay, c2, stencil, grad_scale, found_inf, lr_tensor);
+}
+
+void ladam_weight_lap_step_cuda(FASTOPT_LADAM_STEP_ARGS) {
+  run_ladam_mode("ladam_weight_lap_step", cuda::launch_ladam_weight_lap_step, params, grads, exp_avgs, exp_avg_sqs,
+                 steps, use_laps, lr, beta1, beta2, eps, weight_decay, c2, stencil, grad_scale, found_inf, lr_tensor);
 }
 
 void ladagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,

@@ -18,8 +18,12 @@ constexpr int kThreads = 256;
 constexpr int kElemsPerThread = 16;
 constexpr int64_t kTileElems = int64_t(kThreads) * kElemsPerThread;
 // 2-D tiles of up to 32 x 128 (with halo, 34 x 130 values in shared memory: 35 KB in double),
-// 1-D and elementwise tiles of up to 4096 elements.
-constexpr TilingPolicy kPolicy{128, kTileElems, kTileElems, 32};
+// 1-D and elementwise tiles of up to 4096 elements; column cuts on multiples of 8 elements, so
+// that tiles of aligned tensors start on 16-byte boundaries (the 128-bit path, multi_tensor_cuda.cuh).
+constexpr TilingPolicy kPolicy{128, kTileElems, kTileElems, 32, 8};
+static_assert(kPolicy.max_cols % kPolicy.align == 0 && kTileElems % kPolicy.align == 0,
+              "tile widths must be multiples of the column alignment");
+static_assert(kElemsPerThread % 8 == 0, "a thread's elements must split into 128-bit chunks of every dtype");
 static_assert(kPolicy.max_cols * kPolicy.max_rows <= kTileElems, "2-D tiles must fit the block");
 static_assert(kPolicy.max_line_cols <= kTileElems && kPolicy.target_elems <= kTileElems,
               "1-D and elementwise tiles must fit the block");
@@ -60,6 +64,10 @@ struct LaunchArgs {
 // Each returns cudaGetLastError() after its launches.
 cudaError_t launch_ladam_step(const LaunchArgs& a, double lr, double beta1, double beta2, double eps,
                               double weight_decay, double c2);
+cudaError_t launch_ladam_update_lap_step(const LaunchArgs& a, double lr, double beta1, double beta2, double eps,
+                                         double weight_decay, double c2);
+cudaError_t launch_ladam_weight_lap_step(const LaunchArgs& a, double lr, double beta1, double beta2, double eps,
+                                         double weight_decay, double c2);
 cudaError_t launch_ladagrad_step(const LaunchArgs& a, double lr, double lr_decay, double eps, double weight_decay,
                                  double c2);
 cudaError_t launch_lrmsprop_step(const LaunchArgs& a, double lr, double alpha, double eps, double weight_decay,

@@ -96,11 +96,14 @@ FASTOPT_HD HaloLayout halo_layout(const TensorGrid& g, const Tile& t) {
 // How big tiles are: tiles with a 2-D stencil at most ``max_cols`` wide and ``max_rows`` tall
 // (their rows live in cache or shared memory), 1-D stencil tiles at most ``max_line_cols`` wide,
 // and about ``target_elems`` elements per tile (enough work to amortise a tile's halo).
+// Column cuts fall on multiples of ``align`` (CUDA: 8, so that a tile's rows start on 16-byte
+// boundaries wherever the tensor's do, for 128-bit accesses; the widths above must be multiples).
 struct TilingPolicy {
   int64_t max_cols;
   int64_t max_line_cols;
   int64_t target_elems;
   int64_t max_rows;  // 0: no limit
+  int64_t align = 1;
 };
 
 struct TilePlan {
@@ -121,25 +124,36 @@ inline TilePlan plan_tiles(const std::vector<TensorGrid>& grids, const TilingPol
     const int64_t numel = g.rows * g.cols;
     if (numel == 0) continue;
     plan.elems += numel;
+    // Balanced cuts: sizes differ by at most one row or column; column cuts on multiples of
+    // align when it is above 1 (widths rounded up to one, so there may be fewer tiles).
+    int64_t col_width = 0;
+    auto align_cols = [&](int64_t tiles) {
+      if (policy.align <= 1) return tiles;
+      col_width = ceil_div(ceil_div(g.cols, tiles), policy.align) * policy.align;
+      return ceil_div(g.cols, col_width);
+    };
     int64_t col_tiles, row_tiles;
     if (!has_stencil(g.smooth)) {
       // Elementwise: no halo, any width (the CPU walks a tile in cache-sized pieces).
-      col_tiles = ceil_div(numel, policy.target_elems);
+      col_tiles = align_cols(ceil_div(numel, policy.target_elems));
       row_tiles = 1;
     } else {
-      col_tiles = ceil_div(g.cols, is_vertical(g.smooth) ? policy.max_cols : policy.max_line_cols);
-      const int64_t width = ceil_div(g.cols, col_tiles);
+      col_tiles = align_cols(ceil_div(g.cols, is_vertical(g.smooth) ? policy.max_cols : policy.max_line_cols));
+      const int64_t width = col_width ? col_width : ceil_div(g.cols, col_tiles);
       int64_t rows_per_tile = is_vertical(g.smooth) ? policy.target_elems / width : 1;
       if (rows_per_tile < 1) rows_per_tile = 1;
       if (policy.max_rows > 0 && rows_per_tile > policy.max_rows) rows_per_tile = policy.max_rows;
       row_tiles = ceil_div(g.rows, rows_per_tile);
     }
+    auto col_cut = [&](int64_t c) {
+      if (col_width) return c * col_width < g.cols ? c * col_width : g.cols;
+      return g.cols * c / col_tiles;
+    };
     const bool split = col_tiles * row_tiles > 1 && has_stencil(g.smooth);
     for (int64_t r = 0; r < row_tiles; ++r) {
-      // Balanced cuts: sizes differ by at most one row or column.
       const int64_t r0 = g.rows * r / row_tiles, r1 = g.rows * (r + 1) / row_tiles;
       for (int64_t c = 0; c < col_tiles; ++c) {
-        const int64_t c0 = g.cols * c / col_tiles, c1 = g.cols * (c + 1) / col_tiles;
+        const int64_t c0 = col_cut(c), c1 = col_cut(c + 1);
         Tile tile{t, 0, r0, r1 - r0, c0, c1 - c0, -1};
         if (split) {
           tile.halo = plan.halo_elems;
@@ -247,25 +261,32 @@ struct Coupling {
   Coupling(double c2_) : c2(M(c2_)), c2_sixth(M(c2_ / 6.0)) {}
 };
 
-// The denominator's input after smoothing, at one element: x + c2 * lap(x), floored, from the
-// new values of the element's row (mid) and the rows above and below (up, down). Each row
-// pointer is at the element's left neighbour, so [0], [1], [2] are left, centre, right.
+// c2 * lap(x) at one element, from the new values of the element's row (mid) and the rows above
+// and below (up, down); 0 where the tensor gets no stencil. Each row pointer is at the element's
+// left neighbour, so [0], [1], [2] are left, centre, right. The 9-point stencil's 1/6 is folded
+// into c2 (a multiplication), or with Divide taken as the reference rounds it, c2 * (sum / 6): the
+// wave equation's v cancels down to near eps, where an ulp of its terms is a large part of v.
+template <Smooth S, typename M, bool Divide = false>
+FASTOPT_HD M coupled_laplacian(const M* up, const M* mid, const M* down, const Coupling<M>& k) {
+  const M x = mid[1];
+  if (S == Smooth::kLine) return k.c2 * (mid[0] + mid[2] - M(2) * x);
+  if (S == Smooth::kFive) return k.c2 * (up[1] + down[1] + mid[0] + mid[2] - M(4) * x);
+  if (S == Smooth::kNine) {
+    const M faces = up[1] + down[1] + mid[0] + mid[2];
+    const M corners = up[0] + up[2] + down[0] + down[2];
+    const M sum = M(4) * faces + corners - M(20) * x;
+    return Divide ? k.c2 * (sum / M(6)) : k.c2_sixth * sum;
+  }
+  return M(0);
+}
+
+// The stencil's input after smoothing, at one element: x + c2 * lap(x), floored (kNone: x as it
+// is). A floor of -inf smooths without clamping (LAdam's update_lap and weight_lap).
 template <Smooth S, typename M>
 FASTOPT_HD M smoothed(const M* up, const M* mid, const M* down, const Coupling<M>& k, M floor) {
   const M x = mid[1];
   if (S == Smooth::kNone) return x;
-  M s;
-  if (S == Smooth::kClamp) {
-    s = x;
-  } else if (S == Smooth::kLine) {
-    s = x + k.c2 * (mid[0] + mid[2] - M(2) * x);
-  } else if (S == Smooth::kFive) {
-    s = x + k.c2 * (up[1] + down[1] + mid[0] + mid[2] - M(4) * x);
-  } else {
-    const M faces = up[1] + down[1] + mid[0] + mid[2];
-    const M corners = up[0] + up[2] + down[0] + down[2];
-    s = x + k.c2_sixth * (M(4) * faces + corners - M(20) * x);
-  }
+  const M s = S == Smooth::kClamp ? x : x + coupled_laplacian<S>(up, mid, down, k);
   return s < floor ? floor : s;  // NaN stays NaN, as torch.clamp
 }
 

@@ -94,70 +94,94 @@ template <class Op>
 constexpr bool kReloadAux = Op::kAux == AuxSource::kGradient ||
                             std::is_same<Raw<typename Op::Storage>, typename Op::Math>::value;
 
-// The new state of n elements (written when Write), their stencil input (acc) and aux.
+// The new state of n elements (the advance states written when Write), their stencil input (acc)
+// and aux. p is read only (weight_lap's stencil input needs it; a dead load for the other ops).
 template <bool Write, class Op, typename T, typename M>
 FASTOPT_ALWAYS_INLINE void advance_loop(const Op op, const typename Op::TensorScalars k, const Raw<T>* __restrict__ g,
-                                        Raw<T>* __restrict__ s0, Raw<T>* __restrict__ s1, int64_t n, M* __restrict__ acc,
+                                        const Raw<T>* __restrict__ p, Raw<T>* __restrict__ s0,
+                                        Raw<T>* __restrict__ s1, int64_t n, M* __restrict__ acc,
                                         M* __restrict__ aux) {
   for (int64_t i = 0; i < n; ++i) {
     M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
     M a;
-    acc[i] = op.advance(k, load<T, M>(g[i]), s, a);
+    acc[i] = op.advance(k, load<T, M>(g[i]), load<T, M>(p[i]), s, a);
     if (Write) {
       if (!kReloadAux<Op>) aux[i] = a;
-      s0[i] = store<T>(s[0]);
-      if (Op::kAdvanceStates > 1) s1[i] = store<T>(s[1]);
+      if (Op::kAdvanceWrites > 0) s0[i] = store<T>(s[0]);
+      if (Op::kAdvanceWrites > 1) s1[i] = store<T>(s[1]);
     }
   }
 }
 
+// The update states of one element: loaded, updated by op.update, stored (up to two: u0, u1).
+template <class Op, typename T, typename M>
+FASTOPT_ALWAYS_INLINE void load_update_states(M* u, const Raw<T>* u0, const Raw<T>* u1, int64_t i) {
+  u[0] = Op::kUpdateStates > 0 ? load<T, M>(u0[i]) : M(0);
+  u[1] = Op::kUpdateStates > 1 ? load<T, M>(u1[i]) : M(0);
+}
+template <class Op, typename T, typename M>
+FASTOPT_ALWAYS_INLINE void store_update_states(const M* u, Raw<T>* u0, Raw<T>* u1, int64_t i) {
+  if (Op::kUpdateStates > 0) u0[i] = store<T>(u[0]);
+  if (Op::kUpdateStates > 1) u1[i] = store<T>(u[1]);
+}
+
 // The parameter update of n elements from the padded stencil-input rows (each pointer at the
-// first element's left neighbour) and aux.
+// first element's left neighbour), aux and g.
 template <Smooth S, class Op, typename T, typename M>
 FASTOPT_ALWAYS_INLINE void update_loop(const Op op, const typename Op::TensorScalars k, const Coupling<M> c,
-                                       Raw<T>* __restrict__ p, Raw<T>* __restrict__ u0, int64_t n,
-                                       const M* __restrict__ up,
-                                       const M* __restrict__ mid, const M* __restrict__ down,
-                                       const M* __restrict__ aux, const Raw<T>* __restrict__ aux_mem) {
+                                       Raw<T>* __restrict__ p, Raw<T>* __restrict__ u0, Raw<T>* __restrict__ u1,
+                                       int64_t n, const M* __restrict__ up, const M* __restrict__ mid,
+                                       const M* __restrict__ down, const M* __restrict__ aux,
+                                       const Raw<T>* __restrict__ aux_mem, const Raw<T>* __restrict__ g) {
   for (int64_t i = 0; i < n; ++i) {
-    const M smooth = smoothed<S>(up + i, mid + i, down + i, c, op.floor());
-    M u[1] = {Op::kUpdateStates ? load<T, M>(u0[i]) : M(0)};
+    const M term = stencil_term<S>(op, up + i, mid + i, down + i, c);
+    M u[2];
+    load_update_states<Op, T, M>(u, u0, u1, i);
     const M a = kReloadAux<Op> ? load<T, M>(aux_mem[i]) : aux[i];
-    p[i] = store<T>(op.update(k, load<T, M>(p[i]), a, smooth, u));
-    if (Op::kUpdateStates) u0[i] = store<T>(u[0]);
+    p[i] = store<T>(op.update(k, load<T, M>(p[i]), a, term, u, load<T, M>(g[i])));
+    store_update_states<Op, T, M>(u, u0, u1, i);
   }
 }
+
+// Whether an advance state is also an update state (wave_variance's v: advance reads the old v,
+// update writes the new one). The element-wise loop then reads it once, through u0: two restrict
+// pointers must not reach the same element.
+template <class Op>
+constexpr bool kSharedState = Op::kUpdateFirst < Op::kAdvanceStates;
 
 // Both halves at once on rows without a stencil: the fused-Adam loop.
 template <Smooth S, class Op, typename T, typename M>
 FASTOPT_ALWAYS_INLINE void elementwise_loop(const Op op, const typename Op::TensorScalars k,
                                             Raw<T>* __restrict__ p, const Raw<T>* __restrict__ g,
                                             Raw<T>* __restrict__ s0, Raw<T>* __restrict__ s1,
-                                            Raw<T>* __restrict__ u0, int64_t n) {
+                                            Raw<T>* __restrict__ u0, Raw<T>* __restrict__ u1, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
+    M u[2];
+    load_update_states<Op, T, M>(u, u0, u1, i);
+    M s[2] = {load<T, M>(s0[i]), !kSharedState<Op> && Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : u[0]};
+    const M gi = load<T, M>(g[i]), pi = load<T, M>(p[i]);
     M a;
-    M x = op.advance(k, load<T, M>(g[i]), s, a);
-    s0[i] = store<T>(s[0]);
-    if (Op::kAdvanceStates > 1) s1[i] = store<T>(s[1]);
-    if (S == Smooth::kClamp) x = x < op.floor() ? op.floor() : x;
-    M u[1] = {Op::kUpdateStates ? load<T, M>(u0[i]) : M(0)};
-    p[i] = store<T>(op.update(k, load<T, M>(p[i]), a, x, u));
-    if (Op::kUpdateStates) u0[i] = store<T>(u[0]);
+    const M x = op.advance(k, gi, pi, s, a);
+    if (Op::kAdvanceWrites > 0) s0[i] = store<T>(s[0]);
+    if (Op::kAdvanceWrites > 1) s1[i] = store<T>(s[1]);
+    p[i] = store<T>(op.update(k, pi, a, pointwise_term<S>(op, x), u, gi));
+    store_update_states<Op, T, M>(u, u0, u1, i);
   }
 }
 
 // Columns [begin, end) of row j advanced, and columns [begin - kLag, end - kLag) of row j-1
 // updated, in one loop. ``cur`` is row j's padded buffer: written at [1 + i], read (as row j-1's
-// lower neighbours) kLag columns behind, so the reads see values stored long before.
+// lower neighbours) kLag columns behind, so the reads see values stored long before. ``p`` is row
+// j's parameters (read), ``p_prev`` row j-1's (written): different rows, so restrict holds.
 template <Smooth S, class Op, typename T, typename M>
 FASTOPT_ALWAYS_INLINE void advance_update_loop(const Op op, const typename Op::TensorScalars k,
                                                const Coupling<M> c, const Raw<T>* __restrict__ g,
-                                               Raw<T>* __restrict__ s0, Raw<T>* __restrict__ s1, Raw<T>* __restrict__ p,
-                                               Raw<T>* __restrict__ u0,
-                                               int64_t begin, int64_t end, M* cur, M* __restrict__ cur_aux,
-                                               const M* __restrict__ up, const M* __restrict__ mid,
-                                               const M* __restrict__ prev_aux, const Raw<T>* __restrict__ aux_mem) {
+                                               const Raw<T>* __restrict__ p, Raw<T>* __restrict__ s0,
+                                               Raw<T>* __restrict__ s1, Raw<T>* __restrict__ p_prev,
+                                               Raw<T>* __restrict__ u0, Raw<T>* __restrict__ u1, int64_t begin,
+                                               int64_t end, M* cur, M* __restrict__ cur_aux, const M* __restrict__ up,
+                                               const M* __restrict__ mid, const M* __restrict__ prev_aux,
+                                               const Raw<T>* __restrict__ aux_mem, const Raw<T>* __restrict__ g_prev) {
   // cur's reads trail its writes by kLag - 1 = 63 elements, more than a vector iteration, which
   // GCC cannot see through the stencil's pointer arithmetic: without ivdep it falls back to
   // scalar code at run time (measured 5x slower).
@@ -165,16 +189,17 @@ FASTOPT_ALWAYS_INLINE void advance_update_loop(const Op op, const typename Op::T
   for (int64_t i = begin; i < end; ++i) {
     M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
     M a;
-    cur[1 + i] = op.advance(k, load<T, M>(g[i]), s, a);
+    cur[1 + i] = op.advance(k, load<T, M>(g[i]), load<T, M>(p[i]), s, a);
     if (!kReloadAux<Op>) cur_aux[i] = a;
-    s0[i] = store<T>(s[0]);
-    if (Op::kAdvanceStates > 1) s1[i] = store<T>(s[1]);
+    if (Op::kAdvanceWrites > 0) s0[i] = store<T>(s[0]);
+    if (Op::kAdvanceWrites > 1) s1[i] = store<T>(s[1]);
     const int64_t j = i - kLag;
-    const M smooth = smoothed<S>(up + j, mid + j, cur + j, c, op.floor());
-    M u[1] = {Op::kUpdateStates ? load<T, M>(u0[j]) : M(0)};
+    const M term = stencil_term<S>(op, up + j, mid + j, cur + j, c);
+    M u[2];
+    load_update_states<Op, T, M>(u, u0, u1, j);
     const M prev_a = kReloadAux<Op> ? load<T, M>(aux_mem[j]) : prev_aux[j];
-    p[j] = store<T>(op.update(k, load<T, M>(p[j]), prev_a, smooth, u));
-    if (Op::kUpdateStates) u0[j] = store<T>(u[0]);
+    p_prev[j] = store<T>(op.update(k, load<T, M>(p_prev[j]), prev_a, term, u, load<T, M>(g_prev[j])));
+    store_update_states<Op, T, M>(u, u0, u1, j);
   }
 }
 
@@ -213,11 +238,11 @@ struct TensorRows {
   const Raw<T>* aux_mem(int64_t off) const {
     return (Op::kAux == AuxSource::kGradient ? t.g : t.state[0]) + off;
   }
-  Raw<T>* u(int64_t off) const { return Op::kUpdateStates ? t.state[Op::kAdvanceStates] + off : nullptr; }
+  Raw<T>* u(int i, int64_t off) const { return i < Op::kUpdateStates ? t.state[Op::kUpdateFirst + i] + off : nullptr; }
 
   template <bool Write>
   FASTOPT_ALWAYS_INLINE void advance(int64_t off, int64_t n, M* acc, M* aux) const {
-    advance_loop<Write, Op, T, M>(step.op, t.k, t.g + off, s(0, off), s(1, off), n, acc, aux);
+    advance_loop<Write, Op, T, M>(step.op, t.k, t.g + off, t.p + off, s(0, off), s(1, off), n, acc, aux);
   }
   FASTOPT_ALWAYS_INLINE M peek(int64_t off) const {
     M acc;
@@ -227,17 +252,20 @@ struct TensorRows {
   template <Smooth S>
   FASTOPT_ALWAYS_INLINE void update(int64_t off, int64_t n, const M* up, const M* mid, const M* down,
                                     const M* aux) const {
-    update_loop<S, Op, T, M>(step.op, t.k, step.coupling, t.p + off, u(off), n, up, mid, down, aux, aux_mem(off));
+    update_loop<S, Op, T, M>(step.op, t.k, step.coupling, t.p + off, u(0, off), u(1, off), n, up, mid, down, aux,
+                             aux_mem(off), t.g + off);
   }
   template <Smooth S>
   FASTOPT_ALWAYS_INLINE void elementwise(int64_t off, int64_t n) const {
-    elementwise_loop<S, Op, T, M>(step.op, t.k, t.p + off, t.g + off, s(0, off), s(1, off), u(off), n);
+    elementwise_loop<S, Op, T, M>(step.op, t.k, t.p + off, t.g + off, s(0, off), kSharedState<Op> ? nullptr : s(1, off),
+                                  u(0, off), u(1, off), n);
   }
   template <Smooth S>
   FASTOPT_ALWAYS_INLINE void advance_update(int64_t off, int64_t prev, int64_t begin, int64_t end, M* cur,
                                             M* cur_aux, const M* up, const M* mid, const M* prev_aux) const {
-    advance_update_loop<S, Op, T, M>(step.op, t.k, step.coupling, t.g + off, s(0, off), s(1, off), t.p + prev, u(prev), begin,
-                           end, cur, cur_aux, up, mid, prev_aux, aux_mem(prev));
+    advance_update_loop<S, Op, T, M>(step.op, t.k, step.coupling, t.g + off, t.p + off, s(0, off), s(1, off),
+                                     t.p + prev, u(0, prev), u(1, prev), begin, end, cur, cur_aux, up, mid, prev_aux,
+                                     aux_mem(prev), t.g + prev);
   }
 };
 
@@ -417,12 +445,15 @@ void run_tiles(const Step<Op>& step, const std::vector<TensorGrid>& grids) {
 // The host side of a step: the tensor table (the op's state lists in the order of its signature:
 // advance states, then update states), then the tiles. ``grad_factor`` unscales the gradients
 // (AMP: see GradUnscale in step_functors.h).
+// ``values``: each tensor's value for the functor's scalars (wave_variance's E0^2); none: 0.
 template <class Op>
 void run_step(Op op, double c2, const StepTensors& st, std::initializer_list<at::TensorList> states,
-              at::TensorList steps, float grad_factor) {
+              at::TensorList steps, float grad_factor, const std::vector<double>* values = nullptr) {
   op.grad_factor = typename Op::Math(grad_factor);
   using R = Raw<typename Op::Storage>;
-  static_assert(Op::kAdvanceStates + Op::kUpdateStates <= 3, "TensorPtrs holds three state tensors");
+  static_assert(Op::kAdvanceStates <= 3 && Op::kUpdateFirst + Op::kUpdateStates <= 3,
+                "TensorPtrs holds three state tensors");
+  static_assert(Op::kUpdateFirst >= Op::kAdvanceWrites, "a state is written by one half only");
   const std::vector<double> counts = step_counts(steps);
   std::vector<TensorPtrs<Op>> tensors(st.size());
   for (size_t i = 0; i < st.size(); ++i) {
@@ -432,7 +463,7 @@ void run_step(Op op, double c2, const StepTensors& st, std::initializer_list<at:
     t.state[0] = t.state[1] = t.state[2] = nullptr;
     int k = 0;
     for (at::TensorList list : states) t.state[k++] = data_of<R>(list[i]);
-    t.k = op.scalars(counts[i]);
+    t.k = op.scalars(counts[i], values ? (*values)[i] : 0.0);
   }
   run_tiles(Step<Op>{op, Coupling<typename Op::Math>(c2), tensors.data()}, st.grids);
 }

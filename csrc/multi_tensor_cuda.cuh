@@ -14,11 +14,93 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <cstring>
+
 #include "cuda_launch.h"
 #include "multi_tensor.h"
+#include "step_functors.h"
 
 namespace fastopt {
 namespace cuda {
+
+// -- global accesses ----------------------------------------------------------------------------
+// A thread moves its elements in chunks of V consecutive elements: V = kVec (16 bytes of storage:
+// 4 fp32, 8 bf16/fp16, 2 fp64; one 128-bit load or store per stream and chunk) where a tile's rows
+// start on 16-byte boundaries and its width is a multiple of kVec, else V = 1 (the scalar path).
+// Every load of a thread's chunks is issued before any of its stores: p, g and the state may alias
+// as far as the compiler knows, so interleaved, each store would wait for the loads before it and
+// each load for the stores before it (a DRAM round trip per chunk). The accesses are PTX
+// ld.global / st.global: the pointers come from the tile table, so the compiler cannot tell they
+// are global and would emit generic LD/ST (which test the address space first); volatile, so that
+// they stay in the order written (loads, then stores) and none is dropped. tests/test_cuda_build.py
+// checks the sm_90 build for LDG.E.128 / STG.E.128 and no generic LD/ST.
+template <class Op>
+constexpr int kVec = 16 / static_cast<int>(sizeof(Raw<typename Op::Storage>));
+
+__device__ __forceinline__ void ld_global(const void* p, uint16_t& x) {
+  asm volatile("ld.global.u16 %0, [%1];" : "=h"(x) : "l"(p));
+}
+__device__ __forceinline__ void ld_global(const void* p, uint32_t& x) {
+  asm volatile("ld.global.u32 %0, [%1];" : "=r"(x) : "l"(p));
+}
+__device__ __forceinline__ void ld_global(const void* p, unsigned long long& x) {
+  asm volatile("ld.global.u64 %0, [%1];" : "=l"(x) : "l"(p));
+}
+__device__ __forceinline__ void ld_global(const void* p, uint4& x) {
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w) : "l"(p));
+}
+__device__ __forceinline__ void st_global(void* p, uint16_t x) {
+  asm volatile("st.global.u16 [%0], %1;" ::"l"(p), "h"(x) : "memory");
+}
+__device__ __forceinline__ void st_global(void* p, uint32_t x) {
+  asm volatile("st.global.u32 [%0], %1;" ::"l"(p), "r"(x) : "memory");
+}
+__device__ __forceinline__ void st_global(void* p, unsigned long long x) {
+  asm volatile("st.global.u64 [%0], %1;" ::"l"(p), "l"(x) : "memory");
+}
+__device__ __forceinline__ void st_global(void* p, uint4 x) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w) : "memory");
+}
+
+// The unsigned word of a chunk's bytes.
+template <int Bytes>
+struct Word;
+template <>
+struct Word<2> {
+  using type = uint16_t;
+};
+template <>
+struct Word<4> {
+  using type = uint32_t;
+};
+template <>
+struct Word<8> {
+  using type = unsigned long long;
+};
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+
+template <int V, typename R>
+__device__ __forceinline__ void load_chunk(const R* from, R (&to)[V]) {
+  typename Word<V * sizeof(R)>::type w;
+  ld_global(from, w);
+  memcpy(to, &w, sizeof(w));
+}
+template <int V, typename R>
+__device__ __forceinline__ void store_chunk(R* to, const R (&from)[V]) {
+  typename Word<V * sizeof(R)>::type w;
+  memcpy(&w, from, sizeof(w));
+  st_global(to, w);
+}
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+__device__ __forceinline__ float global_float(const float* p) {
+  uint32_t x;
+  ld_global(p, x);
+  return __uint_as_float(x);
+}
 
 // One tensor as a block sees it: typed pointers and the values the op derives from its step count.
 template <class Op>
@@ -34,28 +116,33 @@ struct DeviceTensor {
   __device__ DeviceTensor(const Op& op, const TensorArgs& t)
       : p(static_cast<R*>(t.p)), g(static_cast<const R*>(t.g)),
         state{static_cast<R*>(t.state[0]), static_cast<R*>(t.state[1]), static_cast<R*>(t.state[2])},
-        k(op.scalars(static_cast<double>(*t.step))) {}
+        k(op.scalars(static_cast<double>(global_float(t.step)))) {}
 
-  // The stencil input of element i from the old state; the new state is written when Write.
-  template <bool Write>
-  __device__ __forceinline__ M advance(const Op& op, int64_t i, M& aux) const {
-    M s[2] = {load<T, M>(state[0][i]), Op::kAdvanceStates > 1 ? load<T, M>(state[1][i]) : M(0)};
-    const M acc = op.advance(k, load<T, M>(g[i]), s, aux);
-    if (Write) {
-      state[0][i] = store<T>(s[0]);
-      if (Op::kAdvanceStates > 1) state[1][i] = store<T>(s[1]);
+  // The stencil input of element i from the old state (the halo pass: nothing is written).
+  __device__ __forceinline__ M peek(const Op& op, int64_t i) const {
+    R x[1];
+    M s[2] = {M(0), M(0)};
+    load_chunk<1>(state[0] + i, x);
+    s[0] = load<T, M>(x[0]);
+    if (Op::kAdvanceStates > 1) {
+      load_chunk<1>(state[1] + i, x);
+      s[1] = load<T, M>(x[0]);
     }
-    return acc;
+    M pv = M(0);
+    if (Op::kAdvanceReadsParam) {
+      load_chunk<1>(p + i, x);
+      pv = load<T, M>(x[0]);
+    }
+    load_chunk<1>(g + i, x);
+    M aux;
+    return op.advance(k, load<T, M>(x[0]), pv, s, aux);
   }
 
-  template <Smooth S>
-  __device__ __forceinline__ void update(const Op& op, const Coupling<M>& c, int64_t i, M aux, const M* up,
-                                         const M* mid, const M* down) const {
-    const M smooth = smoothed<S>(up, mid, down, c, op.floor());
-    R* u0 = Op::kUpdateStates ? state[Op::kAdvanceStates] : nullptr;
-    M u[1] = {Op::kUpdateStates ? load<T, M>(u0[i]) : M(0)};
-    p[i] = store<T>(op.update(k, load<T, M>(p[i]), aux, smooth, u));
-    if (Op::kUpdateStates) u0[i] = store<T>(u[0]);
+  // Whether this tensor's streams (p, g and the op's states) are 16-byte aligned.
+  __device__ __forceinline__ bool aligned() const {
+    bool ok = aligned16(p) && aligned16(g);
+    for (int i = 0; i < 3; ++i) ok = ok && (state[i] == nullptr || aligned16(state[i]));
+    return ok;
   }
 };
 
@@ -94,26 +181,123 @@ __global__ void __launch_bounds__(kThreads)
       row = tile.row0 + j % H;
       col = j < H ? (tile.col0 - 1 + C) % C : (tile.col0 + W) % C;
     }
-    M unused;
-    halo[tile.halo + i] = t.template advance<false>(op, row * C + col, unused);
+    halo[tile.halo + i] = t.peek(op, row * C + col);
+  }
+}
+
+// The two halves of a tile, in chunks of V elements (see "global accesses" above). ``for_chunk``
+// calls f(element offset in the tensor, row in the tile, column in the tile) for the thread's
+// chunk c if it lies in the tile; chunks of V > 1 need the tile width to be a multiple of V.
+template <int V, class F>
+__device__ __forceinline__ void for_chunk(const Tile& tile, int64_t C, int c, const F& f) {
+  const int W = static_cast<int>(tile.ncols), n = static_cast<int>(tile.nrows * tile.ncols);
+  const int e = (threadIdx.x + c * kThreads) * V;
+  if (e < n) {
+    const int r = e / W, col = e - r * W;
+    f((tile.row0 + r) * C + tile.col0 + col, r, col);
+  }
+}
+
+// Advance: the new advance states written, the stencil input into shared memory (acc, padded
+// rows of pitch elements, the tile's first row at row ``top``), aux kept in registers.
+template <int V, class Op>
+__device__ __forceinline__ void advance_tile(const Op& op, const DeviceTensor<Op>& t, const Tile& tile, int64_t C,
+                                             typename Op::Math* acc, int64_t pitch, int top,
+                                             typename Op::Math (&aux)[kElemsPerThread]) {
+  using M = typename Op::Math;
+  using T = typename Op::Storage;
+  using R = Raw<T>;
+  constexpr int kChunks = kElemsPerThread / V;
+  R g[kChunks][V], p[kChunks][V], s0[kChunks][V], s1[kChunks][V];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {  // every load first
+    for_chunk<V>(tile, C, c, [&](int64_t off, int, int) {
+      load_chunk<V>(t.g + off, g[c]);
+      if (Op::kAdvanceReadsParam) load_chunk<V>(t.p + off, p[c]);
+      load_chunk<V>(t.state[0] + off, s0[c]);
+      if (Op::kAdvanceStates > 1) load_chunk<V>(t.state[1] + off, s1[c]);
+    });
+  }
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    for_chunk<V>(tile, C, c, [&](int64_t, int r, int col) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        M s[2] = {load<T, M>(s0[c][v]), Op::kAdvanceStates > 1 ? load<T, M>(s1[c][v]) : M(0)};
+        const M pv = Op::kAdvanceReadsParam ? load<T, M>(p[c][v]) : M(0);
+        acc[(r + top) * pitch + col + 1 + v] = op.advance(t.k, load<T, M>(g[c][v]), pv, s, aux[c * V + v]);
+        s0[c][v] = store<T>(s[0]);
+        if (Op::kAdvanceStates > 1) s1[c][v] = store<T>(s[1]);
+      }
+    });
+  }
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {  // then the stores
+    for_chunk<V>(tile, C, c, [&](int64_t off, int, int) {
+      if (Op::kAdvanceWrites > 0) store_chunk<V>(t.state[0] + off, s0[c]);
+      if (Op::kAdvanceWrites > 1) store_chunk<V>(t.state[1] + off, s1[c]);
+    });
+  }
+}
+
+// Update: the stencil term from shared memory, aux, p (and g, and the update states) -> the new p.
+template <Smooth S, int V, class Op>
+__device__ __forceinline__ void update_tile(const Op& op, const Coupling<typename Op::Math>& cp,
+                                            const DeviceTensor<Op>& t, const Tile& tile, int64_t C,
+                                            const typename Op::Math* acc, int64_t pitch, int top,
+                                            const typename Op::Math (&aux)[kElemsPerThread]) {
+  using M = typename Op::Math;
+  using T = typename Op::Storage;
+  using R = Raw<T>;
+  constexpr int kChunks = kElemsPerThread / V;
+  R* u0 = Op::kUpdateStates > 0 ? t.state[Op::kUpdateFirst] : nullptr;
+  R* u1 = Op::kUpdateStates > 1 ? t.state[Op::kUpdateFirst + 1] : nullptr;
+  R p[kChunks][V], g[kChunks][V], w0[kChunks][V], w1[kChunks][V];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {  // every load first
+    for_chunk<V>(tile, C, c, [&](int64_t off, int, int) {
+      load_chunk<V>(t.p + off, p[c]);
+      if (Op::kUpdateReadsGrad) load_chunk<V>(t.g + off, g[c]);
+      if (Op::kUpdateStates > 0) load_chunk<V>(u0 + off, w0[c]);
+      if (Op::kUpdateStates > 1) load_chunk<V>(u1 + off, w1[c]);
+    });
+  }
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    for_chunk<V>(tile, C, c, [&](int64_t, int r, int col) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const M* mid = acc + (r + top) * pitch + col + v;
+        const M* up = is_vertical(S) ? mid - pitch : mid;
+        const M* down = is_vertical(S) ? mid + pitch : mid;
+        const M term = stencil_term<S>(op, up, mid, down, cp);
+        M u[2] = {Op::kUpdateStates > 0 ? load<T, M>(w0[c][v]) : M(0),
+                  Op::kUpdateStates > 1 ? load<T, M>(w1[c][v]) : M(0)};
+        const M gv = Op::kUpdateReadsGrad ? load<T, M>(g[c][v]) : M(0);
+        p[c][v] = store<T>(op.update(t.k, load<T, M>(p[c][v]), aux[c * V + v], term, u, gv));
+        if (Op::kUpdateStates > 0) w0[c][v] = store<T>(u[0]);
+        if (Op::kUpdateStates > 1) w1[c][v] = store<T>(u[1]);
+      }
+    });
+  }
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {  // then the stores
+    for_chunk<V>(tile, C, c, [&](int64_t off, int, int) {
+      store_chunk<V>(t.p + off, p[c]);
+      if (Op::kUpdateStates > 0) store_chunk<V>(u0 + off, w0[c]);
+      if (Op::kUpdateStates > 1) store_chunk<V>(u1 + off, w1[c]);
+    });
   }
 }
 
 template <Smooth S, class Op, typename M>
-__device__ __forceinline__ void update_tile(const Op& op, const Coupling<M>& c, const DeviceTensor<Op>& t,
-                                            const Tile& tile, int64_t C, const M* acc, int64_t pitch, int top,
-                                            const M (&aux)[kElemsPerThread]) {
-  const int n = static_cast<int>(tile.nrows * tile.ncols), W = static_cast<int>(tile.ncols);
-#pragma unroll
-  for (int k = 0; k < kElemsPerThread; ++k) {
-    const int idx = threadIdx.x + k * kThreads;
-    if (idx < n) {
-      const int r = idx / W, col = idx - r * W;
-      const M* mid = acc + (r + top) * pitch + col;
-      const M* up = is_vertical(S) ? mid - pitch : mid;
-      const M* down = is_vertical(S) ? mid + pitch : mid;
-      t.template update<S>(op, c, (tile.row0 + r) * C + tile.col0 + col, aux[k], up, mid, down);
-    }
+__device__ __forceinline__ void update_any(bool chunked, const Op& op, const Coupling<M>& c, const DeviceTensor<Op>& t,
+                                           const Tile& tile, int64_t C, const M* acc, int64_t pitch, int top,
+                                           const M (&aux)[kElemsPerThread]) {
+  if (chunked) {
+    update_tile<S, kVec<Op>>(op, c, t, tile, C, acc, pitch, top, aux);
+  } else {
+    update_tile<S, 1>(op, c, t, tile, C, acc, pitch, top, aux);
   }
 }
 
@@ -131,16 +315,15 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Op op, Coupling<typename
   const int64_t C = g.cols, W = tile.ncols, H = tile.nrows, pitch = W + 2;
   const bool vertical = is_vertical(g.smooth), full_width = W == C;
   const int top = vertical ? 1 : 0;
-  const int n = static_cast<int>(H * W);
 
+  // Uniform over the block: the 128-bit path where the tile's rows are aligned chunks.
+  constexpr int V = kVec<Op>;
+  const bool chunked = W % V == 0 && C % V == 0 && tile.col0 % V == 0 && t.aligned();
   M aux[kElemsPerThread];
-#pragma unroll
-  for (int k = 0; k < kElemsPerThread; ++k) {
-    const int idx = threadIdx.x + k * kThreads;
-    if (idx < n) {
-      const int r = idx / static_cast<int>(W), col = idx - r * static_cast<int>(W);
-      acc[(r + top) * pitch + col + 1] = t.template advance<true>(op, (tile.row0 + r) * C + tile.col0 + col, aux[k]);
-    }
+  if (chunked) {
+    advance_tile<V>(op, t, tile, C, acc, pitch, top, aux);
+  } else {
+    advance_tile<1>(op, t, tile, C, acc, pitch, top, aux);
   }
   if (has_stencil(g.smooth)) {
     const HaloLayout h = halo_layout(g, tile);
@@ -176,11 +359,11 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Op op, Coupling<typename
     __syncthreads();
   }
   switch (g.smooth) {
-    case Smooth::kNone: update_tile<Smooth::kNone>(op, coupling, t, tile, C, acc, pitch, top, aux); break;
-    case Smooth::kClamp: update_tile<Smooth::kClamp>(op, coupling, t, tile, C, acc, pitch, top, aux); break;
-    case Smooth::kLine: update_tile<Smooth::kLine>(op, coupling, t, tile, C, acc, pitch, top, aux); break;
-    case Smooth::kFive: update_tile<Smooth::kFive>(op, coupling, t, tile, C, acc, pitch, top, aux); break;
-    case Smooth::kNine: update_tile<Smooth::kNine>(op, coupling, t, tile, C, acc, pitch, top, aux); break;
+    case Smooth::kNone: update_any<Smooth::kNone>(chunked, op, coupling, t, tile, C, acc, pitch, top, aux); break;
+    case Smooth::kClamp: update_any<Smooth::kClamp>(chunked, op, coupling, t, tile, C, acc, pitch, top, aux); break;
+    case Smooth::kLine: update_any<Smooth::kLine>(chunked, op, coupling, t, tile, C, acc, pitch, top, aux); break;
+    case Smooth::kFive: update_any<Smooth::kFive>(chunked, op, coupling, t, tile, C, acc, pitch, top, aux); break;
+    case Smooth::kNine: update_any<Smooth::kNine>(chunked, op, coupling, t, tile, C, acc, pitch, top, aux); break;
   }
 }
 

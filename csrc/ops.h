@@ -23,6 +23,14 @@ namespace fastopt {
   at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,       \
       at::TensorList steps, const c10::List<bool>& use_laps, double lr, double beta1, double beta2,       \
       double eps, double weight_decay, double c2, c10::string_view stencil, FASTOPT_DEVICE_SCALARS
+// LAdam wave_variance: the EMA modes' lists plus prev_exp_avg_sqs and wave_e0_sqs (one-element
+// tensors), no beta2, the wave equation's constants.
+#define FASTOPT_LADAM_WAVE_STEP_ARGS                                                                       \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,       \
+      at::TensorList prev_exp_avg_sqs, at::TensorList wave_e0_sqs, at::TensorList steps,                  \
+      const c10::List<bool>& use_laps, double lr, double beta1, double eps, double weight_decay, double c2, \
+      c10::string_view stencil, double wave_dt, double wave_kappa, double wave_E0, double wave_damping,     \
+      FASTOPT_DEVICE_SCALARS
 #define FASTOPT_LADAGRAD_STEP_ARGS                                                                         \
   at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,           \
       const c10::List<bool>& use_laps, double lr, double lr_decay, double eps, double weight_decay,       \
@@ -33,7 +41,11 @@ namespace fastopt {
       double alpha, double eps, double weight_decay, double momentum, double c2, c10::string_view stencil,  \
       FASTOPT_DEVICE_SCALARS
 
+// LAdam: modes variance_lap (ladam_step), update_lap, weight_lap and wave_variance.
 void ladam_step_cpu(FASTOPT_LADAM_STEP_ARGS);
+void ladam_update_lap_step_cpu(FASTOPT_LADAM_STEP_ARGS);
+void ladam_weight_lap_step_cpu(FASTOPT_LADAM_STEP_ARGS);
+void ladam_wave_step_cpu(FASTOPT_LADAM_WAVE_STEP_ARGS);
 void ladagrad_step_cpu(FASTOPT_LADAGRAD_STEP_ARGS);
 void lrmsprop_step_cpu(FASTOPT_LRMSPROP_STEP_ARGS);
 // The Gram-matrix ops (signatures of jacobian_products_reference and batched_gram_reference).
@@ -43,6 +55,8 @@ std::tuple<at::Tensor, at::Tensor> batched_gram_cpu(const at::Tensor& jac, const
 
 #ifdef FASTOPT_WITH_CUDA
 void ladam_step_cuda(FASTOPT_LADAM_STEP_ARGS);
+void ladam_update_lap_step_cuda(FASTOPT_LADAM_STEP_ARGS);
+void ladam_weight_lap_step_cuda(FASTOPT_LADAM_STEP_ARGS);
 void ladagrad_step_cuda(FASTOPT_LADAGRAD_STEP_ARGS);
 void lrmsprop_step_cuda(FASTOPT_LRMSPROP_STEP_ARGS);
 void jacobian_products_cuda(const at::Tensor& a, const at::Tensor& out, double scale,

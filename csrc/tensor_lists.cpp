@@ -87,6 +87,17 @@ StepTensors prepare_step(const char* op, c10::DeviceType device_type, at::Tensor
   return out;
 }
 
+void check_scalar_states(const char* op, const char* name, at::TensorList states, at::TensorList params) {
+  TORCH_CHECK(states.size() == params.size(), op, ": got ", params.size(), " params but ", states.size(), " ", name);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& s = states[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(s.defined() && s.numel() == 1, op, ": ", name, "[", i, "] must be a tensor of one element");
+    TORCH_CHECK(s.scalar_type() == p.scalar_type() && s.device() == p.device(), op, ": ", name, "[", i, "] is ",
+                s.scalar_type(), " on ", s.device(), " but params[", i, "] is ", p.scalar_type(), " on ", p.device());
+  }
+}
+
 void check_device_scalars(const char* op, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
                           const at::Device& device) {

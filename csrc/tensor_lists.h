@@ -42,6 +42,10 @@ StepTensors prepare_step(const char* op, c10::DeviceType device_type, at::Tensor
                          std::initializer_list<NamedList> states, at::TensorList steps,
                          const c10::List<bool>& use_laps, c10::string_view stencil, bool steps_on_device);
 
+// A list of per-tensor scalar states (LAdam wave_variance's wave_e0_sqs): one per parameter, each a
+// one-element tensor of the parameter's dtype on its device. Errors name the op, the list and the index.
+void check_scalar_states(const char* op, const char* name, at::TensorList states, at::TensorList params);
+
 // The device scalars of a step (ops.h: grad_scale, found_inf, lr_tensor), each absent or a
 // float32 tensor of one element on ``device`` (checked before anything is written; read_inputs
 // checks too).

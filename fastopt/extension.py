@@ -1,6 +1,8 @@
 """Backends ``cpu`` and ``cuda``: the C++/CUDA extension ``fastopt._C`` (sources in csrc/).
 
-The extension registers ``torch.ops.fastopt.ladam_step``, ``ladagrad_step``, ``lrmsprop_step``
+The extension registers ``torch.ops.fastopt.ladam_step`` (LAdam variance_lap),
+``ladam_update_lap_step``, ``ladam_weight_lap_step``, ``ladam_wave_step`` (the other LAdam modes;
+wave_variance on the CPU only so far), ``ladagrad_step``, ``lrmsprop_step``
 and the Gram-matrix ops ``jacobian_products`` and ``batched_gram`` (schemas with TORCH_LIBRARY,
 kernels per dispatch key: CPU, and CUDA where it was built with CUDA). This module wraps them in
 functions with the signatures of :mod:`fastopt.reference` (``ladam_step_cpu``,
@@ -39,6 +41,11 @@ __all__ = [
     "BUILD",
     "ladam_step_cpu",
     "ladam_step_cuda",
+    "ladam_update_lap_step_cpu",
+    "ladam_update_lap_step_cuda",
+    "ladam_weight_lap_step_cpu",
+    "ladam_weight_lap_step_cuda",
+    "ladam_wave_step_cpu",
     "ladagrad_step_cpu",
     "ladagrad_step_cuda",
     "lrmsprop_step_cpu",
@@ -126,7 +133,10 @@ _INFO: str = _OPS.build_info()
 _DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 # What fastopt.backends reads: the dtypes of each op (the same on CPU and CUDA).
 _STEP_OPS = ("ladam_step", "ladagrad_step", "lrmsprop_step")
-DTYPES = {op: _DTYPES for op in _STEP_OPS + ("jacobian_products", "batched_gram")}
+# The other LAdam modes. wave_variance has CPU kernels only so far (there is no
+# ladam_wave_step_cuda, which fastopt.backends reports for backend "cuda").
+_MODE_STEP_OPS = ("ladam_update_lap_step", "ladam_weight_lap_step", "ladam_wave_step")
+DTYPES = {op: _DTYPES for op in _STEP_OPS + _MODE_STEP_OPS + ("jacobian_products", "batched_gram")}
 # Backends this build cannot serve, and why (fastopt.backends reports it).
 UNAVAILABLE = (
     {}
@@ -147,7 +157,8 @@ def _lr_args(lr, device: torch.device) -> dict:
     return dict(lr=float("nan"), lr_tensor=lr) if isinstance(lr, Tensor) else dict(lr=float(lr), lr_tensor=None)
 
 
-def ladam_step(
+def _ladam_ema_step(
+    op: str,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
@@ -165,11 +176,10 @@ def ladam_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
-    """LAdam step, mode variance_lap, fused: the math of
-    :func:`fastopt.reference.ladam_step_reference` in one pass over each tensor."""
+    """The LAdam modes with an EMA of g^2 (variance_lap, update_lap, weight_lap) take the same arguments."""
     if not params:  # the dispatcher needs a tensor to pick the kernel by; nothing to do anyway
         return
-    _OPS.ladam_step(
+    getattr(_OPS, op)(
         list(params),
         list(grads),
         list(exp_avgs),
@@ -183,6 +193,76 @@ def ladam_step(
         weight_decay=float(weight_decay),
         c2=float(c2),
         stencil=stencil,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], *args, **kwargs) -> None:
+    """LAdam step, mode variance_lap, fused: the math of
+    :func:`fastopt.reference.ladam_step_reference` in one pass over each tensor."""
+    _ladam_ema_step("ladam_step", params, grads, *args, **kwargs)
+
+
+def ladam_update_lap_step(params: Sequence[Tensor], grads: Sequence[Tensor], *args, **kwargs) -> None:
+    """LAdam step, mode update_lap, fused: the math of
+    :func:`fastopt.reference.ladam_update_lap_step_reference` in one pass over each tensor."""
+    _ladam_ema_step("ladam_update_lap_step", params, grads, *args, **kwargs)
+
+
+def ladam_weight_lap_step(params: Sequence[Tensor], grads: Sequence[Tensor], *args, **kwargs) -> None:
+    """LAdam step, mode weight_lap, fused: the math of
+    :func:`fastopt.reference.ladam_weight_lap_step_reference` in one pass over each tensor."""
+    _ladam_ema_step("ladam_weight_lap_step", params, grads, *args, **kwargs)
+
+
+def ladam_wave_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    prev_exp_avg_sqs: Sequence[Tensor],
+    wave_e0_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    use_laps: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    eps: float,
+    weight_decay: float,
+    c2: float,
+    stencil: str,
+    wave_dt: float,
+    wave_kappa: float,
+    wave_E0: float,
+    wave_damping: float,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """LAdam step, mode wave_variance, fused: the math of
+    :func:`fastopt.reference.ladam_wave_step_reference` in one pass over each tensor (plus, at a
+    tensor's first step with ``wave_E0 == 0``, the mean of its g^2)."""
+    if not params:
+        return
+    _OPS.ladam_wave_step(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        list(prev_exp_avg_sqs),
+        list(wave_e0_sqs),
+        list(steps),
+        [bool(u) for u in use_laps],
+        **_lr_args(lr, params[0].device),
+        beta1=float(beta1),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        c2=float(c2),
+        stencil=stencil,
+        wave_dt=float(wave_dt),
+        wave_kappa=float(wave_kappa),
+        wave_E0=float(wave_E0),
+        wave_damping=float(wave_damping),
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
@@ -286,6 +366,9 @@ def batched_gram(jac: Tensor, res: Tensor) -> Tuple[Tensor, Tensor]:
 # One function per op serves both backends: the dispatcher picks the CPU or CUDA kernel from the
 # tensors' device (fastopt.backends has already checked that the device is the backend's).
 ladam_step_cpu = ladam_step_cuda = ladam_step
+ladam_update_lap_step_cpu = ladam_update_lap_step_cuda = ladam_update_lap_step
+ladam_weight_lap_step_cpu = ladam_weight_lap_step_cuda = ladam_weight_lap_step
+ladam_wave_step_cpu = ladam_wave_step
 ladagrad_step_cpu = ladagrad_step_cuda = ladagrad_step
 lrmsprop_step_cpu = lrmsprop_step_cuda = lrmsprop_step
 jacobian_products_cpu = jacobian_products_cuda = jacobian_products
@@ -302,7 +385,7 @@ def _register_fakes() -> None:
         batch, _, p = jac.shape
         return jac.new_empty((batch, p, p)), jac.new_empty((batch, p))
 
-    for op in _STEP_OPS + ("jacobian_products",):
+    for op in _STEP_OPS + _MODE_STEP_OPS + ("jacobian_products",):
         torch.library.register_fake(f"fastopt::{op}")(nothing)
     torch.library.register_fake("fastopt::batched_gram")(gram_outputs)
 

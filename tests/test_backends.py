@@ -16,10 +16,18 @@ def test_every_op_has_a_reference_implementation():
         assert fn is getattr(fastopt.reference, f"{op}_reference")
 
 
-# The ops csrc/ implements for the CPU (fastopt.extension: ladam's variance_lap mode, LAdaGrad,
-# LRMSProp and the two least-squares products), each in all four dtypes; ladam's other modes
-# have only the reference.
-CPU_OPS = ("ladam_step", "ladagrad_step", "lrmsprop_step", "jacobian_products", "batched_gram")
+# The ops csrc/ implements for the CPU (fastopt.extension: every LAdam mode, LAdaGrad, LRMSProp
+# and the two least-squares products), each in all four dtypes: every op has a CPU kernel.
+CPU_OPS = (
+    "ladam_step",
+    "ladam_update_lap_step",
+    "ladam_weight_lap_step",
+    "ladam_wave_step",
+    "ladagrad_step",
+    "lrmsprop_step",
+    "jacobian_products",
+    "batched_gram",
+)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
