@@ -108,13 +108,22 @@ def _is_constexpr(test: ast.expr) -> bool:
     return True
 
 
+def _source_key(path: str) -> str:
+    """How a source file is named in the model: ``kernels/<file>`` for the kernels, whatever
+    checkout compiled them (Triton's cache hands back a cubin whose line information names the
+    first checkout that compiled the same source), the path itself for other files."""
+    parent, name = os.path.split(path)
+    return f"kernels/{name}" if os.path.basename(parent) == "kernels" else path
+
+
 def source_arms() -> Tuple[Dict[str, List[Arm]], Dict[Tuple[str, int], str], Dict[Tuple[str, int], str]]:
     """(arms per file, enclosing function per (file, line), source text per (file, line))."""
     arms: Dict[str, List[Arm]] = collections.defaultdict(list)
     functions: Dict[Tuple[str, int], str] = {}
     texts: Dict[Tuple[str, int], str] = {}
-    for path in glob.glob(os.path.join(KERNEL_DIR, "*.py")):
-        source = open(path).read()
+    for full in glob.glob(os.path.join(KERNEL_DIR, "*.py")):
+        path = _source_key(full)
+        source = open(full).read()
         for i, text in enumerate(source.splitlines(), 1):
             texts[(path, i)] = text
         for fn in ast.walk(ast.parse(source)):
@@ -179,7 +188,7 @@ def disassemble(cubin: bytes) -> Tuple[List[Instruction], Dict[str, int]]:
         if m:
             if not fresh:
                 chain, fresh = [], True
-            chain.append((m.group(1), int(m.group(2))))
+            chain.append((_source_key(m.group(1)), int(m.group(2))))
             continue
         label = re.match(r"^(\.L_x_\d+|\$?[A-Za-z_$][\w$]*):$", line)
         if label:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -198,19 +198,21 @@ def _ladam_ema_step(
     )
 
 
-def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], *args, **kwargs) -> None:
+def ladam_step(params: Sequence[Tensor], grads: Sequence[Tensor], *args: Any, **kwargs: Any) -> None:
     """LAdam step, mode variance_lap, fused: the math of
-    :func:`fastopt.reference.ladam_step_reference` in one pass over each tensor."""
+    :func:`fastopt.reference.ladam_step_reference` in one pass over each tensor (its arguments
+    after ``grads``: exp_avgs, exp_avg_sqs, steps, use_laps, then lr, beta1, beta2, eps,
+    weight_decay, c2, stencil, grad_scale, found_inf by keyword)."""
     _ladam_ema_step("ladam_step", params, grads, *args, **kwargs)
 
 
-def ladam_update_lap_step(params: Sequence[Tensor], grads: Sequence[Tensor], *args, **kwargs) -> None:
+def ladam_update_lap_step(params: Sequence[Tensor], grads: Sequence[Tensor], *args: Any, **kwargs: Any) -> None:
     """LAdam step, mode update_lap, fused: the math of
     :func:`fastopt.reference.ladam_update_lap_step_reference` in one pass over each tensor."""
     _ladam_ema_step("ladam_update_lap_step", params, grads, *args, **kwargs)
 
 
-def ladam_weight_lap_step(params: Sequence[Tensor], grads: Sequence[Tensor], *args, **kwargs) -> None:
+def ladam_weight_lap_step(params: Sequence[Tensor], grads: Sequence[Tensor], *args: Any, **kwargs: Any) -> None:
     """LAdam step, mode weight_lap, fused: the math of
     :func:`fastopt.reference.ladam_weight_lap_step_reference` in one pass over each tensor."""
     _ladam_ema_step("ladam_weight_lap_step", params, grads, *args, **kwargs)
