@@ -36,6 +36,7 @@ import argparse
 import ast
 import collections
 import dataclasses
+import functools
 import glob
 import math
 import os
@@ -116,6 +117,7 @@ def _source_key(path: str) -> str:
     return f"kernels/{name}" if os.path.basename(parent) == "kernels" else path
 
 
+@functools.lru_cache(maxsize=1)  # the kernels' sources do not change during a run
 def source_arms() -> Tuple[Dict[str, List[Arm]], Dict[Tuple[str, int], str], Dict[Tuple[str, int], str]]:
     """(arms per file, enclosing function per (file, line), source text per (file, line))."""
     arms: Dict[str, List[Arm]] = collections.defaultdict(list)
@@ -296,10 +298,10 @@ def walk(instrs: List[Instruction], labels: Dict[str, int], arms, scenario: Dict
             if ins.predicate is None:
                 i = target
                 continue
-            if _calls_slow_path(instrs, following, labels):
+            if _calls_slow_path(instrs, following):
                 i = target
                 continue
-            if _calls_slow_path(instrs, target, labels):
+            if _calls_slow_path(instrs, target):
                 i = following
                 continue
             decided = [a.condition for a in set(runtime_arms[target]) ^ set(runtime_arms[following])]
@@ -340,12 +342,12 @@ def _trips(scenario, arms_at_target, address: int) -> int:
     return int(scenario[loops[-1].condition])
 
 
-def _calls_slow_path(instrs: List[Instruction], start: int, labels) -> bool:
+def _calls_slow_path(instrs: List[Instruction], start: int) -> bool:
     """Whether the straight run of instructions from ``start`` calls an IEEE slow path."""
     for ins in instrs[start : start + 8]:
         if ins.opcode.startswith("CALL"):
             return "slowpath" in (ins.target or "") or "div_rn" in (ins.target or "")
-        if ins.opcode.startswith(("BRA", "EXIT", "RET")) or ins.address in ():
+        if ins.opcode.startswith(("BRA", "EXIT", "RET")):
             return False
     return False
 

@@ -60,12 +60,10 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 
 def warps_for(dtype: str, kernel=None, vector: int = 1) -> int:
-    """Warps per program the launches use for this dtype and kernel (LaunchSettings.warps for
-    launches that take a vector path, num_warps for the others: kernels/_launch.py)."""
-    settings = _multi_tensor.settings()
-    if kernel is not None and ("VECTOR" not in kernel.arg_names or vector == 0):
-        return settings.num_warps
-    return settings.num_warps_16bit if dtype in ("bf16", "fp16") else settings.num_warps
+    """Warps per program the launches use for this dtype and kernel (LaunchSettings.warps, as
+    kernels/_launch.py asks it; ``vector``: the VECTOR constexpr, for kernels that have one)."""
+    has_vector = kernel is None or "VECTOR" in kernel.arg_names
+    return _multi_tensor.settings().warps(4 if dtype == "fp32" else 2, vector if has_vector else 0)
 
 
 def compile_kernel(kernel, constexprs, arch: int, dtype: str, stencil: int, index_64: bool, lr_on_device: bool = False):

@@ -74,7 +74,7 @@ def launch(
                 IDX=tl.int64 if index_64 else tl.int32,
                 LR_ON_DEVICE=lr_on_device,
                 **constexprs,
-                num_warps=s.warps(table.dtype) if vectorized and constexprs["VECTOR"] else s.num_warps,
+                num_warps=s.warps(table.dtype.itemsize, constexprs.get("VECTOR", 0)),
                 enable_fp_fusion=False,
             )
     except BaseException:

@@ -91,9 +91,11 @@ class LaunchSettings:
     num_warps: int = 8
     num_warps_16bit: int = 4
 
-    def warps(self, dtype: torch.dtype) -> int:
-        """Warps per program for tensors of ``dtype``."""
-        return self.num_warps_16bit if dtype.itemsize == 2 else self.num_warps
+    def warps(self, itemsize: int, vector_mode: int = 0) -> int:
+        """Warps per program of a launch over elements of ``itemsize`` bytes whose VECTOR constexpr
+        is ``vector_mode`` (0 where the kernel has no vector path): num_warps_16bit for 2-byte
+        elements on a vector path, else num_warps."""
+        return self.num_warps_16bit if vector_mode and itemsize == 2 else self.num_warps
 
     def __post_init__(self):
         for name in ("tile", "tile_width", "num_warps", "num_warps_16bit"):

@@ -64,7 +64,8 @@ def _ladagrad_step_kernel(
         store(ptrs[0] + elem[2], p * decay - clr * (g / denom), elem[3])
         recompute = (ptrs[2], ptrs[1], g_factor, 1.0, 1.0)
         store_accumulator_shared(s, s_old, recompute, geo, elem, stash, counters, STENCIL, BORDER_LANES)
-    else:
+    else:  # each path in its own helper: Triton merges names bound in both branches, and the
+        # two paths' blocks have other shapes ([TILE // TW, TW] against [TILE])
         _generic_step(
             tiles,
             meta,

@@ -107,7 +107,8 @@ def _ladam_step_kernel(
             TW,
             VEC,
         )
-    else:
+    else:  # each path in its own helper: Triton merges names bound in both branches, and the
+        # two paths' blocks have other shapes ([TILE // TW, TW] against [TILE])
         _generic_step(
             tiles,
             meta,

@@ -75,7 +75,8 @@ def _lrmsprop_step_kernel(
         store(ptrs[0] + flat, p, valid)
         recompute = (ptrs[2], ptrs[1], g_factor, alpha, one_minus_alpha)
         store_accumulator_shared(a, a_old, recompute, geo, elem, stash, counters, STENCIL, BORDER_LANES)
-    else:
+    else:  # each path in its own helper: Triton merges names bound in both branches, and the
+        # two paths' blocks have other shapes ([TILE // TW, TW] against [TILE])
         _generic_step(
             tiles,
             meta,
