@@ -6,33 +6,43 @@
 Two questions, per workload (a small CNN, a small transformer LM, and a tiny MLP where per-call
 overhead dominates):
 
-1. Overhead of HomotopyLR at estimation_freq=10, update_curvature called every step: ten training
-   steps with the scheduler (one estimate among them) against ten plain steps, as a fraction of
-   the plain steps' time. Per estimator method: secant (the training gradients, no extra pass),
-   secant_same_batch (one extra gradient per estimate), amortized_power (the default: one power
-   iteration per estimate by finite differences: one or two extra gradients), Hutchinson with 5
-   probes per HVP engine and on a quarter batch (estimation_batch_size), power iteration (5
-   products), amortized_power and secant_same_batch on a quarter batch (two quarter-batch gradients
-   each); CurvatureAdaptiveLR with its default and with Hutchinson on the step's own graph.
-2. The cost of one estimate of each method against one training step (the secant methods given
-   the training gradient, as the schedulers do); batched probes against a Python loop of
+1. Overhead of HomotopyLR, update_curvature called every step: ``freq`` training steps with the
+   scheduler at estimation_freq=freq (one estimate among them) against ``freq`` plain steps, as a
+   fraction of the plain steps' time, at freq 10 (and each of ``--freqs``). Per estimator method:
+   secant (the training gradients, no extra pass), secant_same_batch (one extra gradient per
+   estimate), amortized_power (the default: one power iteration per estimate, a gradient at a
+   shifted point paired with the training gradient, the training forward's dropout masks
+   replayed), Hutchinson with 5 probes per HVP engine and on a quarter batch
+   (estimation_batch_size), power iteration (5 products), amortized_power and secant_same_batch on
+   a quarter batch (two quarter-batch gradients each); the scheduler's bookkeeping alone (a
+   HomotopyLR that never estimates); CurvatureAdaptiveLR with its default and with Hutchinson on
+   the step's own graph.
+2. The cost of one estimate of each method in training steps: a training step with the estimate
+   between backward and optimizer step (where the schedulers run it, the gradient in .grad) less a
+   plain training step, over the plain step; batched probes against a Python loop of
    double-backward calls (the seed's Hutchinson loop), whole estimates and the 5 products alone.
 
-Every variant runs once per round, the order rotated each round; ratios are medians of per-round
-ratios (paired), so load on the machine that drifts between rounds cancels. Prints a table,
-appends CSV rows (device, threads, versions, commit in every row) to
-bench/results/curvature_<device>.csv and a Markdown copy of the table to the .md beside it.
+Every variant trains its own copy of the model (deep copies of one initialisation), so the forward
+hook an estimator puts on its model runs in its own variant's steps only. Every variant runs once
+per round, the order rotated each round; ratios are medians of per-round ratios (paired), so load
+on the machine that drifts between rounds cancels. Prints a table, appends CSV rows (device,
+threads, versions, commit in every row) to bench/results/curvature_<device>.csv and a Markdown
+copy of the table to the .md beside it. ``--variants`` keeps only the variants whose name holds one
+of the given strings (the baselines always run).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import inspect
+import math
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,7 +55,8 @@ from fastopt.schedulers.curvature import DEFAULT_METHOD
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROBES = 5  # Hutchinson probes, power iterations
 FREQ = 10
-LOOP = "estimate: hutchinson reverse_over_reverse_loop (Python loop)"
+DEFAULT_FREQ = inspect.signature(HomotopyLR).parameters["estimation_freq"].default
+LOOP = "step + estimate: hutchinson reverse_over_reverse_loop (Python loop)"
 
 
 # -- workloads ---------------------------------------------------------------------------------------
@@ -157,26 +168,44 @@ def _paired(a: List[float], b: List[float]) -> float:
 
 
 # -- the measurements ---------------------------------------------------------------------------------
-def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object]]:
-    model, x, y, loss_fn, desc = workload(name, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+def bench(name: str, device: torch.device, rounds: int, freqs=(FREQ,), variants=None) -> List[Dict[str, object]]:
+    model0, x, y, loss_fn, desc = workload(name, device)
+    n_params = sum(p.numel() for p in model0.parameters())
     quarter = max(1, x.shape[0] // 4)
 
-    def plain_steps():
-        for _ in range(FREQ):
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
+    def fresh():
+        """A copy of the initial model and its own Adam: each variant trains its own."""
+        model = copy.deepcopy(model0)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-4)
 
-    def with_homotopy(method="hutchinson", **estimator_kwargs):
-        est = CurvatureEstimator(model, loss_fn, method, n_samples=PROBES, n_iterations=PROBES, **estimator_kwargs)
-        sched = HomotopyLR(
-            opt, model, loss_fn, base_lr=1e-4, curvature_target=1e30, estimation_freq=FREQ, estimator=est
-        )
+    def plain_steps(steps):
+        model, opt = fresh()
 
         def run():
-            for _ in range(FREQ):  # step_count % FREQ == 0 at the first: exactly one estimate per call
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                opt.step()
+
+        return run
+
+    def with_homotopy(method="hutchinson", freq=FREQ, estimating=True, **estimator_kwargs):
+        model, opt = fresh()
+        est = CurvatureEstimator(model, loss_fn, method, n_samples=PROBES, n_iterations=PROBES, **estimator_kwargs)
+        sched = HomotopyLR(
+            opt,
+            model,
+            loss_fn,
+            base_lr=1e-4,
+            curvature_target=1e30,
+            estimation_freq=freq if estimating else 2**62,
+            estimator=est,
+        )
+        if not estimating:
+            sched.step_count = 1  # past the first estimate: the scheduler's bookkeeping alone
+
+        def run():
+            for _ in range(freq):  # step_count % freq == 0 at the first: exactly one estimate per call
                 opt.zero_grad(set_to_none=True)
                 loss_fn(model(x), y).backward()
                 sched.update_curvature(x, y)
@@ -186,6 +215,7 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
         return run
 
     def with_graph_scheduler(method):
+        model, opt = fresh()
         sched = CurvatureAdaptiveLR(
             opt, model, base_lr=1e-4, curvature_target=1e30, estimation_freq=FREQ, method=method, n_samples=PROBES
         )
@@ -200,93 +230,124 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
 
         return run
 
-    loops = {
-        "10 plain steps": plain_steps,
-        **{_named(f"HomotopyLR {m}", m): with_homotopy(m) for m in ("secant", "secant_same_batch", "amortized_power")},
-        f"HomotopyLR amortized_power, estimation_batch_size={quarter}": with_homotopy(
-            "amortized_power", estimation_batch_size=quarter
+    # (name, steps, factory): the factories build their model copy only if the variant is kept.
+    loop_specs = [
+        *[(_named(f"HomotopyLR {m}", m), FREQ, lambda m=m: with_homotopy(m)) for m in ("secant", "secant_same_batch")],
+        *[
+            (
+                _named(f"HomotopyLR amortized_power, estimation_freq={f}", "amortized_power", f),
+                f,
+                lambda f=f: with_homotopy("amortized_power", freq=f),
+            )
+            for f in sorted({FREQ, *freqs})
+        ],
+        (
+            "HomotopyLR bookkeeping alone (never estimates: forward hook, update_curvature, step)",
+            FREQ,
+            lambda: with_homotopy("amortized_power", estimating=False),
         ),
-        f"HomotopyLR secant_same_batch, estimation_batch_size={quarter}": with_homotopy(
-            "secant_same_batch", estimation_batch_size=quarter
+        (
+            f"HomotopyLR amortized_power, estimation_batch_size={quarter}",
+            FREQ,
+            lambda: with_homotopy("amortized_power", estimation_batch_size=quarter),
         ),
-        "HomotopyLR hutchinson reverse_over_reverse": with_homotopy(hvp="reverse_over_reverse"),
-        "HomotopyLR hutchinson forward_over_reverse": with_homotopy(hvp="forward_over_reverse"),
-        "HomotopyLR hutchinson reverse_over_reverse_loop (seed)": with_homotopy(hvp="reverse_over_reverse_loop"),
-        f"HomotopyLR hutchinson, estimation_batch_size={quarter}": with_homotopy(estimation_batch_size=quarter),
-        "HomotopyLR power": with_homotopy("power"),
-        **{
-            _named(f"CurvatureAdaptiveLR step(loss) {m}", m): with_graph_scheduler(m)
+        (
+            f"HomotopyLR secant_same_batch, estimation_batch_size={quarter}",
+            FREQ,
+            lambda: with_homotopy("secant_same_batch", estimation_batch_size=quarter),
+        ),
+        ("HomotopyLR hutchinson reverse_over_reverse", FREQ, lambda: with_homotopy(hvp="reverse_over_reverse")),
+        ("HomotopyLR hutchinson forward_over_reverse", FREQ, lambda: with_homotopy(hvp="forward_over_reverse")),
+        (
+            "HomotopyLR hutchinson reverse_over_reverse_loop (seed)",
+            FREQ,
+            lambda: with_homotopy(hvp="reverse_over_reverse_loop"),
+        ),
+        (
+            f"HomotopyLR hutchinson, estimation_batch_size={quarter}",
+            FREQ,
+            lambda: with_homotopy(estimation_batch_size=quarter),
+        ),
+        ("HomotopyLR power", FREQ, lambda: with_homotopy("power")),
+        *[
+            (_named(f"CurvatureAdaptiveLR step(loss) {m}", m), FREQ, lambda m=m: with_graph_scheduler(m))
             for m in ("secant", "amortized_power")
+        ],
+        ("CurvatureAdaptiveLR step(loss) hutchinson, graph reused", FREQ, lambda: with_graph_scheduler("hutchinson")),
+    ]
+    loop_specs = [spec for spec in loop_specs if _kept(spec[0], variants)]
+    steps_of = {n: steps for n, steps, _ in loop_specs}
+    loops = {f"{steps} plain steps": plain_steps(steps) for steps in sorted(set(steps_of.values()))}
+    steps_of.update({n: int(n.split()[0]) for n in loops})
+    loops.update({n: make() for n, _, make in loop_specs})
+
+    estimator_specs = {
+        **{
+            f"step + estimate: {m}": dict(method=m) for m in ("secant", "secant_same_batch", "amortized_power", "power")
         },
-        "CurvatureAdaptiveLR step(loss) hutchinson, graph reused": with_graph_scheduler("hutchinson"),
+        "step + estimate: hutchinson reverse_over_reverse (batched)": dict(
+            method="hutchinson", hvp="reverse_over_reverse"
+        ),
+        "step + estimate: hutchinson forward_over_reverse (batched, torch.func)": dict(
+            method="hutchinson", hvp="forward_over_reverse"
+        ),
+        LOOP: dict(method="hutchinson", hvp="reverse_over_reverse_loop"),
     }
-    estimators = {
-        f"estimate: {m}": CurvatureEstimator(model, loss_fn, m, n_samples=PROBES, n_iterations=PROBES)
-        for m in ("secant", "secant_same_batch", "amortized_power", "power")
-    }
-    estimators.update(
-        {
-            "estimate: hutchinson reverse_over_reverse (batched)": CurvatureEstimator(
-                model, loss_fn, n_samples=PROBES, hvp="reverse_over_reverse", method="hutchinson"
-            ),
-            "estimate: hutchinson forward_over_reverse (batched, torch.func)": CurvatureEstimator(
-                model, loss_fn, n_samples=PROBES, hvp="forward_over_reverse", method="hutchinson"
-            ),
-            LOOP: CurvatureEstimator(
-                model, loss_fn, n_samples=PROBES, hvp="reverse_over_reverse_loop", method="hutchinson"
-            ),
-        }
-    )
+    estimator_specs = {n: kw for n, kw in estimator_specs.items() if n == LOOP or _kept(n, variants)}
 
-    def training_step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()  # .grad keeps this step's gradient: the secant estimates below read it
+    def training_step(estimator_kwargs=None):
+        """One training step; with ``estimator_kwargs``, an estimate where a scheduler runs it:
+        after backward (the gradient in .grad, the training forward's generator state recorded),
+        before optimizer.step() (which moves the parameters: a secant pairs two points)."""
+        model, opt = fresh()
+        est = None
+        if estimator_kwargs is not None:
+            est = CurvatureEstimator(model, loss_fn, n_samples=PROBES, n_iterations=PROBES, **estimator_kwargs)
 
-    def estimate(e):
-        # As a scheduler calls it: the training gradient in .grad (the step before moved the
-        # parameters, so a secant pairs two different points).
-        return e.estimate(x, y, grads=[p.grad for p in e.params] if e.wants_grad else None)
+        def run():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            if est is not None:
+                est.estimate(x, y, grads=[p.grad for p in est.params] if est.wants_grad else None)
+            opt.step()
 
-    one_step = {"1 training step": training_step}
-    one_step.update({n: (lambda e=e: estimate(e)) for n, e in estimators.items()})
+        return run, est
 
-    env = benchmarking.environment(device)
-    env["threads"] = str(torch.get_num_threads())
+    one_step = {"1 training step": training_step()[0]}
+    estimators = {}
+    for n, kw in estimator_specs.items():
+        one_step[n], estimators[n] = training_step(kw)
+
+    env = _environment(device)
     rows = []
 
-    def add(section, times, baseline, what):
-        base = times[baseline]
+    def add(section, times, baseline_of, what, ratio_of=_paired):
         for n, ts in times.items():
-            p50, p20, p80 = _quantiles(ts)
-            rows.append(
-                dict(
-                    workload=name,
-                    description=desc,
-                    n_params=n_params,
-                    section=section,
-                    variant=n,
-                    ms_p50=round(p50, 3),
-                    ms_p20=round(p20, 3),
-                    ms_p80=round(p80, 3),
-                    rounds=len(ts),
-                    ratio=round(_paired(ts, base), 4),
-                    ratio_means=what,
-                    **env,
-                )
-            )
+            rows.append(_row(name, desc, n_params, section, n, ts, ratio_of(ts, times[baseline_of(n)]), what, env))
 
     loop_times = interleaved(loops, rounds, device)
-    add("overhead", loop_times, "10 plain steps", "time / time of 10 plain steps (1 + overhead)")
+    add(
+        "overhead",
+        loop_times,
+        lambda n: f"{steps_of[n]} plain steps",
+        "time / time of as many plain steps (1 + overhead)",
+    )
     step_times = interleaved(one_step, rounds, device)
-    add("estimate", step_times, "1 training step", "time / time of 1 training step")
+    add(
+        "estimate",
+        step_times,
+        lambda n: "1 training step",
+        "(time of a step with the estimate - time of a step) / time of a step: one estimate in training steps",
+        _paired_excess,
+    )
+    plain = step_times["1 training step"]
     loop_est = step_times[LOOP]
     for r in rows[-len(one_step) :]:
-        r["speedup_vs_loop"] = round(_paired(loop_est, step_times[r["variant"]]), 3)
-    # The 5 products alone, on one gradient graph built outside the timing (after the training
-    # above: the graph saves the parameters, which optimizer.step() changes in place).
-    est = estimators["estimate: hutchinson reverse_over_reverse (batched)"]
-    objective = _hvp.Objective(model, loss_fn, est.names, est.params, x, y, 0, True)
+        if r["variant"] != "1 training step":
+            r["speedup_vs_loop"] = round(_paired_excess_ratio(loop_est, step_times[r["variant"]], plain), 3)
+    # The 5 products alone, on one gradient graph built outside the timing.
+    est = estimators[LOOP]
+    objective = _hvp.Objective(est.model, loss_fn, est.names, est.params, x, y, 0, True)
     graph = _hvp.ReverseOverReverse(objective)
     probes = [torch.randint(0, 2, (PROBES,) + tuple(p.shape), device=device).to(p.dtype) * 2 - 1 for p in est.params]
     products = {
@@ -294,16 +355,113 @@ def bench(name: str, device: torch.device, rounds: int) -> List[Dict[str, object
         "products: Python loop of double-backward calls": lambda: _with(graph, False).hvp(probes),
     }
     prod_times = interleaved(products, rounds * 2, device)
-    add("products", prod_times, "products: Python loop of double-backward calls", "time / time of the loop")
+    loop_name = "products: Python loop of double-backward calls"
+    add("products", prod_times, lambda n: loop_name, "time / time of the loop")
     for r in rows[-len(products) :]:
-        r["speedup_vs_loop"] = round(
-            _paired(prod_times["products: Python loop of double-backward calls"], prod_times[r["variant"]]), 3
-        )
+        r["speedup_vs_loop"] = round(_paired(prod_times[loop_name], prod_times[r["variant"]]), 3)
     return rows
 
 
-def _named(label: str, method: str) -> str:
-    return f"{label} (default)" if method == DEFAULT_METHOD else label
+def profile_estimate(name: str, device: torch.device, rounds: int) -> List[Dict[str, object]]:
+    """Where one estimate of the default method goes, against one training step: a gradient
+    (forward + backward), the same gradient through the estimator's objective (functional_call,
+    cloned buffers, its evaluation context), the estimate where HomotopyLR runs it (after the
+    training forward and backward: the forward recorded, the gradient in .grad), and its reductions
+    alone (norms, dots, the step length, the vector update). Ratios: paired per round, in training
+    steps; the estimate alone is (forward + backward + estimate) - (forward + backward)."""
+    model, x, y, loss_fn, desc = workload(name, device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    est = CurvatureEstimator(model, loss_fn)
+    params = est.params
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    def gradient():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+
+    def objective_gradient():
+        objective, _ = est._objective(x, y)
+        _hvp.loss_and_grads(objective, [p.detach() for p in params])
+
+    def gradient_and_estimate():
+        gradient()
+        est.estimate(x, y, grads=[p.grad for p in params])
+
+    def reductions():
+        g = est._usable([p.grad for p in params])
+        v = est._power_vector
+        est._fd_step([p.detach() for p in params], v)
+        est._secant_figures(torch.tensor(math.nan), g, v, g, 1, 0)
+        est._keep_vector(v, g)
+
+    phases = {
+        "training step": train_step,
+        "gradient (forward + backward)": gradient,
+        "gradient through the estimator's objective": objective_gradient,
+        "forward + backward + estimate": gradient_and_estimate,
+        "the estimate's reductions alone": reductions,
+    }
+    train_step()
+    gradient_and_estimate()  # the power vector exists from here on
+    times = interleaved(phases, rounds, device)
+    base = times["training step"]
+    # The estimate alone, per round: (forward + backward + estimate) - (forward + backward).
+    alone = [b - a for a, b in zip(times["gradient (forward + backward)"], times["forward + backward + estimate"])]
+    times["estimate alone (the difference of the two above)"] = alone
+    env = _environment(device)
+    n_params = sum(p.numel() for p in params)
+    what = "time / time of a training step (paired per round)"
+    return [_row(name, desc, n_params, "profile", n, ts, _paired(ts, base), what, env) for n, ts in times.items()]
+
+
+def _environment(device: torch.device) -> Dict[str, str]:
+    env = benchmarking.environment(device)
+    env["threads"] = str(torch.get_num_threads())
+    return env
+
+
+def _row(workload_name, desc, n_params, section, variant, ts, ratio, what, env) -> Dict[str, object]:
+    """One CSV row: the variant's time quantiles (ms), its ratio and what the ratio means, the environment."""
+    p50, p20, p80 = _quantiles(ts)
+    return dict(
+        workload=workload_name,
+        description=desc,
+        n_params=n_params,
+        section=section,
+        variant=variant,
+        ms_p50=round(p50, 3),
+        ms_p20=round(p20, 3),
+        ms_p80=round(p80, 3),
+        rounds=len(ts),
+        ratio=round(ratio, 4),
+        ratio_means=what,
+        **env,
+    )
+
+
+def _kept(name: str, variants) -> bool:
+    return not variants or any(v in name for v in variants)
+
+
+def _paired_excess(a: List[float], base: List[float]) -> float:
+    """Median over rounds of (a - base) / base: the extra time of ``a`` in units of ``base``."""
+    return statistics.median([(x - y) / y for x, y in zip(a, base)])
+
+
+def _paired_excess_ratio(a: List[float], b: List[float], base: List[float]) -> float:
+    """Median over rounds of (a - base) / (b - base): how many times more ``a`` adds than ``b``."""
+    ratios = [(x - z) / (y - z) for x, y, z in zip(a, b, base) if y != z]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def _named(label: str, method: str, freq: Optional[int] = None) -> str:
+    """``label (default)`` for the estimator's default method (at HomotopyLR's default frequency)."""
+    default = method == DEFAULT_METHOD and freq in (None, DEFAULT_FREQ)
+    return f"{label} (default)" if default else label
 
 
 def _with(graph, batched):
@@ -350,13 +508,29 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--freqs", type=int, nargs="+", default=[10, 20], help="estimation_freq values of the default method's overhead"
+    )
+    parser.add_argument("--variants", nargs="+", default=None, help="keep variants whose name holds one of these")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only the phases of one default estimate against a training step -> curvature_profile_<device>.md",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
+    if args.profile:
+        rows = [r for name in args.workloads for r in profile_estimate(name, device, args.rounds * 4)]
+        env = {k: rows[0][k] for k in ("device", "threads", "torch", "fastopt", "commit")}
+        out = args.out or os.path.join(RESULTS, f"curvature_profile_{device.type}.md")
+        header = " | ".join(f"{k} {v}" for k, v in env.items())
+        append_text(out, f"\n## {header}\n\n```\n{format_table(rows)}\n```\n")
+        return 0
     for name in args.workloads:
-        rows += bench(name, device, args.rounds)
+        rows += bench(name, device, args.rounds, args.freqs, args.variants)
     env = {k: rows[0][k] for k in ("device", "threads", "torch", "fastopt", "commit")}
     header = " | ".join(f"{k} {v}" for k, v in env.items())
     descriptions = "\n".join(

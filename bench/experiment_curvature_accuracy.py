@@ -1,11 +1,12 @@
 """How closely each CurvatureEstimator method follows the exact-Hessian kappa along training.
 
     python bench/experiment_curvature_accuracy.py      # appends to bench/results/curvature_accuracy.md
+    python bench/experiment_curvature_accuracy.py --every 20 --methods amortized_power secant
 
 kappa = ||H|| / (||g||^2 + eps), the seed's definition, with ||H|| the spectral norm |lambda|_max of
 the dense Hessian of the loss on the current batch (method='exact': n Hessian-vector products and
 eigvalsh; the test suite checks it against torch.autograd.functional.hessian). Small models whose
-Hessian is computable train for 300 steps; every 10 steps, after loss.backward() and before
+Hessian is computable train for 300 steps; every 10 steps (``--every``), after loss.backward() and before
 optimizer.step() (where HomotopyLR.update_curvature runs), every method estimates kappa on that
 batch the way a scheduler calls it (the secant methods get the training gradient from .grad, as
 the schedulers pass it). Per method: the Pearson correlation of log kappa with the exact log kappa,
@@ -74,18 +75,18 @@ def workload(name: str):
     return model, torch.optim.Adam(model.parameters(), lr=1e-2), half_mse, x, y
 
 
-def trajectory(name: str, batch: int) -> Dict[str, List[Dict[str, float]]]:
+def trajectory(name: str, batch: int, every: int = EVERY, methods=METHODS) -> Dict[str, List[Dict[str, float]]]:
     model, opt, loss_fn, x, y = workload(name)
     exact = CurvatureEstimator(model, loss_fn, "exact")
-    estimators = {m: CurvatureEstimator(model, loss_fn, m, seed=1) for m in METHODS}
-    rows: Dict[str, List[Dict[str, float]]] = {m: [] for m in ("exact",) + METHODS}
+    estimators = {m: CurvatureEstimator(model, loss_fn, m, seed=1) for m in methods}
+    rows: Dict[str, List[Dict[str, float]]] = {m: [] for m in ("exact", *methods)}
     order = torch.Generator().manual_seed(2)
     for step in range(STEPS + 1):
         idx = torch.randint(0, x.shape[0], (batch,), generator=order) if batch < x.shape[0] else slice(None)
         xb, yb = x[idx], y[idx]
         opt.zero_grad()
         loss_fn(model(xb), yb).backward()
-        if step % EVERY == 0:
+        if step % every == 0:
             e = exact.measure(xb, yb)
             rows["exact"].append({"kappa": e.curvature, "norm": e.hessian_norm, "trace": abs(e.trace)})
             grads = [p.grad for p in model.parameters()]
@@ -105,12 +106,12 @@ def _spread(values: List[float]) -> str:
     return f"{statistics.median(values):.3g} [{q[0]:.3g}, {q[8]:.3g}]"
 
 
-def summarise(rows) -> List[str]:
+def summarise(rows, methods=METHODS) -> List[str]:
     ex = rows["exact"]
     log_k = [math.log(r["kappa"]) for r in ex]
     log_n = [math.log(r["norm"]) for r in ex]
     out = []
-    for m in METHODS:
+    for m in methods:
         est = rows[m]
         finite = [i for i, r in enumerate(est) if math.isfinite(r["kappa"]) and r["kappa"] > 0]
         lk = [math.log(est[i]["kappa"]) for i in finite]
@@ -130,17 +131,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(RESULTS, "curvature_accuracy.md"))
     parser.add_argument("--workloads", nargs="+", default=["quadratic", "mlp-ce", "mlp-mse"])
+    parser.add_argument("--every", type=int, default=EVERY, help="estimate every this many steps")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     env = benchmarking.environment(torch.device("cpu"))
     text = [
-        f"\n## kappa estimates against the exact-Hessian kappa along training ({STEPS} steps, every {EVERY}) -- "
+        f"\n## kappa estimates against the exact-Hessian kappa along training ({STEPS} steps, every {args.every}) -- "
         + " | ".join(f"{k} {v}" for k, v in env.items())
         + "\n"
     ]
     for name in args.workloads:
         for label, batch in (("full batch", N), (f"mini-batch {BATCH}", BATCH)):
-            rows = trajectory(name, batch)
+            rows = trajectory(name, batch, args.every, args.methods)
             ex = rows["exact"]
             text.append(
                 f"\n### {name}, {label}: exact kappa {ex[0]['kappa']:.3g} -> {ex[-1]['kappa']:.3g} "
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
                 "| kappa / exact: median [p10, p90] | hutchinson |tr H| / exact |tr H| |"
             )
             text.append("| --- | --- | --- | --- | --- | --- |")
-            text += summarise(rows)
+            text += summarise(rows, args.methods)
     append_text(args.out, "\n".join(text) + "\n")
     return 0
 

@@ -11,7 +11,7 @@ loss over the seeds), so no method loses for want of tuning:
 
 - SGD, constant rate eta in {0.5, 1, 1.5, 1.9} / L;
 - SGD + HomotopyLR: base rate as SGD's, curvature_target in {1e-2, 1, 1e2, 1e4, 1e6} x kappa_0
-  (kappa at the start), estimation_freq 1 and 10, alpha 1, smoothing 0.9, kappa by ``--method``
+  (kappa at the start), estimation_freq in ``--freqs`` (default 1 and 10), alpha 1, smoothing 0.9, kappa by ``--method``
   (default: CurvatureEstimator's default; 'hutchinson' uses 10 probes, 'exact' the dense Hessian);
 - Adam, rate in {1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1}.
 
@@ -113,10 +113,10 @@ def run(method, params, seed, batch, x, y, theta_star, estimator_method=DEFAULT_
     return final / l0, first_hit, extra
 
 
-def grid(lam):
+def grid(lam, freqs=(1, 10)):
     sgd = [{"lr": f / lam} for f in (0.5, 1.0, 1.5, 1.9)]
     yield from (("SGD", p) for p in sgd)
-    for p, target, freq in itertools.product(sgd, (1e-2, 1.0, 1e2, 1e4, 1e6), (1, 10)):
+    for p, target, freq in itertools.product(sgd, (1e-2, 1.0, 1e2, 1e4, 1e6), freqs):
         yield "SGD+HomotopyLR", {**p, "target": target, "freq": freq}
     yield from (("Adam", {"lr": lr}) for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1))
 
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(RESULTS, "curvature_experiment1.md"))
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="HomotopyLR's estimator")
+    parser.add_argument("--freqs", type=int, nargs="+", default=[1, 10], help="HomotopyLR estimation_freq grid")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     x, y, theta_star, lam = problem()
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     verdicts = []
     for label, batch in (("full batch", None), ("mini-batch 32", 32)):
         results = {}
-        for method, p in grid(lam):
+        for method, p in grid(lam, args.freqs):
             runs = [run(method, p, s, batch, x, y, theta_star, args.method) for s in SEEDS]
             results[(method, tuple(sorted(p.items())))] = (method, p, runs)
         best = {}
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     header = " | ".join(f"{k} {v}" for k, v in env.items())
     text = (
         f"\n## Experiment 1 (quadratic, condition number {CONDITION:g}, dim {DIM}, {STEPS} steps), "
-        f"kappa by method={args.method!r} -- {header}\n\n"
+        f"kappa by method={args.method!r}, estimation_freq in {args.freqs} -- {header}\n\n"
         + "\n".join(verdicts)
         + "\n"
         + "\n".join(lines)

@@ -6,12 +6,14 @@
 The seed's claim: at initialisation kappa is high, so HomotopyLR's rate starts low and rises as
 kappa decays ("warmup emerges"). Here a small transformer LM (bench_curvature.SmallTransformerLM,
 2 layers, d=64) and the small CNN learn a task they can learn, with AdamW at a fixed rate; every
-10 steps each method of ``--methods`` (default: CurvatureEstimator's default, amortized_power,
+10 steps (``--every``) each method of ``--methods`` (default: CurvatureEstimator's default, amortized_power,
 Hutchinson with 10 probes) and the reference measure kappa on the same trajectory. The models are
 too large for the exact Hessian, so the reference is |lambda|_max by power iteration with 20
 iterations. The estimators compute their own gradient on the batch (no scheduler runs here), so the
-secant methods pair the gradients of successive measurements. The table shows whether kappa falls
-over the first steps (warmup would emerge) or rises, per method, and how each follows the reference.
+secant methods pair the gradients of successive measurements; with ``--training-grads`` they measure
+where a scheduler does instead, after backward with the training gradient handed over. The table
+shows whether kappa falls over the first steps (warmup would emerge) or rises, per method, and how
+each follows the reference.
 Tasks: LM next-token prediction on sequences t_{i+1} = (5 t_i + 3) mod 256 from random starts;
 CNN classification of 32x32 images whose class sets the mean of one of 10 pixel blocks.
 """
@@ -57,7 +59,7 @@ def cnn_batch(g, batch=32):
 REFERENCE = ("power", 20)  # |lambda|_max by 20 power iterations: the exact Hessian is out of reach here
 
 
-def trajectory(name, steps, every, methods):
+def trajectory(name, steps, every, methods, training_grads=False):
     """Per step measured: (step, loss, ||g||^2, {method: (||H||, kappa)}), one training run."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -73,18 +75,26 @@ def trajectory(name, steps, every, methods):
         for label, (method, iterations) in methods.items()
     }
     rows = []
+
+    def measure_all(grads):
+        figures = {}
+        loss, g_sq = math.nan, math.nan
+        for label, est in estimators.items():
+            m = est.measure(x, y, grads=grads if est.wants_grad else None)
+            figures[label] = (m.hessian_norm, m.curvature)
+            if math.isfinite(m.loss):
+                loss, g_sq = m.loss, m.grad_norm_sq
+        return loss, g_sq, figures
+
     for step in range(steps + 1):
         x, y = batch(g)
-        if step % every == 0:
-            figures = {}
-            for label, est in estimators.items():
-                m = est.measure(x, y)
-                figures[label] = (m.hessian_norm, m.curvature)
-                if math.isfinite(m.loss):
-                    loss, g_sq = m.loss, m.grad_norm_sq
-            rows.append((step, loss, g_sq, figures))
+        due = step % every == 0
+        if due and not training_grads:
+            rows.append((step, *measure_all(None)))
         opt.zero_grad()
         loss_fn(model(x), y).backward()
+        if due and training_grads:  # where a scheduler measures: .grad handed over, dropout masks replayed
+            rows.append((step, *measure_all([p.grad for p in model.parameters()])))
         opt.step()
     return rows
 
@@ -105,20 +115,28 @@ def main(argv=None) -> int:
         choices=[m for m in METHODS if m != "exact"],
         help="measured beside the reference, power iteration with 20 iterations",
     )
+    parser.add_argument(
+        "--training-grads",
+        action="store_true",
+        help="measure after backward with the training gradient handed over, as the schedulers do "
+        "(the gradient-only methods pair with it; the transformer's dropout masks are replayed)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     env = benchmarking.environment(torch.device("cpu"))
     methods = {m: (m, 5) for m in args.methods}
     methods["power x20 (reference)"] = REFERENCE
     text = [
-        "\n## kappa along training (AdamW lr 1e-3), methods "
+        f"\n## kappa along training (AdamW lr 1e-3, every {args.every} steps"
+        + (", training gradients handed over" if args.training_grads else "")
+        + "), methods "
         + ", ".join(methods)
         + " -- "
         + " | ".join(f"{k} {v}" for k, v in env.items())
         + "\n"
     ]
     for name in ("transformer", "cnn"):
-        rows = trajectory(name, args.steps, args.every, methods)
+        rows = trajectory(name, args.steps, args.every, methods, args.training_grads)
         text.append(f"\n### {name}\n")
         reference = [r[3]["power x20 (reference)"][1] for r in rows]
         for label in methods:

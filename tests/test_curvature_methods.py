@@ -4,6 +4,7 @@ scaling of kappa with the Hessian, checkpoints, and the schedulers running them 
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -201,14 +202,14 @@ def test_amortized_power_converges_to_the_largest_eigenvalue(source):
     assert m.n_gradients == {"inputs": 2, "training grads": 1, "loss graph": 0}[source]
 
 
-def test_amortized_power_takes_central_differences_under_dropout():
+def test_amortized_power_takes_central_differences_under_dropout_it_cannot_replay():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Dropout(0.2), nn.Linear(10, 3)).double().train()
     x, y = torch.randn(16, 6, dtype=DT), torch.randint(0, 3, (16,))
     F.cross_entropy(model(x), y).backward()
-    est = CurvatureEstimator(model, F.cross_entropy, "amortized_power")
+    est = CurvatureEstimator(model, F.cross_entropy, "amortized_power")  # after the forward: none recorded
     m = est.measure(x, y, grads=[p.grad for p in model.parameters()])
-    assert m.n_gradients == 2  # the training forward's masks are not the estimate's: both gradients its own
+    assert m.n_gradients == 2  # the training forward's masks unknown: both gradients its own
 
 
 def test_secant_methods_read_grads_only_when_usable():
@@ -355,3 +356,18 @@ def test_the_schedulers_default_estimator_is_the_default_method():
         CurvatureEstimator(model, F.cross_entropy),
     ]
     assert [e.method for e in defaults] == [DEFAULT_METHOD] * len(defaults)
+
+
+def test_amortized_power_survives_a_non_finite_batch():
+    """A NaN loss gives a NaN estimate, and the power vector stays as it was: the next good batch
+    continues the iteration where it was."""
+    model, x, y = _mlp_problem()
+    est = CurvatureEstimator(model, F.cross_entropy, "amortized_power")
+    for _ in range(3):
+        est.measure(x, y)
+    vector = [t.clone() for t in est._power_vector]
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    assert not math.isfinite(est.measure(bad, y).curvature)
+    assert all(torch.equal(a, b) for a, b in zip(vector, est._power_vector))
+    assert math.isfinite(est.measure(x, y).curvature)

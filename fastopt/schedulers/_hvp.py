@@ -25,7 +25,12 @@ BatchNorm layers in training mode stop tracking statistics (they still normalise
 statistics, as the training forward does), ``scaled_dot_product_attention`` uses its math kernel
 (optional; fused CPU/GPU kernels have no double backward), and the random number generators are
 seeded with the estimate's own seed and restored afterwards, so dropout masks are the same in
-every evaluation of one estimate and the training run's random stream is not advanced.
+every evaluation of one estimate and the training run's random stream is not advanced. Where the
+objective carries the generator states of the training forward (``Objective.replay``, from
+:class:`~fastopt.schedulers._rng_replay.ForwardRecorder`) its first-order evaluations start from
+those instead: they draw the training forward's dropout masks, so their gradients pair with the
+training gradient in ``.grad``. First-order evaluations keep the default attention kernels (no
+double backward needed), which a replay needs: a fused kernel draws its dropout differently.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import Node
 from torch.func import functional_call, grad_and_value, jvp, vmap
+
+from ._rng_replay import GeneratorStates, estimator_forwards
 
 HVP_METHODS = ("reverse_over_reverse", "reverse_over_reverse_loop", "forward_over_reverse", "finite_difference")
 # The order 'auto' tries them in. Reverse-over-reverse first: with 5 probes a whole estimate took
@@ -89,11 +96,22 @@ def _seeded_rng(seed: int, devices: Sequence[torch.device]) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def replayed_rng(states: GeneratorStates) -> Iterator[None]:
+    """The default generators set to ``states`` inside, restored to what they were on exit."""
+    with torch.random.fork_rng(devices=sorted(states.cuda)):
+        torch.set_rng_state(states.cpu)
+        for index, state in states.cuda.items():
+            torch.cuda.set_rng_state(state, index)
+        yield
+
+
 class Objective:
     """The loss as a function of (some of) the model's parameters, at fixed inputs and targets.
 
     ``objective(tensors)`` evaluates the loss with ``tensors`` standing in for the parameters
-    ``names`` (``functional_call``), on cloned buffers, under the estimate's seeded RNG.
+    ``names`` (``functional_call``), on cloned buffers, under the estimate's seeded RNG; first-order
+    evaluations under the training forward's generator states where ``replay`` holds them.
     """
 
     def __init__(
@@ -115,14 +133,22 @@ class Objective:
         self.targets = targets
         self.seed = seed
         self.math_attention = math_attention
+        self.replay: Optional[GeneratorStates] = None
 
     @contextlib.contextmanager
-    def evaluation_context(self) -> Iterator[None]:
+    def evaluation_context(self, first_order: bool = False) -> Iterator[None]:
+        """Gradients on, the estimate's random numbers (the training forward's where ``replay`` is
+        set and ``first_order``), BatchNorm not tracking, the math attention kernel unless
+        ``first_order``; forwards inside are not recorded as training forwards."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(_seeded_rng(self.seed, [p.device for p in self.params]))
+            stack.enter_context(estimator_forwards())
+            if first_order and self.replay is not None:
+                stack.enter_context(replayed_rng(self.replay))
+            else:
+                stack.enter_context(_seeded_rng(self.seed, [p.device for p in self.params]))
             stack.enter_context(_batchnorm_without_tracking(self.model))
-            stack.enter_context(_math_attention(self.math_attention))
+            stack.enter_context(_math_attention(self.math_attention and not first_order))
             yield
 
     def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -295,7 +321,7 @@ def loss_and_grads(objective: Objective, values: Sequence[Tensor]) -> Tuple[Tens
     """The loss and its gradient (first derivatives only) with ``values`` standing in for the
     objective's parameters, under its evaluation context; both detached."""
     leaves = [v.detach().requires_grad_(True) for v in values]
-    with objective.evaluation_context():
+    with objective.evaluation_context(first_order=True):
         loss = objective(leaves)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return loss.detach(), [g.detach() for g in _zeros_for_none(grads, leaves)]

@@ -19,9 +19,11 @@ with :math:`\|\nabla^2 L\|` estimated by one of
 * ``method='amortized_power'`` (the default): power iteration spread over the estimates, one iteration each: the
   vector :math:`v` is kept from one estimate to the next, :math:`\|H\| := \|Hv\|` and
   :math:`v \leftarrow Hv / \|Hv\|`, with :math:`Hv` a finite difference of gradients on the batch
-  (one gradient beyond the training one in ``.grad``, two where the model has active dropout or
-  no training gradient is given). It converges to :math:`|\lambda|_{max}` while the Hessian
-  changes slowly against the estimation interval;
+  (one gradient beyond the training one in ``.grad``, drawing the training forward's dropout masks
+  again; two where no training gradient is given, or where the model has active dropout modules
+  and the training forward cannot be replayed: see :meth:`CurvatureEstimator.measure`). It
+  converges to :math:`|\lambda|_{max}` while the Hessian changes slowly against the estimation
+  interval;
 * ``method='exact'``: :math:`|\lambda|_{max}` of the dense Hessian (``n`` Hessian-vector products and
   ``eigvalsh``), the reference for models of at most ``MAX_EXACT_PARAMETERS`` parameters;
 * ``method='hutchinson'``: :math:`|\mathrm{tr}\, H|` from Hutchinson's estimator
@@ -51,14 +53,14 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import _validation as v
-from . import _hvp
+from . import _hvp, _rng_replay
 
 METHODS = ("secant", "secant_same_batch", "amortized_power", "hutchinson", "power", "exact")
 # The gradient-only methods: they can use the training gradient (``grads``), need no double backward.
 SECANT_METHODS = ("secant", "secant_same_batch", "amortized_power")
 # Chosen by measurement (bench/results/curvature_accuracy.md, curvature_warmup.md, curvature_cpu.md):
 # the cheapest method whose ||H|| followed |lambda|_max (full batch: median 0.99x the exact figure)
-# and which kept the warmup experiment's conclusions; one (two with dropout) gradient per estimate.
+# and which kept the warmup experiment's conclusions; one gradient per estimate (dropout replayed).
 # 'secant' costs nothing but measures the curvature along the optimizer's path (0.006-0.4x
 # |lambda|_max, varying 10x along a run) and reversed the CNN warmup trend.
 DEFAULT_METHOD = "amortized_power"
@@ -135,13 +137,38 @@ def _has_active_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
 
 
+# The reductions below run a few times per estimate over every parameter. An estimate of the
+# gradient-only methods is one gradient plus these, so they are kept to a few calls: as per-tensor
+# loops of float64 conversions and sums, the four of an amortized_power estimate (gradient check,
+# step length, figures, vector update) took 0.81 ms on the CNN and 2.1 ms on the transformer of
+# bench/bench_curvature.py (6% / 15% of a training step); with foreach norms 0.38 / 0.91 ms.
+# Half-precision norms are taken in float32 (a float16 norm overflows past 65504).
+
+
+def _stacked(scalars: Sequence[Tensor]) -> Tensor:
+    """(n,) float64 on the first scalar's device (parameters may span devices)."""
+    device = scalars[0].device
+    return torch.stack([t.to(device) for t in scalars]).to(torch.float64)
+
+
+def _as_vector(t: Tensor) -> Tensor:
+    """``t`` flattened, in float32 at least."""
+    t = t.detach().reshape(-1)
+    return t.float() if t.element_size() < 4 else t
+
+
 def _dots_flat(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """(n_params,) float64: per parameter, <a, b>."""
-    return torch.stack([(x.to(torch.float64) * y.to(torch.float64)).sum() for x, y in zip(a, b)])
+    """(n_params,) float64: per parameter, <a, b> (accumulated in float32 or the tensors' dtype)."""
+    return _stacked([torch.dot(_as_vector(x), _as_vector(y)) for x, y in zip(a, b)])
 
 
 def _sq_norms(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.stack([t.detach().flatten().to(torch.float64).pow(2).sum() for t in tensors])
+    """(n_params,) float64: per tensor, ||t||^2, from one foreach norm per device."""
+    tensors = [t.detach() for t in tensors]
+    dtype = torch.float32 if tensors[0].element_size() < 4 else None
+    if len({t.device for t in tensors}) == 1:
+        return _stacked(torch._foreach_norm(tensors, dtype=dtype)).pow(2)
+    return _stacked([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]).pow(2)
 
 
 def _leading_slice(tree: Any, batch: int, size: int) -> Any:
@@ -157,7 +184,8 @@ class CurvatureEstimator:
     with a warning, to forward-over-reverse (torch.func ``vmap`` over ``jvp`` of ``grad``) and
     then to finite differences of first-order gradients. An estimate changes nothing the training
     run sees: parameters, ``.grad``, buffers (BatchNorm statistics) and the global random number
-    generators are as they were (dropout inside an estimate uses the estimator's own seed).
+    generators are as they were (dropout inside an estimate uses the estimator's own seed, or
+    replays the training forward's masks; see below).
 
     Args:
         model (nn.Module): the model; its trainable parameters (``requires_grad``) are the
@@ -181,8 +209,17 @@ class CurvatureEstimator:
     (three without ``grads``); later ones pair the current point with the previous estimate's.
     ``grads`` (:meth:`estimate`, :meth:`measure`; the schedulers pass the parameters' ``.grad``) is
     the gradient of the loss on ``inputs`` at the current parameters: with it ``'secant'`` costs no
-    pass at all, ``'secant_same_batch'`` and ``'amortized_power'`` one gradient (two for the latter
-    under active dropout); without it each computes the current gradient too. Under
+    pass at all, ``'secant_same_batch'`` and ``'amortized_power'`` one gradient; without it each
+    computes the current gradient too. **Dropout**: a gradient that pairs with ``grads`` must see
+    the training forward's masks. These estimators (with ``use_grad``) put a forward pre-hook on
+    the model that keeps the generator states each forward with gradients enabled starts from
+    (:class:`~fastopt.schedulers._rng_replay.ForwardRecorder`: a copy of the CPU state, the CUDA
+    seeds and offsets, no device work) and replay them where the latest such forward is the one
+    behind ``grads``: called with the same ``inputs`` (the same tensors or equal ones), the
+    parameters unchanged since (their version counters), the same train/eval mode. So construct
+    the estimator before the training loop. Otherwise, with active ``nn.Dropout`` modules,
+    ``'amortized_power'`` takes a central difference of two gradients of its own. The user's random
+    stream is restored after every estimate either way. Under
     ``torch.amp.GradScaler`` unscale ``.grad`` first (``scaler.unscale_(optimizer)``); with gradient
     accumulation construct the scheduler's estimator with ``use_grad=False``. The loss in a
     measurement from ``grads`` is NaN (no forward ran). Per-group figures use the rows of the
@@ -294,6 +331,8 @@ class CurvatureEstimator:
         self.hvp_in_use: Optional[str] = None
         self._resolved: Dict[str, str] = {}  # source kind ('inputs' or 'loss') -> engine 'auto' settled on
         self._generator = torch.Generator().manual_seed(seed)
+        # The generator states of the training forwards, replayed where a gradient pairs with .grad.
+        self._recorder = _rng_replay.ForwardRecorder(model, self.params) if self.wants_grad else None
 
     # -- configuration ---------------------------------------------------------------------------
     def _select_parameters(self, parameters) -> Tuple[List[str], List[Tensor]]:
@@ -403,6 +442,8 @@ class CurvatureEstimator:
         if self.method in SECANT_METHODS:
             objective, sliced = self._objective(inputs, targets)
             # A gradient of the whole batch does not pair with gradients of its leading samples.
+            if not sliced and grads is not None and self._recorder is not None:
+                objective.replay = self._recorder.replay_state(inputs)
             if self.method == "amortized_power":
                 return self._amortized_power(objective, None if sliced else grads)
             return self._secant(objective, None if sliced else grads)
@@ -769,8 +810,10 @@ class CurvatureEstimator:
         return [t[0] for t in self._normalized([t.unsqueeze(0) for t in v])]
 
     def _keep_vector(self, v: List[Tensor], hv: List[Tensor]) -> None:
-        rows = self._normalized([t.unsqueeze(0) for t in hv], keep=[t.unsqueeze(0) for t in v])
-        self._power_vector = [t[0] for t in rows]
+        norm = math.sqrt(float(_sq_norms(hv).sum()))
+        # H v = 0: v is an eigenvector of eigenvalue 0; keep it. A non-finite product (a NaN loss)
+        # keeps it too, so one bad batch does not end the iteration.
+        self._power_vector = v if norm == 0.0 or not math.isfinite(norm) else list(torch._foreach_div(hv, norm))
 
     def _amortized_power(
         self, objective: _hvp.Objective, grads: Optional[Sequence[Optional[Tensor]]]
@@ -784,16 +827,16 @@ class CurvatureEstimator:
         v = self._start_vector(g)
         # One-sided differences need the same function at both points: with dropout active the
         # training forward's masks are not the estimate's (the estimator's own gradient's are).
-        if g is not None and (own or not _has_active_dropout(self.model)):
-            h = self._fd_step(theta, v)
-            _, g_plus = _hvp.loss_and_grads(objective, [t + h * d for t, d in zip(theta, v)])
-            hv = [(a - b) / h for a, b in zip(g_plus, g)]
+        # The training forward's random numbers replayed (objective.replay) make them the same.
+        h = self._fd_step(theta, v)
+        if g is not None and (own or objective.replay is not None or not _has_active_dropout(self.model)):
+            _, g_plus = _hvp.loss_and_grads(objective, torch._foreach_add(theta, v, alpha=h))
+            hv = list(torch._foreach_div(torch._foreach_sub(g_plus, g), h))
             n_gradients += 1
         else:
-            h = self._fd_step(theta, v)
-            loss_plus, g_plus = _hvp.loss_and_grads(objective, [t + h * d for t, d in zip(theta, v)])
-            loss_minus, g_minus = _hvp.loss_and_grads(objective, [t - h * d for t, d in zip(theta, v)])
-            hv = [(a - b) / (2 * h) for a, b in zip(g_plus, g_minus)]
+            loss_plus, g_plus = _hvp.loss_and_grads(objective, torch._foreach_add(theta, v, alpha=h))
+            loss_minus, g_minus = _hvp.loss_and_grads(objective, torch._foreach_add(theta, v, alpha=-h))
+            hv = list(torch._foreach_div(torch._foreach_sub(g_plus, g_minus), 2 * h))
             if g is None:  # the mean of the two gradients is g(theta) up to O(h^2)
                 g = [(a + b) / 2 for a, b in zip(g_plus, g_minus)]
                 loss = (loss_plus + loss_minus) / 2
@@ -892,8 +935,9 @@ class CurvatureEstimator:
         near its minimum so far (0.5 in norm along a sharp direction) that the gradients there were
         10-100x off (bench/experiment_warmup.py, float32)."""
         n = sum(t.numel() for t in theta)
-        rms_theta = math.sqrt(float(_sq_norms(theta).sum()) / max(n, 1))
-        direction_norm = math.sqrt(float(_sq_norms(direction).sum()))
+        theta_sq, direction_sq = torch.stack([_sq_norms(theta).sum(), _sq_norms(direction).sum()]).tolist()
+        rms_theta = math.sqrt(theta_sq / max(n, 1))
+        direction_norm = math.sqrt(direction_sq)
         relative = self.fd_relative_step or torch.finfo(theta[0].dtype).eps ** (1 / 3)
         return relative * max(1.0, rms_theta) / direction_norm
 
