@@ -16,6 +16,10 @@ takes the elementwise loop: the fused pass without the stencil, what the stencil
 difference). GB/s: the bytes an optimal fused step moves (read p, g and each state tensor, write p
 and the state), beside a copy of the same bytes (``copy``) timed in the same rounds.
 
+Below the table, for every workload and mode: ladam's time over fused Adam's in the same rounds, the
+speed-up over ladam of a step that moves Adam's bytes at fused Adam's speed, so the most a goal
+"N x faster than ladam" can reach here, beside fastopt's best.
+
 Prints the table and appends CSV rows (device, versions, commit in every row) to
 bench/results/<family>_<device>.csv, plus a Markdown copy of the table beside it. Run timed
 benchmarks under ``flock /tmp/fastopt_timing.lock`` on a shared machine.
@@ -29,7 +33,7 @@ import statistics
 import sys
 import time
 from functools import partial
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -135,6 +139,22 @@ def bench_interleaved(
     return rows
 
 
+def ladam_floor(rows: List[benchmarking.Row], workload: str, mode: str) -> Optional[str]:
+    """One line: ladam's time / fused Adam's time in these rounds (the speed-up over ladam of a step at
+    fused Adam's time, the ceiling of any goal relative to ladam), and fastopt's best speed-up in the
+    mode (its c2=0 row left out); None without both peers."""
+    fused = next((r for r in rows if r.provider == "torch.Adam(fused)"), None)
+    ladam = next((r for r in rows if r.provider.startswith("ladam.")), None)
+    if fused is None or ladam is None:
+        return None
+    ours = [r.speedup_vs_ladam for r in rows if r.provider.endswith(f"] {mode}") and r.speedup_vs_ladam]
+    best = f"{max(ours):.1f}x" if ours else "-"
+    return (
+        f"{workload} {mode}: ladam / torch.Adam(fused) = {ladam.ms_p50 / fused.ms_p50:.1f}x "
+        f"(a step at fused Adam's time is that much faster than ladam); fastopt's best: {best}"
+    )
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
 
@@ -159,10 +179,13 @@ def main(argv=None) -> int:
     else:
         cases = [(w, d) for w, d in DEFAULTS[device.type] if not args.dtypes or d in args.dtypes]
     rows = []
+    floors = []
     for workload, dtype in cases:
         if args.family == "ladam":
             for mode in args.modes:
-                rows += bench_interleaved(workload, mode, device, getattr(torch, dtype), args.rounds, args.reference)
+                got = bench_interleaved(workload, mode, device, getattr(torch, dtype), args.rounds, args.reference)
+                rows += got
+                floors.append(ladam_floor(got, f"{workload} {dtype}", mode))
         else:
             rows += benchmarking.bench_workload(
                 args.family, workload, device, getattr(torch, dtype), args.min_time, only=args.only
@@ -172,13 +195,18 @@ def main(argv=None) -> int:
     header = " | ".join(f"{k} {v}" for k, v in env.items())
     how = "providers stepping in turn" if args.family == "ladam" else "providers one after another"
     footer = f"{how}; load average (1, 5, 15 min) before: {load_before}, after: {_load()}"
+    floor_text = "\n".join(f"- {line}" for line in floors if line)
     print(header)
     print(table)
     print(footer)
+    if floor_text:
+        print(floor_text)
     out = args.out or os.path.join(RESULTS, f"{args.family}_{device.type}.csv")
     benchmarking.write_csv(rows, out)
     with open(os.path.splitext(out)[0] + ".md", "a") as f:
         f.write(f"\n## {header}\n\n{footer}\n\n```\n{table}\n```\n")
+        if floor_text:
+            f.write(f"\n{floor_text}\n")
     print(f"\nappended to {out}")
     return 0
 

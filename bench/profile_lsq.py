@@ -17,7 +17,8 @@ methods (perf_counter, median over --repeat calls after a warm-up call):
 * other: argument checks, transforms, the first evaluation's shape check, result assembly.
 
 One more call runs under torch.profiler (``profile_memory``) with the phases marked by
-``record_function``: per phase the number of top-level aten operations and their self time, host
+``record_function``: per phase the number of top-level operations (aten's and fastopt's own,
+``fastopt::lsq_update`` and the like) and their self time, host
 synchronisations (``aten::_local_scalar_dense``: ``int()``/``bool()``/``.item()`` of a tensor; on a
 CPU they cost no device wait, only the dispatch), and allocations (operations that allocate, bytes
 allocated). The profiler adds a cost per operation, so its times are above the wall times.
@@ -148,11 +149,11 @@ def measure(batch: int, dtype: torch.dtype, jac: str, repeat: int) -> Dict:
 
 
 def _operations(prof) -> Dict[str, Dict]:
-    """Per phase: top-level aten ops (count, self-and-children microseconds), host syncs, ops that
+    """Per phase: top-level aten and fastopt ops (count, self-and-children microseconds), host syncs, ops that
     allocate and bytes allocated, and the costliest op names."""
     out: Dict[str, Dict] = {}
     for evt in prof.events():
-        if not evt.name.startswith("aten::"):
+        if not evt.name.startswith(("aten::", "fastopt::")):
             continue
         phase, parent, top = "other", evt.cpu_parent, evt.cpu_parent is None
         while parent is not None:
@@ -210,7 +211,7 @@ def report(results: Dict[str, Dict], args, meta: Dict[str, str]) -> str:
             "",
             f"## Operations under torch.profiler, jac={jac} ({r['iterations']} iterations)",
             "",
-            "| phase | aten ops | per iteration | profiled ms | host syncs | allocating ops | MB allocated | "
+            "| phase | ops | per iteration | profiled ms | host syncs | allocating ops | MB allocated | "
             "costliest ops (ms) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
@@ -222,7 +223,9 @@ def report(results: Dict[str, Dict], args, meta: Dict[str, str]) -> str:
             per = f"{d['ops'] / it:.0f}" if phase in ("evaluate", "step", "loop checks") else "-"
             lines.append(
                 f"| {phase} | {d['ops']} | {per} | {d['us'] / 1e3:.1f} | {d['syncs']} | {d['allocating']} | "
-                f"{d['bytes'] / 2**20:.1f} | " + ", ".join(f"{n[6:]} {us / 1e3:.1f}" for n, us in names) + " |"
+                f"{d['bytes'] / 2**20:.1f} | "
+                + ", ".join(f"{n.replace('aten::', '')} {us / 1e3:.1f}" for n, us in names)
+                + " |"
             )
     return "\n".join(lines) + "\n"
 

@@ -73,6 +73,16 @@ TORCH_LIBRARY(fastopt, m) {
   // out[lower] += scale * a^T a (+ diag shift); only out is written.
   m.def("jacobian_products(Tensor a, Tensor(a!) out, *, float scale, Tensor? shift=None) -> ()");
   m.def("batched_gram(Tensor jac, Tensor res) -> (Tensor, Tensor)");
+  // least_squares' iteration: new tensors out, inputs unchanged.
+  m.def(
+      "lsq_propose(Tensor x, Tensor jtj, Tensor g, Tensor lam, Tensor scale, Tensor frozen, Tensor lb, Tensor ub, "
+      "*, bool bounded) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lsq_update(Tensor x, Tensor cost, Tensor jtj, Tensor g, Tensor frozen, Tensor status, Tensor nfev, "
+      "Tensor scale, Tensor lam, Tensor nu, Tensor lb, Tensor ub, Tensor x_new, Tensor step, Tensor solved, "
+      "Tensor cost_new, Tensor jtj_new, Tensor g_new, Tensor colsq_new, *, bool bounded, float ftol, float xtol, "
+      "float gtol, float cost_noise, int max_nfev, float lam_min, float lam_max) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &fastopt::build_info);
   m.def("_set_cpu_tiling(int max_cols, int target_elems, int serial_below) -> int[]", &fastopt::set_cpu_tiling);
 }
@@ -86,6 +96,8 @@ TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("lrmsprop_step", &fastopt::lrmsprop_step_cpu);
   m.impl("jacobian_products", &fastopt::jacobian_products_cpu);
   m.impl("batched_gram", &fastopt::batched_gram_cpu);
+  m.impl("lsq_propose", &fastopt::lsq_propose_cpu);
+  m.impl("lsq_update", &fastopt::lsq_update_cpu);
 }
 
 #ifdef FASTOPT_WITH_CUDA
@@ -93,6 +105,7 @@ TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("ladam_step", &fastopt::ladam_step_cuda);
   m.impl("ladam_update_lap_step", &fastopt::ladam_update_lap_step_cuda);
   m.impl("ladam_weight_lap_step", &fastopt::ladam_weight_lap_step_cuda);
+  m.impl("ladam_wave_step", &fastopt::ladam_wave_step_cuda);
   m.impl("ladagrad_step", &fastopt::ladagrad_step_cuda);
   m.impl("lrmsprop_step", &fastopt::lrmsprop_step_cuda);
   m.impl("jacobian_products", &fastopt::jacobian_products_cuda);

@@ -106,9 +106,10 @@ at::Tensor device_table(std::string bytes, const at::Device& device) {
   return table;
 }
 
+// ``values``: each tensor's scalar for the functor (TensorArgs::value: wave_variance's wave_e0_sqs); empty: none.
 Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorList> states, at::TensorList steps,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& lr_tensor) {
+                      const std::optional<at::Tensor>& lr_tensor, at::TensorList values = {}) {
   const size_t n = st.size();
   std::vector<cuda::TensorArgs> tensors(n);
   for (size_t i = 0; i < n; ++i) {
@@ -118,6 +119,7 @@ Launch prepare_launch(const StepTensors& st, std::initializer_list<at::TensorLis
     t.state[0] = t.state[1] = t.state[2] = nullptr;
     int k = 0;
     for (at::TensorList s : states) t.state[k++] = s[i].data_ptr();
+    t.value = values.empty() ? nullptr : values[i].data_ptr();
     t.step = steps[i].const_data_ptr<float>();
     t.grid = st.grids[i];
   }
@@ -193,6 +195,39 @@ void ladam_update_lap_step_cuda(FASTOPT_LADAM_STEP_ARGS) {
 void ladam_weight_lap_step_cuda(FASTOPT_LADAM_STEP_ARGS) {
   run_ladam_mode("ladam_weight_lap_step", cuda::launch_ladam_weight_lap_step, params, grads, exp_avgs, exp_avg_sqs,
                  steps, use_laps, lr, beta1, beta2, eps, weight_decay, c2, stencil, grad_scale, found_inf, lr_tensor);
+}
+
+void ladam_wave_step_cuda(FASTOPT_LADAM_WAVE_STEP_ARGS) {
+  const char* op = "ladam_wave_step";
+  StepTensors st = prepare_step(
+      op, c10::DeviceType::CUDA, params, grads,
+      {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"prev_exp_avg_sqs", prev_exp_avg_sqs}}, steps, use_laps,
+      stencil, /*steps_on_device=*/true);
+  if (st.size() == 0) return;
+  check_scalar_states(op, "wave_e0_sqs", wave_e0_sqs, params);
+  check_device_scalars(op, grad_scale, found_inf, lr_tensor, st.params[0].device());
+  const c10::cuda::CUDAGuard guard(st.params[0].device());
+  const Launch launch = prepare_launch(st, {exp_avgs, exp_avg_sqs, prev_exp_avg_sqs}, steps, grad_scale, found_inf,
+                                       lr_tensor, wave_e0_sqs);
+  // The first step's E0^2 reduction (wave_E0 == 0) needs a double per tile; the kernels decide per
+  // tensor, from its step count, whether it records (ladam_wave_step.cu).
+  at::Tensor partials;
+  if (wave_E0 == 0 && launch.args.n_tiles > 0) {
+    partials = at::empty({launch.args.n_tiles}, st.params[0].options().dtype(at::kDouble));
+  }
+  const cuda::WaveArgs wave{lr,
+                            beta1,
+                            eps,
+                            weight_decay,
+                            c2,
+                            wave_dt,
+                            wave_kappa,
+                            wave_E0,
+                            wave_damping,
+                            static_cast<int64_t>(st.size()),
+                            partials.defined() ? partials.data_ptr<double>() : nullptr};
+  C10_CUDA_CHECK(cuda::launch_ladam_wave_step(launch.args, wave));
+  st.write_back();
 }
 
 void ladagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,

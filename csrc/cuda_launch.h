@@ -35,6 +35,8 @@ struct TensorArgs {
   void* p;
   const void* g;
   void* state[3];     // the op's state tensors in the order of its signature: advance states, then update states
+  void* value;        // one element of the storage type, handed to the functor's scalars(): wave_variance's E0^2;
+                      // nullptr for the other ops (scalars() then gets 0)
   const float* step;  // incremented step count
   TensorGrid grid;
 };
@@ -68,6 +70,15 @@ cudaError_t launch_ladam_update_lap_step(const LaunchArgs& a, double lr, double 
                                          double weight_decay, double c2);
 cudaError_t launch_ladam_weight_lap_step(const LaunchArgs& a, double lr, double beta1, double beta2, double eps,
                                          double weight_decay, double c2);
+// LAdam wave_variance: the wave equation's constants. Where wave_E0 is 0, each tensor's E0^2 (TensorArgs::value)
+// is recorded at its first step, the mean of its g^2 (a reduction before the step kernel, with ``partials``: one
+// double per tile); ``partials`` is nullptr where wave_E0 is not 0.
+struct WaveArgs {
+  double lr, beta1, eps, weight_decay, c2, dt, kappa, e0, damping;
+  int64_t n_tensors;
+  double* partials;
+};
+cudaError_t launch_ladam_wave_step(const LaunchArgs& a, const WaveArgs& w);
 cudaError_t launch_ladagrad_step(const LaunchArgs& a, double lr, double lr_decay, double eps, double weight_decay,
                                  double c2);
 cudaError_t launch_lrmsprop_step(const LaunchArgs& a, double lr, double alpha, double eps, double weight_decay,

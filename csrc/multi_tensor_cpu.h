@@ -7,7 +7,10 @@
 // updates row j-1's parameters, 64 columns behind (the row j-1 update needs row j's new values
 // up to the column after it): one loop streams p, g and the state together, as fused Adam does,
 // which measured faster here than a loop per half (the sqrt and division of the update overlap
-// the memory traffic of the advance). Elementwise tensors (no Laplacian) take one plain loop.
+// the memory traffic of the advance; a chunked variant, the update one 256-column chunk behind in
+// a loop of its own, was slower still). Elementwise tensors (no Laplacian) take one plain loop.
+// Every loop prefetches its streams in software (see kPrefetchBytes: the stencil's arithmetic
+// halves how far ahead the out-of-order core reaches on its own).
 //
 // The loops are plain and auto-vectorise; every tile routine is compiled twice, for AVX2+FMA and
 // for the baseline ISA, and picked at run time (ATEN_CPU_CAPABILITY=default forces the baseline,
@@ -94,6 +97,29 @@ template <class Op>
 constexpr bool kReloadAux = Op::kAux == AuxSource::kGradient ||
                             std::is_same<Raw<typename Op::Storage>, typename Op::Math>::value;
 
+// Software prefetch. The loops walk their streams (p, g and the state, in memory) in blocks of
+// kBlockBytes, each block first prefetching the streams' lines kPrefetchBytes ahead. Why: a stencil
+// loop does about twice fused Adam's arithmetic per element, so the out-of-order window reaches
+// half as far ahead, half as many cache misses are in flight, and the hardware prefetchers alone
+// left the 9-point step at 1.6x the time of the same loop without the stencil on one thread
+// (1.1x with the prefetches; a one-thread C++ harness, not in the tree, 4 x 2048 x 2048 fp32; see
+// bench/results/ladam_cpu.md for the step in bench_ladam.py). Prefetches never fault.
+constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kBlockBytes = 256;
+
+// Elements of storage R in one block.
+template <typename R>
+constexpr int64_t kBlock = kBlockBytes / static_cast<int64_t>(sizeof(R));
+
+// Prefetch the block at element ``i`` of ``x`` kPrefetchBytes ahead (Write: for a store, as p and the
+// state), when Use (x may be null where not).
+template <bool Use, bool Write, typename R>
+FASTOPT_ALWAYS_INLINE void prefetch_ahead(const R* x, int64_t i) {
+  if (!Use) return;
+  const char* line = reinterpret_cast<const char*>(x + i) + kPrefetchBytes;
+  for (int64_t b = 0; b < kBlockBytes; b += 64) __builtin_prefetch(line + b, Write ? 1 : 0, 3);
+}
+
 // The new state of n elements (the advance states written when Write), their stencil input (acc)
 // and aux. p is read only (weight_lap's stencil input needs it; a dead load for the other ops).
 template <bool Write, class Op, typename T, typename M>
@@ -101,14 +127,21 @@ FASTOPT_ALWAYS_INLINE void advance_loop(const Op op, const typename Op::TensorSc
                                         const Raw<T>* __restrict__ p, Raw<T>* __restrict__ s0,
                                         Raw<T>* __restrict__ s1, int64_t n, M* __restrict__ acc,
                                         M* __restrict__ aux) {
-  for (int64_t i = 0; i < n; ++i) {
-    M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
-    M a;
-    acc[i] = op.advance(k, load<T, M>(g[i]), load<T, M>(p[i]), s, a);
-    if (Write) {
-      if (!kReloadAux<Op>) aux[i] = a;
-      if (Op::kAdvanceWrites > 0) s0[i] = store<T>(s[0]);
-      if (Op::kAdvanceWrites > 1) s1[i] = store<T>(s[1]);
+  for (int64_t b = 0; b < n; b += kBlock<Raw<T>>) {
+    prefetch_ahead<true, false>(g, b);
+    prefetch_ahead<Op::kAdvanceReadsParam, false>(p, b);
+    prefetch_ahead<true, Write>(s0, b);
+    prefetch_ahead<(Op::kAdvanceStates > 1), Write>(s1, b);
+    const int64_t e = std::min(n, b + kBlock<Raw<T>>);
+    for (int64_t i = b; i < e; ++i) {
+      M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
+      M a;
+      acc[i] = op.advance(k, load<T, M>(g[i]), load<T, M>(p[i]), s, a);
+      if (Write) {
+        if (!kReloadAux<Op>) aux[i] = a;
+        if (Op::kAdvanceWrites > 0) s0[i] = store<T>(s[0]);
+        if (Op::kAdvanceWrites > 1) s1[i] = store<T>(s[1]);
+      }
     }
   }
 }
@@ -133,13 +166,19 @@ FASTOPT_ALWAYS_INLINE void update_loop(const Op op, const typename Op::TensorSca
                                        int64_t n, const M* __restrict__ up, const M* __restrict__ mid,
                                        const M* __restrict__ down, const M* __restrict__ aux,
                                        const Raw<T>* __restrict__ aux_mem, const Raw<T>* __restrict__ g) {
-  for (int64_t i = 0; i < n; ++i) {
-    const M term = stencil_term<S>(op, up + i, mid + i, down + i, c);
-    M u[2];
-    load_update_states<Op, T, M>(u, u0, u1, i);
-    const M a = kReloadAux<Op> ? load<T, M>(aux_mem[i]) : aux[i];
-    p[i] = store<T>(op.update(k, load<T, M>(p[i]), a, term, u, load<T, M>(g[i])));
-    store_update_states<Op, T, M>(u, u0, u1, i);
+  for (int64_t b = 0; b < n; b += kBlock<Raw<T>>) {
+    prefetch_ahead<true, true>(p, b);
+    prefetch_ahead<(Op::kUpdateStates > 0), true>(u0, b);
+    prefetch_ahead<(Op::kUpdateStates > 1), true>(u1, b);
+    const int64_t e = std::min(n, b + kBlock<Raw<T>>);
+    for (int64_t i = b; i < e; ++i) {
+      const M term = stencil_term<S>(op, up + i, mid + i, down + i, c);
+      M u[2];
+      load_update_states<Op, T, M>(u, u0, u1, i);
+      const M a = kReloadAux<Op> ? load<T, M>(aux_mem[i]) : aux[i];
+      p[i] = store<T>(op.update(k, load<T, M>(p[i]), a, term, u, load<T, M>(g[i])));
+      store_update_states<Op, T, M>(u, u0, u1, i);
+    }
   }
 }
 
@@ -155,17 +194,26 @@ FASTOPT_ALWAYS_INLINE void elementwise_loop(const Op op, const typename Op::Tens
                                             Raw<T>* __restrict__ p, const Raw<T>* __restrict__ g,
                                             Raw<T>* __restrict__ s0, Raw<T>* __restrict__ s1,
                                             Raw<T>* __restrict__ u0, Raw<T>* __restrict__ u1, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    M u[2];
-    load_update_states<Op, T, M>(u, u0, u1, i);
-    M s[2] = {load<T, M>(s0[i]), !kSharedState<Op> && Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : u[0]};
-    const M gi = load<T, M>(g[i]), pi = load<T, M>(p[i]);
-    M a;
-    const M x = op.advance(k, gi, pi, s, a);
-    if (Op::kAdvanceWrites > 0) s0[i] = store<T>(s[0]);
-    if (Op::kAdvanceWrites > 1) s1[i] = store<T>(s[1]);
-    p[i] = store<T>(op.update(k, pi, a, pointwise_term<S>(op, x), u, gi));
-    store_update_states<Op, T, M>(u, u0, u1, i);
+  for (int64_t b = 0; b < n; b += kBlock<Raw<T>>) {
+    prefetch_ahead<true, true>(p, b);
+    prefetch_ahead<true, false>(g, b);
+    prefetch_ahead<true, true>(s0, b);
+    prefetch_ahead<(!kSharedState<Op> && Op::kAdvanceStates > 1), true>(s1, b);
+    prefetch_ahead<(Op::kUpdateStates > 0), true>(u0, b);
+    prefetch_ahead<(Op::kUpdateStates > 1), true>(u1, b);
+    const int64_t e = std::min(n, b + kBlock<Raw<T>>);
+    for (int64_t i = b; i < e; ++i) {
+      M u[2];
+      load_update_states<Op, T, M>(u, u0, u1, i);
+      M s[2] = {load<T, M>(s0[i]), !kSharedState<Op> && Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : u[0]};
+      const M gi = load<T, M>(g[i]), pi = load<T, M>(p[i]);
+      M a;
+      const M x = op.advance(k, gi, pi, s, a);
+      if (Op::kAdvanceWrites > 0) s0[i] = store<T>(s[0]);
+      if (Op::kAdvanceWrites > 1) s1[i] = store<T>(s[1]);
+      p[i] = store<T>(op.update(k, pi, a, pointwise_term<S>(op, x), u, gi));
+      store_update_states<Op, T, M>(u, u0, u1, i);
+    }
   }
 }
 
@@ -182,24 +230,34 @@ FASTOPT_ALWAYS_INLINE void advance_update_loop(const Op op, const typename Op::T
                                                int64_t end, M* cur, M* __restrict__ cur_aux, const M* __restrict__ up,
                                                const M* __restrict__ mid, const M* __restrict__ prev_aux,
                                                const Raw<T>* __restrict__ aux_mem, const Raw<T>* __restrict__ g_prev) {
-  // cur's reads trail its writes by kLag - 1 = 63 elements, more than a vector iteration, which
-  // GCC cannot see through the stencil's pointer arithmetic: without ivdep it falls back to
-  // scalar code at run time (measured 5x slower).
+  for (int64_t b = begin; b < end; b += kBlock<Raw<T>>) {
+    prefetch_ahead<true, false>(g, b);
+    prefetch_ahead<Op::kAdvanceReadsParam, false>(p, b);
+    prefetch_ahead<true, true>(s0, b);
+    prefetch_ahead<(Op::kAdvanceStates > 1), true>(s1, b);
+    prefetch_ahead<true, true>(p_prev, b - kLag);
+    prefetch_ahead<(Op::kUpdateStates > 0), true>(u0, b - kLag);
+    prefetch_ahead<(Op::kUpdateStates > 1), true>(u1, b - kLag);
+    const int64_t e = std::min(end, b + kBlock<Raw<T>>);
+    // cur's reads trail its writes by kLag - 1 = 63 elements, more than a vector iteration, which
+    // GCC cannot see through the stencil's pointer arithmetic: without ivdep it falls back to
+    // scalar code at run time (measured 5x slower).
 #pragma GCC ivdep
-  for (int64_t i = begin; i < end; ++i) {
-    M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
-    M a;
-    cur[1 + i] = op.advance(k, load<T, M>(g[i]), load<T, M>(p[i]), s, a);
-    if (!kReloadAux<Op>) cur_aux[i] = a;
-    if (Op::kAdvanceWrites > 0) s0[i] = store<T>(s[0]);
-    if (Op::kAdvanceWrites > 1) s1[i] = store<T>(s[1]);
-    const int64_t j = i - kLag;
-    const M term = stencil_term<S>(op, up + j, mid + j, cur + j, c);
-    M u[2];
-    load_update_states<Op, T, M>(u, u0, u1, j);
-    const M prev_a = kReloadAux<Op> ? load<T, M>(aux_mem[j]) : prev_aux[j];
-    p_prev[j] = store<T>(op.update(k, load<T, M>(p_prev[j]), prev_a, term, u, load<T, M>(g_prev[j])));
-    store_update_states<Op, T, M>(u, u0, u1, j);
+    for (int64_t i = b; i < e; ++i) {
+      M s[2] = {load<T, M>(s0[i]), Op::kAdvanceStates > 1 ? load<T, M>(s1[i]) : M(0)};
+      M a;
+      cur[1 + i] = op.advance(k, load<T, M>(g[i]), load<T, M>(p[i]), s, a);
+      if (!kReloadAux<Op>) cur_aux[i] = a;
+      if (Op::kAdvanceWrites > 0) s0[i] = store<T>(s[0]);
+      if (Op::kAdvanceWrites > 1) s1[i] = store<T>(s[1]);
+      const int64_t j = i - kLag;
+      const M term = stencil_term<S>(op, up + j, mid + j, cur + j, c);
+      M u[2];
+      load_update_states<Op, T, M>(u, u0, u1, j);
+      const M prev_a = kReloadAux<Op> ? load<T, M>(aux_mem[j]) : prev_aux[j];
+      p_prev[j] = store<T>(op.update(k, load<T, M>(p_prev[j]), prev_a, term, u, load<T, M>(g_prev[j])));
+      store_update_states<Op, T, M>(u, u0, u1, j);
+    }
   }
 }
 

@@ -116,7 +116,15 @@ struct DeviceTensor {
   __device__ DeviceTensor(const Op& op, const TensorArgs& t)
       : p(static_cast<R*>(t.p)), g(static_cast<const R*>(t.g)),
         state{static_cast<R*>(t.state[0]), static_cast<R*>(t.state[1]), static_cast<R*>(t.state[2])},
-        k(op.scalars(static_cast<double>(global_float(t.step)))) {}
+        k(op.scalars(static_cast<double>(global_float(t.step)), stored_value(t))) {}
+
+  // The tensor's stored scalar (TensorArgs::value), 0 where it has none.
+  static __device__ __forceinline__ double stored_value(const TensorArgs& t) {
+    if (t.value == nullptr) return 0.0;
+    R x[1];
+    load_chunk<1>(static_cast<const R*>(t.value), x);
+    return load<T, double>(x[0]);
+  }
 
   // The stencil input of element i from the old state (the halo pass: nothing is written).
   __device__ __forceinline__ M peek(const Op& op, int64_t i) const {

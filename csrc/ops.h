@@ -52,11 +52,31 @@ void lrmsprop_step_cpu(FASTOPT_LRMSPROP_STEP_ARGS);
 void jacobian_products_cpu(const at::Tensor& a, const at::Tensor& out, double scale,
                            const std::optional<at::Tensor>& shift);
 std::tuple<at::Tensor, at::Tensor> batched_gram_cpu(const at::Tensor& jac, const at::Tensor& res);
+// The two ops of a batched Levenberg-Marquardt iteration (signatures of
+// fastopt/reference/batched_lsq.py's lsq_propose_reference and lsq_update_reference).
+#define FASTOPT_LSQ_PROPOSE_ARGS                                                                         \
+  const at::Tensor &x, const at::Tensor &jtj, const at::Tensor &g, const at::Tensor &lam,              \
+      const at::Tensor &scale, const at::Tensor &frozen, const at::Tensor &lb, const at::Tensor &ub, \
+      bool bounded
+#define FASTOPT_LSQ_UPDATE_ARGS                                                                            \
+  const at::Tensor &x, const at::Tensor &cost, const at::Tensor &jtj, const at::Tensor &g,               \
+      const at::Tensor &frozen, const at::Tensor &status, const at::Tensor &nfev, const at::Tensor &scale, \
+      const at::Tensor &lam, const at::Tensor &nu, const at::Tensor &lb, const at::Tensor &ub,            \
+      const at::Tensor &x_new, const at::Tensor &step, const at::Tensor &solved, const at::Tensor &cost_new, \
+      const at::Tensor &jtj_new, const at::Tensor &g_new, const at::Tensor &colsq_new, bool bounded,       \
+      double ftol, double xtol, double gtol, double cost_noise, int64_t max_nfev, double lam_min,          \
+      double lam_max
+// lsq_update's result: the new (x, cost, jtj, g, frozen, optimality, status, nfev, scale, lam, nu)
+using LsqUpdateResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                   at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_propose_cpu(FASTOPT_LSQ_PROPOSE_ARGS);
+LsqUpdateResult lsq_update_cpu(FASTOPT_LSQ_UPDATE_ARGS);
 
 #ifdef FASTOPT_WITH_CUDA
 void ladam_step_cuda(FASTOPT_LADAM_STEP_ARGS);
 void ladam_update_lap_step_cuda(FASTOPT_LADAM_STEP_ARGS);
 void ladam_weight_lap_step_cuda(FASTOPT_LADAM_STEP_ARGS);
+void ladam_wave_step_cuda(FASTOPT_LADAM_WAVE_STEP_ARGS);
 void ladagrad_step_cuda(FASTOPT_LADAGRAD_STEP_ARGS);
 void lrmsprop_step_cuda(FASTOPT_LRMSPROP_STEP_ARGS);
 void jacobian_products_cuda(const at::Tensor& a, const at::Tensor& out, double scale,

@@ -101,9 +101,20 @@ FASTOPT_HD M no_floor() {
 }
 
 // Adam's moments and bias corrections, shared by the LAdam modes with an EMA of g^2 (variance_lap,
-// update_lap, weight_lap).
-template <typename MATH_T>
+// update_lap, weight_lap), and what the three have in common as functors: their state tensors
+// (m and v, read and written by advance; no update states) and a smoothed stencil term. aux: the
+// gradient by default, unused (update_lap's and weight_lap's updates need their stencil input only).
+template <typename T, typename MATH_T>
 struct AdamMoments : GradUnscale<MATH_T> {
+  using Storage = T;
+  using Math = MATH_T;
+  static constexpr int kAdvanceStates = 2;  // exp_avg, exp_avg_sq
+  static constexpr int kAdvanceWrites = 2;
+  static constexpr int kUpdateFirst = 2;
+  static constexpr int kUpdateStates = 0;
+  static constexpr AuxSource kAux = AuxSource::kGradient;
+  static constexpr StencilUse kStencilUse = StencilUse::kSmoothed;
+
   struct TensorScalars {
     MATH_T inv_bc1, inv_bc2;
   };
@@ -149,18 +160,12 @@ struct AdamMoments : GradUnscale<MATH_T> {
 //   p *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
 //   p -= lr (m / bc1) / (sqrt(max(v/bc2 + c2 lap(v/bc2), eps)) + eps),  bc_i = 1 - b_i^t.
 template <typename T, typename MATH_T>
-struct LAdamStepFunctor : AdamMoments<MATH_T> {
-  using Storage = T;
-  using Math = MATH_T;
-  using typename AdamMoments<MATH_T>::TensorScalars;
-  static constexpr int kAdvanceStates = 2;  // exp_avg, exp_avg_sq
-  static constexpr int kAdvanceWrites = 2;
-  static constexpr int kUpdateFirst = 2;
-  static constexpr int kUpdateStates = 0;
-  static constexpr AuxSource kAux = AuxSource::kState0;
-  static constexpr StencilUse kStencilUse = StencilUse::kSmoothed;
+struct LAdamStepFunctor : AdamMoments<T, MATH_T> {
+  using Base = AdamMoments<T, MATH_T>;
+  using typename Base::TensorScalars;
+  static constexpr AuxSource kAux = AuxSource::kState0;  // the new m
 
-  using AdamMoments<MATH_T>::AdamMoments;
+  using Base::Base;
 
   FASTOPT_HD MATH_T floor() const { return this->eps; }
 
@@ -180,18 +185,11 @@ struct LAdamStepFunctor : AdamMoments<MATH_T> {
 // LAdam, mode update_lap (fastopt/reference/ladam.py::ladam_update_lap_step_reference): the
 // moments as variance_lap; u = m_hat / (sqrt(v_hat) + eps); p = p (1 - lr wd) - lr (u + c2 lap(u)).
 template <typename T, typename MATH_T>
-struct LAdamUpdateLapStepFunctor : AdamMoments<MATH_T> {
-  using Storage = T;
-  using Math = MATH_T;
-  using typename AdamMoments<MATH_T>::TensorScalars;
-  static constexpr int kAdvanceStates = 2;  // exp_avg, exp_avg_sq
-  static constexpr int kAdvanceWrites = 2;
-  static constexpr int kUpdateFirst = 2;
-  static constexpr int kUpdateStates = 0;
-  static constexpr AuxSource kAux = AuxSource::kGradient;  // unused: the update needs u only
-  static constexpr StencilUse kStencilUse = StencilUse::kSmoothed;
+struct LAdamUpdateLapStepFunctor : AdamMoments<T, MATH_T> {
+  using Base = AdamMoments<T, MATH_T>;
+  using typename Base::TensorScalars;
 
-  using AdamMoments<MATH_T>::AdamMoments;
+  using Base::Base;
 
   FASTOPT_HD MATH_T floor() const { return no_floor<MATH_T>(); }
 
@@ -212,19 +210,12 @@ struct LAdamUpdateLapStepFunctor : AdamMoments<MATH_T> {
 // AdamW step q = p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), then p = q + c2 lap(q). The
 // stencil's input is q, which needs the old p: advance reads p (and leaves it), update writes it.
 template <typename T, typename MATH_T>
-struct LAdamWeightLapStepFunctor : AdamMoments<MATH_T> {
-  using Storage = T;
-  using Math = MATH_T;
-  using typename AdamMoments<MATH_T>::TensorScalars;
-  static constexpr int kAdvanceStates = 2;  // exp_avg, exp_avg_sq
-  static constexpr int kAdvanceWrites = 2;
-  static constexpr int kUpdateFirst = 2;
-  static constexpr int kUpdateStates = 0;
-  static constexpr AuxSource kAux = AuxSource::kGradient;  // unused: the update needs q only
-  static constexpr StencilUse kStencilUse = StencilUse::kSmoothed;
+struct LAdamWeightLapStepFunctor : AdamMoments<T, MATH_T> {
+  using Base = AdamMoments<T, MATH_T>;
+  using typename Base::TensorScalars;
   static constexpr bool kAdvanceReadsParam = true;
 
-  using AdamMoments<MATH_T>::AdamMoments;
+  using Base::Base;
 
   FASTOPT_HD MATH_T floor() const { return no_floor<MATH_T>(); }
 

@@ -37,10 +37,11 @@ CPP_SOURCES = (
     "ladam_step_cpu.cpp",
     "ladam_wave_step_cpu.cpp",
     "lrmsprop_step_cpu.cpp",
+    "lsq_step_cpu.cpp",
     "multi_tensor_cpu.cpp",
     "tensor_lists.cpp",
 )
-CUDA_SOURCES = ("gram.cu", "ladagrad_step.cu", "ladam_step.cu", "lrmsprop_step.cu")
+CUDA_SOURCES = ("gram.cu", "ladagrad_step.cu", "ladam_step.cu", "ladam_wave_step.cu", "lrmsprop_step.cu")
 
 # -O3: GCC vectorises the kernels' loops only at -O3. -fno-math-errno: sqrt must not set errno,
 # else its loops stay scalar. -g0: no debug info (halves compile time and the library's size).

@@ -71,6 +71,8 @@ OPS = (
     "lrmsprop_step",
     "batched_gram",  # J^T J and J^T r of many small least-squares problems (fastopt.lm.least_squares)
     "jacobian_products",  # Levenberg-Marquardt: lower(scale * A^T A) accumulated, A = [J | r] or J^T
+    "lsq_propose",  # least_squares: damped step and trial point of many small problems
+    "lsq_update",  # least_squares: accept/reject, damping, stopping tests of many small problems
 )
 
 

@@ -1,8 +1,8 @@
 """Backends ``cpu`` and ``cuda``: the C++/CUDA extension ``fastopt._C`` (sources in csrc/).
 
 The extension registers ``torch.ops.fastopt.ladam_step`` (LAdam variance_lap),
-``ladam_update_lap_step``, ``ladam_weight_lap_step``, ``ladam_wave_step`` (the other LAdam modes;
-wave_variance on the CPU only so far), ``ladagrad_step``, ``lrmsprop_step``
+``ladam_update_lap_step``, ``ladam_weight_lap_step``, ``ladam_wave_step`` (the other LAdam modes),
+``ladagrad_step``, ``lrmsprop_step``
 and the Gram-matrix ops ``jacobian_products`` and ``batched_gram`` (schemas with TORCH_LIBRARY,
 kernels per dispatch key: CPU, and CUDA where it was built with CUDA). This module wraps them in
 functions with the signatures of :mod:`fastopt.reference` (``ladam_step_cpu``,
@@ -46,6 +46,7 @@ __all__ = [
     "ladam_weight_lap_step_cpu",
     "ladam_weight_lap_step_cuda",
     "ladam_wave_step_cpu",
+    "ladam_wave_step_cuda",
     "ladagrad_step_cpu",
     "ladagrad_step_cuda",
     "lrmsprop_step_cpu",
@@ -133,10 +134,12 @@ _INFO: str = _OPS.build_info()
 _DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 # What fastopt.backends reads: the dtypes of each op (the same on CPU and CUDA).
 _STEP_OPS = ("ladam_step", "ladagrad_step", "lrmsprop_step")
-# The other LAdam modes. wave_variance has CPU kernels only so far (there is no
-# ladam_wave_step_cuda, which fastopt.backends reports for backend "cuda").
+# The other LAdam modes.
 _MODE_STEP_OPS = ("ladam_update_lap_step", "ladam_weight_lap_step", "ladam_wave_step")
 DTYPES = {op: _DTYPES for op in _STEP_OPS + _MODE_STEP_OPS + ("jacobian_products", "batched_gram")}
+# least_squares' step ops (CPU only, csrc/lsq_step_cpu.cpp), where this build has them.
+_LSQ_OPS = tuple(op for op in ("lsq_propose", "lsq_update") if hasattr(_OPS, op))
+DTYPES.update({op: frozenset({torch.float32, torch.float64}) for op in _LSQ_OPS})
 # Backends this build cannot serve, and why (fastopt.backends reports it).
 UNAVAILABLE = (
     {}
@@ -365,12 +368,27 @@ def batched_gram(jac: Tensor, res: Tensor) -> Tuple[Tensor, Tensor]:
     return _OPS.batched_gram(jac, res)
 
 
+def lsq_propose(*args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`fastopt.reference.lsq_propose_reference` on CPU tensors: one pass over each
+    problem, its damped system factorised in registers (csrc/lsq_step_cpu.cpp)."""
+    return _OPS.lsq_propose(*args, **kwargs)
+
+
+def lsq_update(*args: Any, **kwargs: Any) -> Tuple[Tensor, ...]:
+    """:func:`fastopt.reference.lsq_update_reference` on CPU tensors: one pass over each problem's
+    state (csrc/lsq_step_cpu.cpp)."""
+    return _OPS.lsq_update(*args, **kwargs)
+
+
+if _LSQ_OPS:  # absent from an extension built before csrc/lsq_step_cpu.cpp: backends then say so
+    lsq_propose_cpu, lsq_update_cpu = lsq_propose, lsq_update
+
 # One function per op serves both backends: the dispatcher picks the CPU or CUDA kernel from the
 # tensors' device (fastopt.backends has already checked that the device is the backend's).
 ladam_step_cpu = ladam_step_cuda = ladam_step
 ladam_update_lap_step_cpu = ladam_update_lap_step_cuda = ladam_update_lap_step
 ladam_weight_lap_step_cpu = ladam_weight_lap_step_cuda = ladam_weight_lap_step
-ladam_wave_step_cpu = ladam_wave_step
+ladam_wave_step_cpu = ladam_wave_step_cuda = ladam_wave_step
 ladagrad_step_cpu = ladagrad_step_cuda = ladagrad_step
 lrmsprop_step_cpu = lrmsprop_step_cuda = lrmsprop_step
 jacobian_products_cpu = jacobian_products_cuda = jacobian_products

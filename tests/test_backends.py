@@ -27,8 +27,12 @@ CPU_OPS = (
     "lrmsprop_step",
     "jacobian_products",
     "batched_gram",
+    "lsq_propose",
+    "lsq_update",
 )
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# least_squares' step ops (csrc/lsq_step_cpu.cpp and the reference) take its dtypes only
+LSQ_STEP_OPS = ("lsq_propose", "lsq_update")
 
 
 @pytest.mark.parametrize("op", backends.OPS)
@@ -37,6 +41,10 @@ def test_auto_on_cpu_takes_the_extension_where_it_has_the_op(op, dtype, monkeypa
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     if backends.why_not("cpu") is not None:
         pytest.skip(f"the C++ extension does not load here: {backends.why_not('cpu')}")
+    if op in LSQ_STEP_OPS and dtype not in (torch.float32, torch.float64):
+        with pytest.raises(backends.BackendUnavailableError, match=f"runs '{op}' on float32, float64"):
+            backends.resolve(op, "cpu", dtype)
+        return
     assert backends.resolve(op, "cpu", dtype) == ("cpu" if op in CPU_OPS else "torch")
 
 

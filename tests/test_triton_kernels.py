@@ -350,7 +350,8 @@ def test_a_tensor_of_too_many_unmergeable_dims_is_refused():
 def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the policy, on a machine without a GPU
-    assert set(kernels.DTYPES) == set(backends.OPS)
+    # every op but least_squares' step ops (C++ on CPU, the torch reference elsewhere)
+    assert set(kernels.DTYPES) == set(backends.OPS) - {"lsq_propose", "lsq_update"}
     for op, dtypes in kernels.DTYPES.items():
         for dtype in dtypes:
             assert backends.resolve(op, "cuda", dtype) == "triton", (op, dtype)

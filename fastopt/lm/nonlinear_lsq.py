@@ -8,8 +8,9 @@ Each problem ``b`` minimises ``F(x_b) = 0.5 * sum_i rho(w_bi * f_bi(x_b)**2)`` o
    the robust loss as scipy does (:mod:`fastopt.lm.robust`); ``g`` is the exact gradient of F.
 2. Step from the damped normal equations ``(A + lam * D) s = -g`` (Marquardt's scaling, as
    MINPACK: ``D = diag`` of the largest squared column norms of the weighted Jacobian seen so
-   far, which makes the step invariant to a rescaling of the parameters), solved by batched
-   Cholesky (``torch.linalg.cholesky_ex``). Where a factorisation fails the problem takes no
+   far, which makes the step invariant to a rescaling of the parameters), solved by Cholesky
+   (the backend's ``lsq_propose`` op: csrc/lsq_step_cpu.cpp on CPU, else
+   ``torch.linalg.cholesky_ex``). Where a factorisation fails the problem takes no
    step this iteration and its damping grows, as after a rejected step.
 3. Bounds by projection with an active set (as scipy's "dogbox"): a parameter sitting on a bound
    whose gradient points out of the box is frozen for the step, the others move, and the trial
@@ -25,8 +26,21 @@ Each problem ``b`` minimises ``F(x_b) = 0.5 * sum_i rho(w_bi * f_bi(x_b)**2)`` o
    ``gtol`` as "dogbox" (and "trf" without bounds): ``||g_free||_inf < gtol`` at the new point,
    components frozen on a bound excluded; ``max_nfev``. A problem that stops keeps its parameters
    while the others continue. MINPACK's ftol test, unlike trf's ``dF < ftol * F and rho > 0.25``,
-   also ends on a rejected step whose change is at the level of rounding, which in float32 saves
-   the iterations that would otherwise grow the damping until xtol stops them.
+   also ends on a rejected step whose change is at the level of rounding.
+6. The rounding floor of the ftol test. The actual reduction is the difference of two computed
+   costs, each a sum of N rounded squares: it is known only to about
+   ``cost_noise = 2 * (2 + log2 N) * eps`` relative (16 eps for N = 64). With the predicted
+   reduction at most ``ftol * F``, an actual one within ``cost_noise * F`` also meets ftol: its sign
+   and the gain ratio are then rounding. MINPACK works in float64, where the floor (3.6e-15 for
+   N = 64) lies far below the default ftol and changes nothing; in float32 (16 eps = 1.9e-6 > ftol
+   = eps) it is what ends a converged fit: without it, measured on 2,000 Gaussian peaks, 35% of the
+   float32 fits rejected rounding-level steps, grew the damping and stopped by xtol, 7.6
+   evaluations per problem against float64's 6.0; with it 5.7, at the same final costs
+   (bench/results/lsq_profile_cpu.md).
+
+Steps 2 to 5 are the backend's ``lsq_propose`` and ``lsq_update`` ops
+(fastopt/reference/batched_lsq.py is their spec): on the CPU two calls of C++ per iteration,
+one pass over each problem, instead of about 90 small torch operations over the batch.
 
 The residuals and Jacobian of all problems come from one evaluation of ``residual_fn`` per
 iteration (:mod:`fastopt.lm.batched_jacobian`), so ``nfev == njev`` counts iterations. The host
@@ -45,6 +59,7 @@ from torch import Tensor
 
 from .. import _validation as v
 from .. import backends
+from ..reference.batched_lsq import LSQ_RUNNING, free_gradient_norm
 from .batched_jacobian import JAC_MODES, Evaluator, ProblemData, resolve_jac_mode
 from .robust import robust_loss, scale_for_robust_loss, validate_loss
 
@@ -59,9 +74,8 @@ TERMINATION_MESSAGES = {
     3: "`xtol` termination condition is satisfied.",
     4: "Both `ftol` and `xtol` termination conditions are satisfied.",
 }
-_RUNNING = -9
+_RUNNING = LSQ_RUNNING
 _INITIAL_DAMPING = 1e-3  # Marquardt's lambda_0 relative to diag(J^T J)
-_ACCEPT_RATIO = 1e-4  # MINPACK lmder's acceptance threshold
 _COMPACT_BELOW = 0.5  # drop finished problems once at most this fraction still runs
 # Problems per call of compiled code (CPU, GPU), or the batch size rounded up to a power of two if
 # smaller. On this project's 2-core CPU 10,000 Gaussian fits (64 residuals, fp64) took 0.42 s warm
@@ -201,11 +215,6 @@ def _sqrt_weights(weights: Any, batch: int, n: int, like: Tensor) -> Optional[Te
     return w.sqrt()
 
 
-def _frozen(x: Tensor, g: Tensor, lb: Tensor, ub: Tensor) -> Tensor:
-    """Parameters on a bound whose descent direction -g leaves the box (scipy dogbox's active set)."""
-    return ((x <= lb) & (g > 0)) | ((x >= ub) & (g < 0))
-
-
 class _Model:
     """Cost, Gauss-Newton matrix and gradient from weighted residuals and their Jacobian, in the
     solver's dtype."""
@@ -292,8 +301,9 @@ def least_squares(
             (rho, rho', rho''), exactly as scipy (:mod:`fastopt.lm.robust`).
         f_scale: soft margin C between inlier and outlier residuals: ``rho_C(z) = C**2 rho(z / C**2)``.
         ftol, xtol, gtol: tolerances with scipy's meanings (module docstring); None or 0 disables
-            one. In float32, ftol and xtol below float32's epsilon (1.19e-7) act as that epsilon:
-            a smaller relative change cannot be observed.
+            one. ftol and xtol below the dtype's epsilon (1.19e-7 in float32) act as that epsilon:
+            a smaller relative change cannot be observed; and an actual reduction within the
+            costs' rounding counts as meeting ftol (module docstring, item 6).
         max_nfev: evaluations per problem before stopping with status 0; default 100 * P
             (scipy's for its "trf" and "dogbox" methods).
         return_jac: also return the Jacobian at the solution (one more evaluation, B*N*P memory).
@@ -310,7 +320,8 @@ def least_squares(
             times fewer passes over memory per iteration. Needs what torch.compile needs (a C++
             compiler on CPU).
         backend: implementation of the batched J^T J / J^T f op ("auto", "triton", "cuda", "cpu",
-            "torch"; see fastopt.backends).
+            "torch"; see fastopt.backends) and of the iteration's step ops (lsq_propose,
+            lsq_update: "cpu" and "torch"; a backend without them runs the torch reference).
 
     Returns:
         :class:`LeastSquaresResult`.
@@ -375,10 +386,23 @@ def least_squares(
         chunk=chunk,
     )
 
+    # The actual reduction F(x) - F(x + s) is computed from two costs, each a sum of N squares
+    # rounded in the dtype: about (2 + log2 N) eps relative each when the residuals themselves
+    # are computed to 1 ulp. A reduction below twice that is rounding (see _Rules, lsq_update).
+    rules = _Rules(
+        bounded,
+        ftol_,
+        xtol_,
+        gtol_,
+        2 * (2 + math.log2(n_res)) * eps,
+        int(max_nfev),
+        int(check_every),
+        bool(compact),
+    )
+    propose, update = (_step_op(op, device, dtype, backend) for op in ("lsq_propose", "lsq_update"))
+
     def solver_for(d: ProblemData, lo: Tensor, hi: Tensor) -> _Solver:
-        return _Solver(
-            evaluator, d, lo, hi, bounded, ftol_, xtol_, gtol_, int(max_nfev), int(check_every), bool(compact)
-        )
+        return _Solver(evaluator, d, lo, hi, rules, propose, update)
 
     with torch.no_grad():  # forward-mode and torch.func transforms work inside it; no graphs kept
         block = _SOLVE_BLOCK[device.type == "cuda"]
@@ -455,8 +479,24 @@ def _check_residuals(f: Any, batch: int, single: bool) -> int:
     return int(f.shape[1])
 
 
+@dataclass(frozen=True)
+class _Rules:
+    """The stopping rules and loop settings of one solve (tolerances already floored for the dtype)."""
+
+    bounded: bool
+    ftol: float
+    xtol: float
+    gtol: float
+    cost_noise: float  # relative rounding of a difference of two costs (see least_squares)
+    max_nfev: int
+    check_every: int
+    compact: bool
+
+
 class _Solver:
-    """The batched iteration; state tensors are indexed by problem along dimension 0."""
+    """The batched iteration; state tensors are indexed by problem along dimension 0. ``propose``
+    and ``update`` are the backend's ``lsq_propose`` and ``lsq_update``
+    (fastopt.reference.batched_lsq has their meaning)."""
 
     def __init__(
         self,
@@ -464,35 +504,31 @@ class _Solver:
         data: ProblemData,
         lb: Tensor,
         ub: Tensor,
-        bounded: bool,
-        ftol: float,
-        xtol: float,
-        gtol: float,
-        max_nfev: int,
-        check_every: int,
-        compact: bool,
+        rules: _Rules,
+        propose: Callable[..., Tuple[Tensor, Tensor, Tensor]],
+        update: Callable[..., Tuple[Tensor, ...]],
     ):
         self.evaluator, self.data = evaluator, data
-        self.lb, self.ub, self.bounded = lb, ub, bounded
-        self.ftol, self.xtol, self.gtol, self.max_nfev = ftol, xtol, gtol, max_nfev
-        self.check_every, self.compact = check_every, compact
+        self.lb, self.ub, self.rules = lb, ub, rules
+        self.propose, self.update = propose, update
 
     def _evaluate(self, x: Tensor, data: ProblemData) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         # The evaluator reduces with _Model: (cost, J^T J, J^T f, squared column norms).
         return cast(Tuple[Tensor, Tensor, Tensor, Tensor], self.evaluator.terms(x, data))
 
     def run(self, x: Tensor) -> Dict[str, Tensor]:
+        rules = self.rules
         batch, n_params = x.shape
         dtype, device = x.dtype, x.device
         eps = torch.finfo(dtype).eps
         lam_min, lam_max = eps * eps, 1 / (eps * eps)
         cost, jtj, g, colsq = self._evaluate(x, self.data)
         finite = torch.isfinite(cost) & torch.isfinite(jtj).flatten(1).all(-1) & torch.isfinite(g).all(-1)
-        frozen, gnorm = free_gradient_norm(x, g, self.lb, self.ub, self.bounded)
+        frozen, gnorm = free_gradient_norm(x, g, self.lb, self.ub, rules.bounded)
         status = torch.full((batch,), _RUNNING, dtype=torch.int64, device=device)
-        status = torch.where(~finite, -1, torch.where(gnorm < self.gtol, 1, status))
+        status = torch.where(~finite, -1, torch.where(gnorm < rules.gtol, 1, status))
         nfev = torch.ones(batch, dtype=torch.int64, device=device)
-        if self.max_nfev <= 1:
+        if rules.max_nfev <= 1:
             status = torch.where(status == _RUNNING, 0, status)
         st = dict(
             x=x,
@@ -514,12 +550,12 @@ class _Solver:
         data = self.data
         iteration = 0
         while True:
-            if iteration % self.check_every == 0:
+            if iteration % rules.check_every == 0:
                 running = st["status"] == _RUNNING
                 n_running = int(running.sum())  # the one host synchronisation
                 if n_running == 0:
                     break
-                if self.compact and 2 <= n_running <= _COMPACT_BELOW * st["x"].shape[0]:
+                if rules.compact and 2 <= n_running <= _COMPACT_BELOW * st["x"].shape[0]:
                     self._store(out, st)
                     keep = running.nonzero().flatten()
                     st = {k: t.index_select(0, keep) for k, t in st.items()}
@@ -535,124 +571,37 @@ class _Solver:
             t.index_copy_(0, st["index"], st[k])
 
     def _iterate(self, st: Dict[str, Tensor], data: ProblemData, lam_min: float, lam_max: float) -> Dict[str, Tensor]:
-        x_new, step, solved = _propose(
-            st["x"], st["jtj"], st["g"], st["lam"], st["scale"], st["frozen"], st["lb"], st["ub"], self.bounded
+        rules = self.rules
+        x_new, step, solved = self.propose(
+            st["x"], st["jtj"], st["g"], st["lam"], st["scale"], st["frozen"], st["lb"], st["ub"], bounded=rules.bounded
         )
-        terms = self._evaluate(x_new, data)
-        new = _update(
-            st,
+        new = self.update(
+            *(st[k] for k in ("x", "cost", "jtj", "g", "frozen", "status", "nfev", "scale", "lam", "nu", "lb", "ub")),
             x_new,
             step,
             solved,
-            *terms,
-            self.bounded,
-            self.ftol,
-            self.xtol,
-            self.gtol,
-            self.max_nfev,
-            lam_min,
-            lam_max,
+            *self._evaluate(x_new, data),
+            bounded=rules.bounded,
+            ftol=rules.ftol,
+            xtol=rules.xtol,
+            gtol=rules.gtol,
+            cost_noise=rules.cost_noise,
+            max_nfev=rules.max_nfev,
+            lam_min=lam_min,
+            lam_max=lam_max,
         )
-        return dict(st, **new)
+        return dict(st, **dict(zip(_UPDATED, new)))
 
 
-def _propose(x, jtj, g, lam, scale, frozen, lb, ub, bounded: bool):
-    """The LM step from the damped normal equations, and the trial point (clipped to the box).
-    Frozen parameters get an identity row and no step."""
-    if bounded:
-        free = (~frozen).to(x.dtype)
-        damped = jtj * (free.unsqueeze(-1) * free.unsqueeze(-2))
-        damped = damped + torch.diag_embed(lam.unsqueeze(-1) * scale * free + (1 - free))
-        rhs = -g * free
-    else:
-        damped = jtj + torch.diag_embed(lam.unsqueeze(-1) * scale)
-        rhs = -g
-    chol, info = torch.linalg.cholesky_ex(damped)
-    step = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
-    solved = (info == 0) & torch.isfinite(step).all(-1)
-    step = torch.where(solved.unsqueeze(-1), step, 0)
-    x_new = x + step
-    if bounded:
-        x_new = torch.minimum(torch.maximum(x_new, lb), ub)
-        step = x_new - x
-    return x_new, step, solved
+# the state lsq_update returns, in its order
+_UPDATED = ("x", "cost", "jtj", "g", "frozen", "optimality", "status", "nfev", "scale", "lam", "nu")
 
 
-def _update(
-    st,
-    x_new,
-    step,
-    solved,
-    cost_new,
-    jtj_new,
-    g_new,
-    colsq_new,
-    bounded: bool,
-    ftol: float,
-    xtol: float,
-    gtol: float,
-    max_nfev: int,
-    lam_min: float,
-    lam_max: float,
-) -> Dict[str, Tensor]:
-    """Accept or reject each problem's trial point, update damping, test the stopping rules."""
-    x, cost, jtj, g, lam, nu = st["x"], st["cost"], st["jtj"], st["g"], st["lam"], st["nu"]
-    running = st["status"] == _RUNNING
-    # predicted reduction -(g.s + s.A.s / 2); torch.linalg.vecdot is one dispatch for mul and sum
-    # (about 60 small operations run per iteration, and at a few us each they are most of a
-    # straggler's iteration: fewer of them is time)
-    half_as = (jtj * step.unsqueeze(-2)).sum(-1)
-    predicted = torch.linalg.vecdot(step, torch.add(g, half_as, alpha=0.5)).neg_()
-    actual = cost - cost_new
-    ratio = torch.where(predicted > 0, actual / predicted, -math.inf).nan_to_num_(nan=-math.inf)
-    # one reduction for "all finite": a sum is finite only if its terms are (or it overflowed)
-    finite = torch.isfinite(jtj_new.sum((-1, -2)).add_(g_new.sum(-1)).add_(cost_new))
-    usable = solved & finite
-    accept = usable & (ratio > _ACCEPT_RATIO) & running
-
-    # MINPACK's ftol test (lmder info 1): actual and predicted relative reductions both tiny
-    # (max(|actual|, predicted) <= ftol * F is the pair of tests in one).
-    ftol_met = usable & (torch.maximum(actual.abs(), predicted) <= ftol * cost) & (ratio <= 2)
-    xtol_met = solved & (torch.linalg.vector_norm(step, dim=-1) < xtol * (xtol + torch.linalg.vector_norm(x, dim=-1)))
-    # status codes: 2 ftol, 3 xtol, 4 both (2 + 3 - 1), 0 neither
-    code = 2 * ftol_met.to(torch.int64) + 3 * xtol_met.to(torch.int64) - (ftol_met & xtol_met).to(torch.int64)
-
-    take = accept.unsqueeze(-1)
-    x = torch.where(take, x_new, x)
-    g = torch.where(take, g_new, g)
-    jtj = torch.where(take.unsqueeze(-1), jtj_new, jtj)
-    cost = torch.where(accept, cost_new, cost)
-    scale = torch.where(take & torch.isfinite(colsq_new), torch.maximum(st["scale"], colsq_new), st["scale"])
-    shrink = (1 - (2 * ratio - 1) ** 3).clamp_min_(1 / 3)
-    lam = (lam * torch.where(accept, shrink, nu)).clamp_(lam_min, lam_max)
-    nu = torch.where(accept, 2.0, nu * 2)
-    if bounded:
-        frozen, gnorm = free_gradient_norm(x, g, st["lb"], st["ub"], bounded)
-    else:  # nothing is ever frozen: keep the mask
-        frozen, gnorm = st["frozen"], g.abs().amax(-1)
-    code = torch.where(accept & (gnorm < gtol), 1, code)  # gtol wins, as in scipy's loop
-
-    nfev = st["nfev"] + running
-    status = torch.where(running & (code > 0), code, st["status"])
-    status = torch.where((status == _RUNNING) & (nfev >= max_nfev), 0, status)
-    return dict(
-        x=x,
-        cost=cost,
-        jtj=jtj,
-        g=g,
-        frozen=frozen,
-        optimality=gnorm,
-        status=status,
-        nfev=nfev,
-        scale=scale,
-        lam=lam,
-        nu=nu,
-    )
-
-
-def free_gradient_norm(x: Tensor, g: Tensor, lb: Tensor, ub: Tensor, bounded: bool) -> Tuple[Tensor, Tensor]:
-    """(frozen mask, inf-norm of the gradient over the free parameters)."""
-    if not bounded:
-        return torch.zeros_like(x, dtype=torch.bool), g.abs().amax(-1)
-    frozen = _frozen(x, g, lb, ub)
-    return frozen, torch.where(frozen, 0, g).abs().amax(-1)
+def _step_op(op: str, device: torch.device, dtype: torch.dtype, backend: str) -> Callable:
+    """The step op (lsq_propose, lsq_update) of ``backend``; the reference where that backend
+    has none (the cpu and torch backends have them; a backend named for batched_gram, e.g.
+    triton, need not)."""
+    try:
+        return backends.choose(op, device, dtype, backend).fn
+    except backends.BackendUnavailableError:
+        return backends.choose(op, device, dtype, "torch").fn

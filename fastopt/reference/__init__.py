@@ -7,7 +7,7 @@ runs these functions directly.
 import torch
 
 from ._precision import math_dtype
-from .batched_lsq import batched_gram_reference
+from .batched_lsq import batched_gram_reference, lsq_propose_reference, lsq_update_reference
 from .ladam import (
     ladam_step_reference,
     ladam_update_lap_step_reference,
@@ -33,6 +33,7 @@ DTYPES = {
 }
 DTYPES["batched_gram"] = _FLOATS
 DTYPES["jacobian_products"] = _FLOATS  # inputs of any float dtype; fp32 (fp64 for fp64) accumulation
+DTYPES["lsq_propose"] = DTYPES["lsq_update"] = frozenset({torch.float32, torch.float64})  # least_squares' dtypes
 
 __all__ = [
     "STENCILS",
@@ -48,4 +49,6 @@ __all__ = [
     "lrmsprop_step_reference",
     "batched_gram_reference",
     "jacobian_products_reference",
+    "lsq_propose_reference",
+    "lsq_update_reference",
 ]
