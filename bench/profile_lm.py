@@ -42,6 +42,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Each category is the time of the calls named in split(); none of them nests in another.
 LAPACK = (
+    "geqrf",  # fastopt's qr: Householder QR, Q applied by ormqr, never formed
+    "ormqr",
+    "lu_factor",
+    "lu_solve",
     "linalg_cholesky",
     "linalg_cholesky_ex",
     "cholesky_solve",
@@ -136,7 +140,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", nargs="+", default=list(problems()), choices=list(problems()))
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import torch_levenberg_marquardt as tlm
 
     env = benchmarking.environment(torch.device("cpu"))
@@ -153,7 +160,8 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     with open(os.path.join(RESULTS, "lm_profile_cpu.md"), "a") as f:
         f.write(
-            f"\n## {env['device']}, torch {env['torch']}, commit {env['commit']}\n\n"
+            f"\n## {env['device']}, torch {env['torch']}, commit {env['commit']}, "
+            f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}\n\n"
             f"`python bench/profile_lm.py {' '.join(argv or sys.argv[1:])}` ({args.steps} steps each, after 2 warm-up "
             f"steps)\n\n{table}\n"
         )

@@ -276,7 +276,7 @@ class _RecordingBar:
     def update(self, n):
         self.record.append(("update", n))
 
-    def set_postfix(self, values):
+    def set_postfix(self, values, refresh=True):  # fastopt's fit redraws at tqdm's rate (refresh=False)
         self.record.append(("postfix", dict(values)))
 
     def write(self, text):

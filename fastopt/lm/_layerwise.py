@@ -17,11 +17,13 @@ goes to torch.func: :func:`unsupported_reason` says why.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .loss import MSELoss
 
 __all__ = ["LayerwiseJacobian", "unsupported_reason"]
 
@@ -59,6 +61,21 @@ _SAMPLEWISE = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )
+
+
+# Activations whose backward is called directly: the delta g below the layer from g above it and
+# the layer's output y (None: the identity), by the aten kernels autograd itself calls for them
+# (the same values, bit for bit). A stack of Linear layers and these under MSE residuals takes its
+# deltas by the chain rule written out (LayerwiseJacobian._chain_rule): no autograd graph in the
+# forward, no engine call per residual component, where both cost more than the arithmetic on
+# small models (the 61-parameter sinc network on 1000 samples: see bench/results/lm_profile_cpu.md).
+_aten = torch.ops.aten
+_BACKWARDS: Dict[type, Optional[Callable[[Tensor, Tensor], Tensor]]] = {
+    nn.Identity: None,
+    nn.Tanh: lambda g, y: _aten.tanh_backward(g, y),
+    nn.Sigmoid: lambda g, y: _aten.sigmoid_backward(g, y),
+    nn.ReLU: lambda g, y: _aten.threshold_backward(g, y, 0),
+}
 
 
 def _leaves(model: nn.Module, out: List[nn.Module]) -> Optional[str]:
@@ -116,6 +133,13 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _for_inplace(m: nn.Module, h: Tensor) -> Tensor:
+    """``h``, or a copy of it for a module that overwrites its input (``inplace=True``): the
+    layer-by-layer Jacobian keeps each layer's output (autograd differentiates with respect to it,
+    the chain rule reads it), which an in-place activation would overwrite."""
+    return h.clone() if getattr(m, "inplace", False) else h
+
+
 def _unfolded(
     a: Tensor, kernel: Tuple[int, ...], dilation: Tuple[int, ...], padding: Any, stride: Tuple[int, ...]
 ) -> Tensor:
@@ -146,6 +170,10 @@ class LayerwiseJacobian:
         _leaves(model, self.leaves)
         self.offsets = offsets
         self.last_outputs: Optional[Tensor] = None  # the model's outputs of the last call
+        # Linear layers and activations of known derivative only: the chain rule written out.
+        self.explicit_chain = any(type(m) is nn.Linear for m in self.leaves) and all(
+            type(m) is nn.Linear or type(m) in _BACKWARDS for m in self.leaves
+        )
 
     def _forward(self, x: Tensor) -> Tuple[Tensor, List[Tuple[nn.Module, Tensor, Tensor]]]:
         """The outputs, and per parameterised layer (module, input, output); the first layer's
@@ -169,7 +197,7 @@ class LayerwiseJacobian:
                     m.groups,
                 )
             else:
-                h = m(h)
+                h = m(_for_inplace(m, h))
                 continue
             if not graph_started:
                 h = h.detach().requires_grad_()
@@ -179,6 +207,8 @@ class LayerwiseJacobian:
 
     def __call__(self, inputs: Any, targets: Any, loss_fn: Any, out: Tensor) -> Tensor:
         """Fill ``out`` (rows = samples x residuals per sample, columns = P + 1) and return it."""
+        if self.explicit_chain and type(loss_fn) is MSELoss and isinstance(inputs, Tensor) and inputs.dim() == 2:
+            return self._chain_rule(inputs, targets, loss_fn, out)
         with torch.enable_grad():
             outputs, records = self._forward(inputs)
             self.last_outputs = outputs.detach()
@@ -202,6 +232,44 @@ class LayerwiseJacobian:
                     self._write_layer(m, a, delta, target)
         return out
 
+    @torch.no_grad()
+    def _chain_rule(self, inputs: Tensor, targets: Any, loss_fn: Any, out: Tensor) -> Tensor:
+        """``__call__`` for a stack of Linear layers and :data:`_BACKWARDS` activations on a batch
+        of vectors, MSE residuals ``y_pred - y_true`` (d r[n, o] / d outputs[n] = e_o): the deltas
+        by the chain rule, layer by layer from the last."""
+        steps: List[Tuple[nn.Module, Tensor, Tensor]] = []  # (module, its input, its output)
+        h = inputs
+        for m in self.leaves:
+            if type(m) is nn.Linear:
+                y = F.linear(h, m.weight, m.bias)
+            else:
+                y = m(_for_inplace(m, h))
+            steps.append((m, h, y))
+            h = y
+        self.last_outputs = h
+        residuals = loss_fn.residuals(h, targets)
+        batch, per_sample = residuals.shape[0], residuals[0].numel() if residuals.shape[0] else 1
+        if batch * per_sample != out.shape[0]:
+            raise ValueError(f"{batch} samples x {per_sample} residuals do not fill the {out.shape[0]} rows expected")
+        rows = out.view(batch, per_sample, out.shape[1])
+        rows[:, :, -1].copy_(residuals.reshape(batch, per_sample))
+        first = next(i for i, (m, _, _) in enumerate(steps) if type(m) is nn.Linear)
+        for o in range(per_sample):
+            delta = h.new_zeros(h.shape)
+            delta[:, o] = 1
+            target = rows[:, o, :]
+            for i in range(len(steps) - 1, first - 1, -1):
+                m, a, y = steps[i]
+                if type(m) is nn.Linear:
+                    self._write_layer(m, a, delta, target)
+                    if i > first:  # the delta of the layer below; none is needed below the first
+                        delta = delta.matmul(m.weight)
+                else:
+                    backward = _BACKWARDS[type(m)]
+                    if backward is not None:
+                        delta = backward(delta, y)
+        return out
+
     def _write_layer(self, m: nn.Module, a: Tensor, delta: Optional[Tensor], rows: Tensor) -> None:
         batch = rows.shape[0]
         for name in ("weight", "bias"):
@@ -214,7 +282,9 @@ class LayerwiseJacobian:
                 block.zero_()
                 continue
             if name == "bias":
-                if type(m) is nn.Linear:  # summed over any dimensions between batch and features
+                if type(m) is nn.Linear and delta.dim() == 2:  # (B, out): the rows themselves
+                    block.copy_(delta)
+                elif type(m) is nn.Linear:  # summed over any dimensions between batch and features
                     block.copy_(delta.reshape(batch, -1, p.numel()).sum(1))
                 else:
                     block.copy_(delta.flatten(2).sum(2))

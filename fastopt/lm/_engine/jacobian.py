@@ -96,13 +96,15 @@ class ResidualJacobian:
         selection: Optional[Selection],
         residuals_per_sample: int,
         out: Optional[Tensor] = None,
+        layerwise: Optional[bool] = None,
     ) -> Tensor:
         """``[J | r]`` of the batch: written into ``out`` (rows x (P + 1)) when the layer-by-layer
-        path runs, else a new tensor from torch.func."""
+        path runs, else a new tensor from torch.func. ``layerwise``: whether the layer-by-layer
+        path can serve (the caller's :meth:`layerwise_reason` is None), None to find out here."""
         columns = (selection.size if selection is not None else self.params.numel) + 1
         self.last_layerwise_outputs = None
         if self.mode in ("auto", "layerwise") and out is not None:
-            reason = self.layerwise_reason(inputs, selection)
+            reason = None if layerwise else self.layerwise_reason(inputs, selection)
             if reason is None:
                 if self._layerwise is None:
                     offsets = {id(p): start for p, start in zip(self.params.parameters, self.params.offsets)}

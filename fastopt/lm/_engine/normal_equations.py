@@ -4,9 +4,11 @@ op :func:`fastopt.backends.choose` picks."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from ... import backends
@@ -24,6 +26,19 @@ from .workspace import Workspace
 # Gram matrix stays a well-shaped gemm.
 _CHUNK_BYTES = {False: 16 << 20, True: 64 << 20}
 _MIN_CHUNK_ROWS = 512
+
+
+# backends.choose's answer per (device, dtype, backend name, FASTOPT_BACKEND): asking it each step
+# cost ~10 us of the ~0.5 ms step of a 61-parameter model (its availability checks).
+_CHOSEN: Dict[Tuple[torch.device, torch.dtype, str, Optional[str]], backends.ChosenBackend] = {}
+
+
+def _products_backend(device: torch.device, dtype: torch.dtype, backend: str) -> backends.ChosenBackend:
+    key = (device, dtype, backend, os.environ.get(backends.ENV_VAR))
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _CHOSEN[key] = backends.choose("jacobian_products", device, dtype, backend)
+    return chosen
 
 
 def chunk_samples(columns: int, element_size: int, residuals_per_sample: int, persistent: bool = False) -> int:
@@ -85,15 +100,17 @@ def normal_equations(
     layerwise = jacobian_fn.mode in ("auto", "layerwise") and jacobian_fn.layerwise_reason(inputs, selection) is None
     chunk = chunk_samples(columns + 1, params.flat.element_size(), per_sample, persistent=layerwise)
     pieces = [(s, min(s + chunk, end)) for start, end in slices for s in range(start, end, chunk)]
-    chosen = backends.choose("jacobian_products", params.device, params.dtype, backend)
+    chosen = _products_backend(params.device, params.dtype, backend)
     products = chosen.fn
     if scale is None:
         scale = 1.0 / batch_size
 
     def jacobian_of(start, end, out):
         if start == 0 and end == rows:
-            return jacobian_fn(inputs, targets, selection, per_sample, out)
-        return jacobian_fn(tree_slice(inputs, start, end), tree_slice(targets, start, end), selection, per_sample, out)
+            return jacobian_fn(inputs, targets, selection, per_sample, out, layerwise=layerwise)
+        return jacobian_fn(
+            tree_slice(inputs, start, end), tree_slice(targets, start, end), selection, per_sample, out, layerwise
+        )
 
     def whole_batch_outputs():
         # One piece through the layer-by-layer path: its forward was the model's on the batch.

@@ -49,7 +49,7 @@ class FlatParameters:
 
     @torch.no_grad()
     def save(self) -> None:
-        self.backup = self.flat.clone()
+        self.backup.copy_(self.flat)  # into the same buffer: no allocation per accepted step
 
     @torch.no_grad()
     def restore(self) -> None:
