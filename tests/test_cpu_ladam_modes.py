@@ -14,7 +14,7 @@ one thread and two; a bad input leaves parameters and state unchanged.
 
 import pytest
 import torch
-from test_cpu_backend import LARGE, RUNS, threads_and_tiling
+from test_cpu_backend import DTYPES, LARGE, RUNS, STEPS, threads_and_tiling
 
 import fastopt
 from fastopt import backends
@@ -32,8 +32,6 @@ from fastopt.testing import (
 
 pytestmark = pytest.mark.skipif(not backends.available("cpu"), reason=str(backends.why_not("cpu")))
 
-STEPS = 10
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 OPS = {"update_lap": "ladam_update_lap_step", "weight_lap": "ladam_weight_lap_step", "wave_variance": "ladam_wave_step"}
 
 # Every option the modes have, each at least once.
