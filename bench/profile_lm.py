@@ -54,6 +54,7 @@ LAPACK = (
     "linalg_solve_ex",
     "linalg_solve_triangular",
     "solve_triangular",
+    "lm_small_solve",  # fastopt's qr of up to 96 columns: the damped system factored and solved in one C++ op
 )
 CATEGORIES = ("jacobian", "products", "factorise+solve", "trial forward")
 

@@ -83,6 +83,12 @@ TORCH_LIBRARY(fastopt, m) {
       "Tensor cost_new, Tensor jtj_new, Tensor g_new, Tensor colsq_new, *, bool bounded, float ftol, float xtol, "
       "float gtol, float cost_noise, int max_nfev, float lam_min, float lam_max) -> (Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Levenberg-Marquardt, layer by layer: a convolution's per-sample weight / bias gradients into rows of [J | r].
+  m.def(
+      "conv2d_per_sample_grads(Tensor input, Tensor delta, Tensor(a!)? weight_out, Tensor(b!)? bias_out, *, "
+      "int[] kernel_size, int[] stride, int[] padding, int[] dilation) -> ()");
+  // Levenberg-Marquardt, small P: (lower(matrix) mirrored, diagonal + shift) x = rhs by Householder QR; x new.
+  m.def("lm_small_solve(Tensor matrix, Tensor diagonal, Tensor rhs, *, float shift) -> Tensor");
   m.def("build_info() -> str", &fastopt::build_info);
   m.def("_set_cpu_tiling(int max_cols, int target_elems, int serial_below) -> int[]", &fastopt::set_cpu_tiling);
 }
@@ -98,6 +104,8 @@ TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("batched_gram", &fastopt::batched_gram_cpu);
   m.impl("lsq_propose", &fastopt::lsq_propose_cpu);
   m.impl("lsq_update", &fastopt::lsq_update_cpu);
+  m.impl("conv2d_per_sample_grads", &fastopt::conv2d_per_sample_grads_cpu);
+  m.impl("lm_small_solve", &fastopt::lm_small_solve_cpu);
 }
 
 #ifdef FASTOPT_WITH_CUDA

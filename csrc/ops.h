@@ -71,6 +71,16 @@ using LsqUpdateResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                    at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_propose_cpu(FASTOPT_LSQ_PROPOSE_ARGS);
 LsqUpdateResult lsq_update_cpu(FASTOPT_LSQ_UPDATE_ARGS);
+// One damped system of a small Levenberg-Marquardt step by Householder QR (signature of
+// fastopt/reference/lm_small_solve.py's lm_small_solve_reference).
+at::Tensor lm_small_solve_cpu(const at::Tensor& matrix, const at::Tensor& diagonal, const at::Tensor& rhs,
+                              double shift);
+// Per-sample weight and bias gradients of a 2-D convolution into rows of [J | r] (signature of
+// fastopt/reference/conv_grads.py's conv2d_per_sample_grads_reference).
+void conv2d_per_sample_grads_cpu(const at::Tensor& input, const at::Tensor& delta,
+                                 const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
+                                 c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                 c10::IntArrayRef dilation);
 
 #ifdef FASTOPT_WITH_CUDA
 void ladam_step_cuda(FASTOPT_LADAM_STEP_ARGS);

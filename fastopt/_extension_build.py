@@ -33,6 +33,8 @@ CPP_SOURCES = (
     "cuda_host.cpp",
     "gram_checks.cpp",
     "gram_cpu.cpp",
+    "lm_conv_cpu.cpp",
+    "lm_small_solve_cpu.cpp",
     "ladagrad_step_cpu.cpp",
     "ladam_step_cpu.cpp",
     "ladam_wave_step_cpu.cpp",

@@ -73,6 +73,8 @@ OPS = (
     "jacobian_products",  # Levenberg-Marquardt: lower(scale * A^T A) accumulated, A = [J | r] or J^T
     "lsq_propose",  # least_squares: damped step and trial point of many small problems
     "lsq_update",  # least_squares: accept/reject, damping, stopping tests of many small problems
+    "conv2d_per_sample_grads",  # LM layer by layer: a convolution's per-sample weight gradients into [J | r]
+    "lm_small_solve",  # LM, small P: one attempt's damped system by Householder QR in one call
 )
 
 

@@ -140,6 +140,12 @@ DTYPES = {op: _DTYPES for op in _STEP_OPS + _MODE_STEP_OPS + ("jacobian_products
 # least_squares' step ops (CPU only, csrc/lsq_step_cpu.cpp), where this build has them.
 _LSQ_OPS = tuple(op for op in ("lsq_propose", "lsq_update") if hasattr(_OPS, op))
 DTYPES.update({op: frozenset({torch.float32, torch.float64}) for op in _LSQ_OPS})
+# The layer-by-layer LM Jacobian's convolution op (CPU only, csrc/lm_conv_cpu.cpp), where this build has it.
+_CONV_OPS = tuple(op for op in ("conv2d_per_sample_grads",) if hasattr(_OPS, op))
+DTYPES.update({op: frozenset({torch.float32, torch.float64}) for op in _CONV_OPS})
+# The small-P LM solve (CPU only, csrc/lm_small_solve_cpu.cpp), where this build has it.
+_SMALL_SOLVE_OPS = tuple(op for op in ("lm_small_solve",) if hasattr(_OPS, op))
+DTYPES.update({op: frozenset({torch.float32, torch.float64}) for op in _SMALL_SOLVE_OPS})
 # Backends this build cannot serve, and why (fastopt.backends reports it).
 UNAVAILABLE = (
     {}
@@ -378,6 +384,27 @@ def lsq_update(*args: Any, **kwargs: Any) -> Tuple[Tensor, ...]:
     """:func:`fastopt.reference.lsq_update_reference` on CPU tensors: one pass over each problem's
     state (csrc/lsq_step_cpu.cpp)."""
     return _OPS.lsq_update(*args, **kwargs)
+
+
+def conv2d_per_sample_grads(*args: Any, **kwargs: Any) -> None:
+    """:func:`fastopt.reference.conv2d_per_sample_grads_reference` on CPU tensors: each sample
+    reduced at once from its input read in place, or unfolded into a per-thread buffer where its
+    layout has no runs of 4 weights (csrc/lm_conv_cpu.cpp)."""
+    _OPS.conv2d_per_sample_grads(*args, **kwargs)
+
+
+if _CONV_OPS:  # absent from an extension built before csrc/lm_conv_cpu.cpp: backends then say so
+    conv2d_per_sample_grads_cpu = conv2d_per_sample_grads
+
+
+def lm_small_solve(matrix: Tensor, diagonal: Tensor, rhs: Tensor, *, shift: float) -> Tensor:
+    """:func:`fastopt.reference.lm_small_solve_reference` on CPU tensors: the damped system built,
+    factored and solved in one call, in one column-major scratch buffer (csrc/lm_small_solve_cpu.cpp)."""
+    return _OPS.lm_small_solve(matrix, diagonal, rhs, shift=float(shift))
+
+
+if _SMALL_SOLVE_OPS:  # absent from an extension built before csrc/lm_small_solve_cpu.cpp: backends then say so
+    lm_small_solve_cpu = lm_small_solve
 
 
 if _LSQ_OPS:  # absent from an extension built before csrc/lsq_step_cpu.cpp: backends then say so

@@ -29,10 +29,14 @@ CPU_OPS = (
     "batched_gram",
     "lsq_propose",
     "lsq_update",
+    "lm_small_solve",
 )
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# least_squares' step ops (csrc/lsq_step_cpu.cpp and the reference) take its dtypes only
-LSQ_STEP_OPS = ("lsq_propose", "lsq_update")
+# least_squares' step ops (csrc/lsq_step_cpu.cpp and the reference) take its dtypes only; so does
+# the LM small-system QR solve (csrc/lm_small_solve_cpu.cpp: LAPACK's dtypes)
+LSQ_STEP_OPS = ("lsq_propose", "lsq_update", "lm_small_solve")
+# CPU kernels in float32 and float64 only, the reference in every dtype (csrc/lm_conv_cpu.cpp)
+CPU_FLOAT_OPS = ("conv2d_per_sample_grads",)
 
 
 @pytest.mark.parametrize("op", backends.OPS)
@@ -44,6 +48,9 @@ def test_auto_on_cpu_takes_the_extension_where_it_has_the_op(op, dtype, monkeypa
     if op in LSQ_STEP_OPS and dtype not in (torch.float32, torch.float64):
         with pytest.raises(backends.BackendUnavailableError, match=f"runs '{op}' on float32, float64"):
             backends.resolve(op, "cpu", dtype)
+        return
+    if op in CPU_FLOAT_OPS:
+        assert backends.resolve(op, "cpu", dtype) == ("cpu" if dtype in (torch.float32, torch.float64) else "torch")
         return
     assert backends.resolve(op, "cpu", dtype) == ("cpu" if op in CPU_OPS else "torch")
 

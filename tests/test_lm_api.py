@@ -421,6 +421,14 @@ def test_layerwise_jacobian_applies_only_where_it_is_exact():
         "appears twice": nn.Sequential(shared, nn.Tanh(), shared),
         "groups=1": nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)),
     }
+    # parameters whose columns the layer-by-layer path would never write: on the Sequential itself,
+    # or an extra one on a Linear layer
+    on_container = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1))
+    on_container.register_parameter("offset", nn.Parameter(torch.zeros(1)))
+    on_layer = nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1))
+    on_layer[0].register_parameter("scale", nn.Parameter(torch.ones(1)))
+    cases["parameter 'offset' is not the weight or bias"] = on_container
+    cases["parameter '0.scale' is not the weight or bias"] = on_layer
     for expected, model in cases.items():
         assert expected in unsupported_reason(model), expected
     assert unsupported_reason(nn.Sequential(nn.Linear(1, 2), nn.Dropout(0.5)).eval()) is None
@@ -454,14 +462,15 @@ def test_auto_falls_back_to_torch_func_with_the_same_result():
 @pytest.mark.parametrize("channels,height,width", [(1, 28, 28), (3, 9, 6)])
 @pytest.mark.parametrize("kernel,stride,padding", [((4, 4), (2, 2), 0), ((2, 3), (1, 2), (1, 2)), ((3, 3), (1, 1), 1)])
 def test_layerwise_unfold_equals_torch_unfold(channels, height, width, kernel, stride, padding):
-    # The strided-view unfold of the conv Jacobian against F.unfold (im2col), bit for bit.
-    from fastopt.lm._layerwise import _unfolded
+    # The strided-view unfold of the conv Jacobian's reference against F.unfold (im2col), bit for bit.
+    from fastopt.reference.conv_grads import unfolded_input
 
     a = torch.randn(5, channels, height, width)
     expected = torch.nn.functional.unfold(a, kernel, padding=padding, stride=stride)
-    got = _unfolded(a, kernel, (1, 1), padding, stride)
+    pads = (padding, padding) if isinstance(padding, int) else padding
+    got = unfolded_input(a, kernel, stride, pads, (1, 1))
     assert got.shape == expected.shape and torch.equal(got, expected)
-    dilated = _unfolded(a, (2, 2), (2, 2), 0, (1, 1))
+    dilated = unfolded_input(a, (2, 2), (1, 1), (0, 0), (2, 2))
     assert torch.equal(dilated, torch.nn.functional.unfold(a, (2, 2), dilation=(2, 2)))
 
 
@@ -500,7 +509,12 @@ def test_layerwise_explicit_chain_rule_equals_autograd_bit_for_bit(dtype):
         jacobian.explicit_chain = False
         jacobian(x, y, flm.loss.MSELoss(), autograd)
         assert torch.equal(explicit, autograd), type(model[1])
-    assert not LayerwiseJacobian(nn.Sequential(nn.Linear(1, 2), nn.ELU()), {}).explicit_chain
+    # ELU's written-out backward (from its output) is not autograd's bit for bit: Linear stacks
+    # with it keep autograd; a GELU has none.
+    assert not LayerwiseJacobian(nn.Sequential(nn.Linear(1, 2), nn.ELU()), {}).chain_rule_serves(
+        torch.zeros(3, 1), flm.loss.MSELoss()
+    )
+    assert not LayerwiseJacobian(nn.Sequential(nn.Linear(1, 2), nn.GELU()), {}).explicit_chain
 
 
 @pytest.mark.parametrize(
@@ -535,3 +549,21 @@ def test_layerwise_jacobian_with_inplace_activations_equals_torch_func(make):
         finals.append((attempts, lm.flat_params.clone()))
     assert finals[0][0] == finals[1][0]
     assert_close(finals[0][1], finals[1][1], rtol=1e-10, atol=1e-12, what="layer by layer vs torch.func")
+
+
+def test_a_parameter_outside_the_layers_gets_its_jacobian_column():
+    """A parameter the layer-by-layer path does not write (registered on the Sequential) sends the
+    model to torch.func: its column is the true (zero) derivative, not stale memory."""
+    nn = torch.nn
+    x, y = sinc_data()
+    steps = []
+    for mode in ("auto", "jacrev"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        model.register_parameter("unused", nn.Parameter(torch.full((3,), 7.0, dtype=torch.float64)))
+        lm = fastopt.LM(model, jacobian=mode)
+        for _ in range(3):
+            lm.step(x, y)
+        assert torch.equal(model.unused.detach(), torch.full((3,), 7.0, dtype=torch.float64))
+        steps.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-10, atol=1e-12)

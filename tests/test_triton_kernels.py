@@ -350,8 +350,10 @@ def test_a_tensor_of_too_many_unmergeable_dims_is_refused():
 def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the policy, on a machine without a GPU
-    # every op but least_squares' step ops (C++ on CPU, the torch reference elsewhere)
-    assert set(kernels.DTYPES) == set(backends.OPS) - {"lsq_propose", "lsq_update"}
+    # every op but least_squares' step ops, LM's small-system QR solve and its per-sample conv
+    # gradients (C++ on CPU, the torch reference elsewhere)
+    cpu_only = {"lsq_propose", "lsq_update", "lm_small_solve", "conv2d_per_sample_grads"}
+    assert set(kernels.DTYPES) == set(backends.OPS) - cpu_only
     for op, dtypes in kernels.DTYPES.items():
         for dtype in dtypes:
             assert backends.resolve(op, "cuda", dtype) == "triton", (op, dtype)

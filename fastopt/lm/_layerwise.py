@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import backends
 from .loss import MSELoss
 
-__all__ = ["LayerwiseJacobian", "unsupported_reason"]
+__all__ = ["LayerwiseJacobian", "channels_last_view", "opens_with_single_channel_conv", "unsupported_reason"]
 
 # Modules without parameters that act on each sample separately (batch dimension first).
 _SAMPLEWISE = (
@@ -63,19 +64,60 @@ _SAMPLEWISE = (
 )
 
 
-# Activations whose backward is called directly: the delta g below the layer from g above it and
-# the layer's output y (None: the identity), by the aten kernels autograd itself calls for them
-# (the same values, bit for bit). A stack of Linear layers and these under MSE residuals takes its
-# deltas by the chain rule written out (LayerwiseJacobian._chain_rule): no autograd graph in the
-# forward, no engine call per residual component, where both cost more than the arithmetic on
-# small models (the 61-parameter sinc network on 1000 samples: see bench/results/lm_profile_cpu.md).
+# Sample-wise modules whose backward is called directly: the delta g below the module from g
+# above it, the module's input a and output y (None: the identity), by the aten kernels autograd
+# itself calls for them. A stack of Linear layers and these under MSE residuals, and a stack with
+# convolutions under any loss, take their deltas by the chain rule written out
+# (LayerwiseJacobian._chain_rule): no autograd graph in the forward, no engine call per residual
+# component, where both cost more than the arithmetic on small models (the 61-parameter sinc
+# network on 1000 samples: see bench/results/lm_profile_cpu.md), and a trial forward's records
+# serve the next Jacobian (LayerwiseJacobian.record_forward).
 _aten = torch.ops.aten
-_BACKWARDS: Dict[type, Optional[Callable[[Tensor, Tensor], Tensor]]] = {
+_Backward = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+_BACKWARDS: Dict[type, Optional[_Backward]] = {
     nn.Identity: None,
-    nn.Tanh: lambda g, y: _aten.tanh_backward(g, y),
-    nn.Sigmoid: lambda g, y: _aten.sigmoid_backward(g, y),
-    nn.ReLU: lambda g, y: _aten.threshold_backward(g, y, 0),
+    nn.Tanh: lambda m, g, a, y: _aten.tanh_backward(g, y),
+    nn.Sigmoid: lambda m, g, a, y: _aten.sigmoid_backward(g, y),
+    nn.ReLU: lambda m, g, a, y: _aten.threshold_backward(g, y, 0),
+    # From the output, as autograd does for an in-place ELU (alpha >= 0: see _has_backward);
+    # out-of-place autograd differentiates exp(a) instead: the same derivative to round-off.
+    # Written over g, a delta of _chain_rule's own that nothing reads again (no fresh memory).
+    nn.ELU: lambda m, g, a, y: _aten.elu_backward.grad_input(g, cast(nn.ELU, m).alpha, 1, 1, True, y, grad_input=g),
+    nn.Flatten: lambda m, g, a, y: g.reshape(a.shape),
 }
+
+
+# Those of them whose written-out backward is autograd's, bit for bit (ELU's is not: see above):
+# Linear stacks with only these keep autograd's values exactly.
+_EXACT_BACKWARDS = (nn.Identity, nn.Tanh, nn.Sigmoid, nn.ReLU)
+
+
+def _has_backward(m: nn.Module) -> bool:
+    """Whether :data:`_BACKWARDS` differentiates ``m`` (ELU from its output needs alpha >= 0)."""
+    return type(m) in _BACKWARDS and (type(m) is not nn.ELU or m.alpha >= 0)
+
+
+def _conv_padding(conv: nn.Conv2d) -> Tuple[int, ...]:
+    """The padding as numbers: _leaf_reason admits no padding string but "valid"."""
+    return (0, 0) if conv.padding == "valid" else cast(Tuple[int, ...], conv.padding)
+
+
+def _conv_input_delta(conv: nn.Conv2d, delta: Tensor, a: Tensor) -> Tensor:
+    """The delta of a convolution's input from its output's: the input half of the convolution's
+    backward, the call autograd makes for it."""
+    return _aten.convolution_backward(
+        delta,
+        a,
+        conv.weight.detach(),
+        None,
+        conv.stride,
+        _conv_padding(conv),
+        conv.dilation,
+        False,
+        (0, 0),
+        conv.groups,
+        (True, False, False),
+    )[0]
 
 
 def _leaves(model: nn.Module, out: List[nn.Module]) -> Optional[str]:
@@ -130,6 +172,13 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
         reason = _leaf_reason(m)
         if reason:
             return reason
+    # Only the weight and bias of Linear and Conv2d layers get their columns written: any other
+    # parameter (registered on the Sequential itself, or an extra one on a layer) would keep
+    # whatever the buffer held, so such a model goes to torch.func.
+    written = {id(getattr(m, name)) for m in leaves if type(m) in (nn.Linear, nn.Conv2d) for name in ("weight", "bias")}
+    for name, p in model.named_parameters():
+        if id(p) not in written:
+            return f"parameter {name!r} is not the weight or bias of a Linear or Conv2d layer"
     return None
 
 
@@ -140,40 +189,71 @@ def _for_inplace(m: nn.Module, h: Tensor) -> Tensor:
     return h.clone() if getattr(m, "inplace", False) else h
 
 
-def _unfolded(
-    a: Tensor, kernel: Tuple[int, ...], dilation: Tuple[int, ...], padding: Any, stride: Tuple[int, ...]
-) -> Tensor:
-    """``F.unfold(a, ...)``: (B, C * kh * kw, OH * OW), the same values. Without dilation it is a
-    strided view of the (padded) input copied once: measured on this project's CPU, 5000 samples
-    of the MNIST example's convolutions, 27 ms against F.unfold's 65 ms (1 x 28 x 28, k 4, s 2),
-    37 against 57 (8 x 13 x 13) and 0.6-1.5 against 7-9 ms (the 2 x 2 kernels): F.unfold (im2col)
-    works through the batch sample by sample."""
-    if tuple(dilation) != (1, 1):
-        return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
-    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
-    if pad_h or pad_w:
-        a = F.pad(a, (pad_w, pad_w, pad_h, pad_h))
-    (kh, kw), (sh, sw) = kernel, stride
-    windows = a.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, OH, OW, kh, kw), a view
-    b, c, oh, ow = windows.shape[:4]
-    return windows.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kh * kw, oh * ow)
+def channels_last_view(a: Tensor) -> Tensor:
+    """``a`` itself, restrided channels-last where that is free: a CPU batch of images (B, 1, H, W)
+    with one channel, whose NCHW and channels-last layouts are the same bytes (the stride of a
+    dimension of size 1 addresses nothing). mkldnn then takes its channels-last convolution, which
+    measured on this project's CPU (2 threads, 5000 samples of the MNIST example's first layer,
+    1 -> 8 channels, k 4, s 2, 20 calls in one process) 6-7 ms a call against 20-26 ms for the
+    NCHW one. The values are the same tensor's; a convolution of it may differ from the NCHW one by
+    round-off (another summation order), and its output is channels-last, which the layers after it
+    keep: the next convolution's backward measured 9 ms there against 30-80 ms in NCHW, and
+    converting back to NCHW costs a permuted copy (~20 ms for that layer's output)."""
+    if a.dim() != 4 or a.shape[1] != 1 or a.device.type != "cpu":
+        return a
+    return a.as_strided(a.shape, (a.stride(0), 1, a.stride(2), a.stride(3)))
+
+
+def opens_with_single_channel_conv(model: nn.Module) -> bool:
+    """Whether ``model`` is an nn.Sequential whose first layer with parameters is an nn.Conv2d of
+    one input channel: its forward passes gain by :func:`channels_last_view` of their input."""
+    if type(model) is not nn.Sequential:
+        return False
+    leaves: List[nn.Module] = []
+    _leaves(model, leaves)
+    first = next((m for m in leaves if any(True for _ in m.parameters(recurse=False))), None)
+    return type(first) is nn.Conv2d and first.in_channels == 1
+
+
+_Step = Tuple[nn.Module, Tensor, Tensor]  # a module, its input and its output
+
+
+def _layer_forward(m: nn.Module, h: Tensor) -> Tuple[Tensor, Tensor]:
+    """(the input as the layer reads it, the output) of an nn.Linear or nn.Conv2d ``m`` with its
+    parameters detached (the layer-by-layer Jacobian differentiates with respect to the output)."""
+    layer = cast(Union[nn.Linear, nn.Conv2d], m)
+    bias = None if layer.bias is None else layer.bias.detach()
+    if type(layer) is nn.Linear:
+        return h, F.linear(h, layer.weight.detach(), bias)
+    conv = cast(nn.Conv2d, layer)
+    a = channels_last_view(h)
+    return a, F.conv2d(a, conv.weight.detach(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class LayerwiseJacobian:
     """Writes ``[J | r]`` of a qualifying model into a buffer (see the module doc).
 
-    ``offsets`` maps each trainable parameter (by id) to its column offset in the flat vector.
+    ``offsets`` maps each trainable parameter (by id) to its column offset in the flat vector;
+    ``flat`` is that vector, whose parameters' ``.data`` are views of it, if there is one (an
+    update of it changes no parameter's own version counter: see :meth:`_versions`).
     """
 
-    def __init__(self, model: nn.Module, offsets: Dict[int, int]):
+    def __init__(self, model: nn.Module, offsets: Dict[int, int], flat: Optional[Tensor] = None):
         self.leaves: List[nn.Module] = []
         _leaves(model, self.leaves)
         self.offsets = offsets
+        self.flat = flat
         self.last_outputs: Optional[Tensor] = None  # the model's outputs of the last call
-        # Linear layers and activations of known derivative only: the chain rule written out.
-        self.explicit_chain = any(type(m) is nn.Linear for m in self.leaves) and all(
-            type(m) is nn.Linear or type(m) in _BACKWARDS for m in self.leaves
+        # The per-sample convolution gradient op of each (device, dtype), chosen on first use.
+        self._conv_ops: Dict[Tuple[torch.device, torch.dtype], Callable[..., None]] = {}
+        # Layers and modules of known derivative only: the chain rule written out.
+        self.has_conv = any(type(m) is nn.Conv2d for m in self.leaves)
+        self.explicit_chain = any(type(m) in (nn.Linear, nn.Conv2d) for m in self.leaves) and all(
+            type(m) in (nn.Linear, nn.Conv2d) or _has_backward(m) for m in self.leaves
         )
+        self._exact_chain = all(type(m) in (nn.Linear, *_EXACT_BACKWARDS) for m in self.leaves)
+        # The steps of the last record_forward and what they depend on (see _recorded_steps).
+        self._record: Optional[Tuple[Tensor, Tuple[int, ...], List[_Step]]] = None
 
     def _forward(self, x: Tensor) -> Tuple[Tensor, List[Tuple[nn.Module, Tensor, Tensor]]]:
         """The outputs, and per parameterised layer (module, input, output); the first layer's
@@ -182,20 +262,8 @@ class LayerwiseJacobian:
         h = x
         graph_started = False
         for m in self.leaves:
-            if type(m) is nn.Linear:
-                a = h
-                h = F.linear(a, m.weight.detach(), None if m.bias is None else m.bias.detach())
-            elif type(m) is nn.Conv2d:
-                a = h
-                h = F.conv2d(
-                    a,
-                    m.weight.detach(),
-                    None if m.bias is None else m.bias.detach(),
-                    m.stride,
-                    m.padding,
-                    m.dilation,
-                    m.groups,
-                )
+            if type(m) in (nn.Linear, nn.Conv2d):
+                a, h = _layer_forward(m, h)
             else:
                 h = m(_for_inplace(m, h))
                 continue
@@ -205,9 +273,63 @@ class LayerwiseJacobian:
             records.append((m, a.detach(), h))
         return h, records
 
+    def chain_rule_serves(self, inputs: Any, loss_fn: Any) -> bool:
+        """Whether ``__call__`` takes the chain rule written out (:meth:`_chain_rule`): conv nets
+        under any loss; Linear stacks of :data:`_EXACT_BACKWARDS` activations on a batch of
+        vectors under MSE (autograd's values exactly)."""
+        if not (self.explicit_chain and isinstance(inputs, Tensor)):
+            return False
+        return self.has_conv or (self._exact_chain and type(loss_fn) is MSELoss and inputs.dim() == 2)
+
+    def _versions(self, inputs: Tensor) -> Tuple[int, ...]:
+        """What a forward's records depend on besides the inputs' identity: the version counters
+        of the inputs, of the flat vector (what Levenberg-Marquardt's updates and restores write)
+        and of every layer's parameters (an in-place edit of one bumps its own), and the
+        parameters' addresses (a ``.data`` swap changes them)."""
+        versions = [inputs._version, -1 if self.flat is None else self.flat._version]
+        for m in self.leaves:
+            for p in m.parameters(recurse=False):
+                versions += [p._version, p.data_ptr()]
+        return tuple(versions)
+
+    @torch.no_grad()
+    def record_forward(self, inputs: Tensor) -> Tensor:
+        """The model's outputs (a trial forward), keeping each module's input and output, which
+        the next call of this Jacobian reuses if it gets the same inputs tensor, unchanged, at
+        the same parameters (the next step's Jacobian after an accepted attempt, on one batch)."""
+        self._record = None  # the last forward's tensors are freed before this one allocates its own
+        steps = self._steps(inputs)
+        self._record = (inputs, self._versions(inputs), steps)
+        return steps[-1][2]
+
+    def _recorded_steps(self, inputs: Tensor) -> Optional[List[_Step]]:
+        record, self._record = self._record, None  # used once: the memory is not held longer
+        if record is not None and record[0] is inputs and record[1] == self._versions(inputs):
+            return record[2]
+        return None
+
+    def _steps(self, inputs: Tensor) -> List[_Step]:
+        """(module, its input, its output) of each module, in order, without autograd."""
+        steps: List[_Step] = []
+        h = inputs
+        for m in self.leaves:
+            if type(m) in (nn.Linear, nn.Conv2d):
+                h, y = _layer_forward(m, h)
+            elif type(m) is nn.ELU and steps and type(steps[-1][0]) in (nn.Linear, nn.Conv2d):
+                # In place on the layer's output, which no backward reads (ELU's reads its own
+                # output): no second tensor of that size. Fresh memory costs a page fault per
+                # 4 KB on first touch, which measured as much as the ELU itself for the MNIST
+                # example's first layer (27 MB) on this project's CPU.
+                y = F.elu(h, m.alpha, inplace=True)
+            else:
+                y = m(_for_inplace(m, h))
+            steps.append((m, h, y))
+            h = y
+        return steps
+
     def __call__(self, inputs: Any, targets: Any, loss_fn: Any, out: Tensor) -> Tensor:
         """Fill ``out`` (rows = samples x residuals per sample, columns = P + 1) and return it."""
-        if self.explicit_chain and type(loss_fn) is MSELoss and isinstance(inputs, Tensor) and inputs.dim() == 2:
+        if self.chain_rule_serves(inputs, loss_fn):
             return self._chain_rule(inputs, targets, loss_fn, out)
         with torch.enable_grad():
             outputs, records = self._forward(inputs)
@@ -234,69 +356,100 @@ class LayerwiseJacobian:
 
     @torch.no_grad()
     def _chain_rule(self, inputs: Tensor, targets: Any, loss_fn: Any, out: Tensor) -> Tensor:
-        """``__call__`` for a stack of Linear layers and :data:`_BACKWARDS` activations on a batch
-        of vectors, MSE residuals ``y_pred - y_true`` (d r[n, o] / d outputs[n] = e_o): the deltas
-        by the chain rule, layer by layer from the last."""
-        steps: List[Tuple[nn.Module, Tensor, Tensor]] = []  # (module, its input, its output)
-        h = inputs
-        for m in self.leaves:
-            if type(m) is nn.Linear:
-                y = F.linear(h, m.weight, m.bias)
-            else:
-                y = m(_for_inplace(m, h))
-            steps.append((m, h, y))
-            h = y
+        """``__call__`` for a stack of Linear / Conv2d layers and :data:`_BACKWARDS` modules: the
+        deltas by the chain rule, layer by layer from the last. The delta at the outputs is e_o
+        for MSE residuals ``y_pred - y_true``, else autograd's of the residuals alone."""
+        steps = self._recorded_steps(inputs) or self._steps(inputs)
+        h = steps[-1][2]
         self.last_outputs = h
-        residuals = loss_fn.residuals(h, targets)
-        batch, per_sample = residuals.shape[0], residuals[0].numel() if residuals.shape[0] else 1
-        if batch * per_sample != out.shape[0]:
-            raise ValueError(f"{batch} samples x {per_sample} residuals do not fill the {out.shape[0]} rows expected")
+        mse = type(loss_fn) is MSELoss
+        with torch.enable_grad():
+            outputs = h if mse else h.detach().requires_grad_()
+            residuals = loss_fn.residuals(outputs, targets)
+            batch, per_sample = residuals.shape[0], residuals[0].numel() if residuals.shape[0] else 1
+            if batch * per_sample != out.shape[0]:
+                raise ValueError(
+                    f"{batch} samples x {per_sample} residuals do not fill the {out.shape[0]} rows expected"
+                )
+            flat_r = residuals.reshape(batch, per_sample)
         rows = out.view(batch, per_sample, out.shape[1])
-        rows[:, :, -1].copy_(residuals.reshape(batch, per_sample))
-        first = next(i for i, (m, _, _) in enumerate(steps) if type(m) is nn.Linear)
+        rows[:, :, -1].copy_(flat_r)
+        first = next(i for i, (m, _, _) in enumerate(steps) if type(m) in (nn.Linear, nn.Conv2d))
         for o in range(per_sample):
-            delta = h.new_zeros(h.shape)
-            delta[:, o] = 1
+            if mse:
+                delta = h.new_zeros(h.shape)
+                delta.view(batch, -1)[:, o] = 1
+            else:
+                with torch.enable_grad():
+                    (delta,) = torch.autograd.grad(flat_r[:, o].sum(), outputs, retain_graph=o + 1 < per_sample)
             target = rows[:, o, :]
             for i in range(len(steps) - 1, first - 1, -1):
                 m, a, y = steps[i]
-                if type(m) is nn.Linear:
+                if type(m) in (nn.Linear, nn.Conv2d):
                     self._write_layer(m, a, delta, target)
-                    if i > first:  # the delta of the layer below; none is needed below the first
+                    if i == first:
+                        break  # no delta is needed below the first layer
+                    if type(m) is nn.Linear:
                         delta = delta.matmul(m.weight)
+                    else:
+                        delta = _conv_input_delta(cast(nn.Conv2d, m), delta, a)
                 else:
                     backward = _BACKWARDS[type(m)]
                     if backward is not None:
-                        delta = backward(delta, y)
+                        delta = backward(m, delta, a, y)
         return out
 
     def _write_layer(self, m: nn.Module, a: Tensor, delta: Optional[Tensor], rows: Tensor) -> None:
         batch = rows.shape[0]
+        if type(m) is nn.Conv2d:
+            self._write_conv(m, a, delta, rows)
+            return
         for name in ("weight", "bias"):
             p = getattr(m, name)
-            if p is None or id(p) not in self.offsets:
+            block = self._columns(p, rows)
+            if block is None:
                 continue  # no bias, or a frozen parameter (not in the flat vector)
-            start = self.offsets[id(p)]
-            block = rows[:, start : start + p.numel()]
             if delta is None:  # this layer does not reach the residual
                 block.zero_()
                 continue
             if name == "bias":
-                if type(m) is nn.Linear and delta.dim() == 2:  # (B, out): the rows themselves
+                if delta.dim() == 2:  # (B, out): the rows themselves
                     block.copy_(delta)
-                elif type(m) is nn.Linear:  # summed over any dimensions between batch and features
+                else:  # summed over any dimensions between batch and features
                     block.copy_(delta.reshape(batch, -1, p.numel()).sum(1))
-                else:
-                    block.copy_(delta.flatten(2).sum(2))
-            elif type(m) is nn.Linear:
-                if delta.dim() == 2:  # (B, out) x (B, in): the outer product, written in place
-                    torch.mul(delta[:, :, None], a[:, None, :], out=block.view(batch, *p.shape))
-                else:
-                    block.copy_(torch.einsum("b...o,b...i->boi", delta, a).reshape(batch, -1))
-            else:  # Conv2d: per-sample weight gradient from the unfolded input
-                conv = cast(nn.Conv2d, m)
-                # _leaf_reason admits no padding string but "valid": the rest are numbers.
-                padding = 0 if conv.padding == "valid" else cast(Tuple[int, ...], conv.padding)
-                cols = _unfolded(a, conv.kernel_size, conv.dilation, padding, conv.stride)
-                grad = torch.bmm(delta.flatten(2), cols.transpose(1, 2))
-                block.copy_(grad.reshape(batch, -1))
+            elif delta.dim() == 2:  # (B, out) x (B, in): the outer product, written in place
+                torch.mul(delta[:, :, None], a[:, None, :], out=block.view(batch, *p.shape))
+            else:
+                block.copy_(torch.einsum("b...o,b...i->boi", delta, a).reshape(batch, -1))
+
+    def _columns(self, p: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
+        """The columns of parameter ``p`` in ``rows``; None for no parameter (no bias) or a frozen
+        one (not in the flat vector)."""
+        if p is None or id(p) not in self.offsets:
+            return None
+        start = self.offsets[id(p)]
+        return rows[:, start : start + p.numel()]
+
+    def _write_conv(self, conv: nn.Conv2d, a: Tensor, delta: Optional[Tensor], rows: Tensor) -> None:
+        """Per-sample weight and bias gradients of a convolution, by the op fastopt.backends picks
+        for the tensors (csrc/lm_conv_cpu.cpp on the CPU; fastopt/reference/conv_grads.py)."""
+        weight_out, bias_out = self._columns(conv.weight, rows), self._columns(conv.bias, rows)
+        if delta is None:  # this layer does not reach the residual
+            for block in (weight_out, bias_out):
+                if block is not None:
+                    block.zero_()
+            return
+        key = (a.device, a.dtype)
+        op = self._conv_ops.get(key)
+        if op is None:
+            op = self._conv_ops[key] = backends.select("conv2d_per_sample_grads", a.device, a.dtype)
+        op(
+            a,
+            delta,
+            weight_out,
+            bias_out,
+            kernel_size=conv.kernel_size,
+            stride=conv.stride,
+            padding=_conv_padding(conv),
+            dilation=conv.dilation,
+        )

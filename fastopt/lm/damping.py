@@ -1,7 +1,8 @@
 """Damping strategies: how lambda changes between attempts and what it adds to the Gauss-Newton matrix.
 
-Same interface and arithmetic as torch-levenberg-marquardt's ``damping.py`` (lambda and the factors
-are 0-dim tensors of torch's default dtype, so lambda follows the same float32 sequence):
+Same interface and arithmetic as torch-levenberg-marquardt's ``damping.py``: lambda and the factors
+read as 0-dim tensors of torch's default dtype and lambda follows the same float32 sequence, bit for
+bit, though the strategy computes it with Python floats (see ``StandardDampingStrategy``):
 
 * ``standard``:  ``JJ + lambda I``
 * ``adaptive``:  ``JJ + lambda max|diag(JJ)| I``
@@ -17,8 +18,10 @@ to the diagonal in place, which is the same sum without building two P x P matri
 
 from __future__ import annotations
 
+import math
+import struct
 from abc import ABC, abstractmethod
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,6 +31,65 @@ from .. import _validation as v
 __all__ = ["DampingStrategy", "StandardDampingStrategy", "DAMPING_MODES"]
 
 DAMPING_MODES = ("standard", "adaptive", "fletcher")
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def _round(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` once (round to nearest even), as a Python float."""
+    if dtype == torch.float64 or not dtype.is_floating_point:
+        return value
+    if dtype == torch.float32:
+        try:
+            return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+        except OverflowError:  # beyond float32's range, where the tensor product is +-inf
+            return math.copysign(math.inf, value)
+    return torch.tensor(value, dtype=torch.float64).to(dtype).item()
+
+
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    # torch.promote_types goes through the dispatcher (~1 us); the dtypes are nearly always equal.
+    return a if a is b else torch.promote_types(a, b)
+
+
+def _extreme(a: Tuple[float, torch.dtype], b: Tuple[float, torch.dtype], pick) -> Tuple[float, torch.dtype]:
+    """torch.maximum / torch.minimum of two 0-dim tensors (given as value and dtype): both in the
+    promoted dtype, NaN propagating."""
+    dtype = _promote(a[1], b[1])
+    x, y = _round(a[0], dtype), _round(b[0], dtype)
+    return (x if math.isnan(x) else y if math.isnan(y) else pick(x, y)), dtype
+
+
+class _Scalar:
+    """An attribute that reads as a 0-dim tensor, as the package's, and is held as (float, dtype)
+    in the owner's ``__dict__`` under ``_<name>``; the tensor is built on first read after each
+    change. Assigning a tensor (a subclass's ``self.damping_factor = torch.max(...)``) or a number
+    (a tensor of torch's default dtype, as ``torch.tensor(number)``) both work. The tensor read is
+    a copy of the value: changing it in place does not change the strategy; assign instead."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, owner: Any, cls: Optional[type] = None) -> Any:
+        if owner is None:
+            return self
+        cached = owner.__dict__.get("_tensor_" + self.name)
+        if cached is None:
+            value, dtype = owner.__dict__["_" + self.name]
+            cached = owner.__dict__["_tensor_" + self.name] = torch.tensor(value, dtype=dtype)
+        return cached
+
+    def __set__(self, owner: Any, value: Any) -> None:
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{self.name} must hold one number; got a tensor of shape {tuple(value.shape)}")
+            number, dtype = value.item(), value.dtype
+        else:
+            number = value
+            dtype = torch.tensor(value).dtype if isinstance(value, (bool, int)) else owner._dtype
+        owner.__dict__["_" + self.name] = (_round(float(number), dtype), dtype)
+        owner.__dict__.pop("_tensor_" + self.name, None)
 
 
 class DampingStrategy(ABC):
@@ -102,37 +164,57 @@ class StandardDampingStrategy(DampingStrategy):
         if not min_value <= max_value:
             raise ValueError(f"Invalid min_value/max_value: {min_value} > {max_value}")
         v.one_of(DAMPING_MODES)("damping_mode", damping_mode)
-        self.starting_value = torch.tensor(starting_value)
-        self.dec_factor = torch.tensor(dec_factor)
-        self.inc_factor = torch.tensor(inc_factor)
-        self.min_value = torch.tensor(min_value)
-        self.max_value = torch.tensor(max_value)
+        self._dtype = torch.get_default_dtype()
+        self.starting_value = starting_value
+        self.dec_factor = dec_factor
+        self.inc_factor = inc_factor
+        self.min_value = min_value
+        self.max_value = max_value
         self.damping_mode = damping_mode
         self.conditional_stopping = conditional_stopping
         self.auto_reset = auto_reset
-        self.damping_factor = torch.tensor(starting_value)
+        self.damping_factor = starting_value
+
+    # lambda, the factors and the bounds are 0-dim tensors to the user (as in the package), held as
+    # Python floats rounded to their tensor's dtype: the package's 0-dim tensor arithmetic costs
+    # ~2-5 us per op and an attempt made four of them (multiply, min, two compares read back),
+    # against well under 1 us for the float arithmetic, which rounds identically (below).
+    damping_factor = _Scalar("damping_factor")
+    starting_value = _Scalar("starting_value")
+    dec_factor = _Scalar("dec_factor")
+    inc_factor = _Scalar("inc_factor")
+    min_value = _Scalar("min_value")
+    max_value = _Scalar("max_value")
 
     def reset(self) -> None:
         """Resets lambda to the starting value."""
-        self.damping_factor = self.starting_value
+        self._set("damping_factor", *self._get("starting_value"))
 
     def get_current_damping(self) -> Tensor:
         return self.damping_factor
+
+    def current_damping_value(self) -> float:
+        """lambda as a Python float (the value :meth:`get_current_damping` holds)."""
+        return self._get("damping_factor")[0]
 
     def initialize_step(self, loss: Tensor) -> None:
         pass
 
     def on_successful_update(self, loss: Tensor) -> None:
         """lambda = max(lambda * dec_factor, min_value)."""
-        self.damping_factor = torch.max(self.damping_factor * self.dec_factor, self.min_value)
+        product = self._product("damping_factor", "dec_factor")
+        self._set("damping_factor", *_extreme(product, self._get("min_value"), max))
 
     def on_unsuccessful_update(self, loss: Tensor) -> None:
         """lambda = min(lambda * inc_factor, max_value)."""
-        self.damping_factor = torch.min(self.damping_factor * self.inc_factor, self.max_value)
+        product = self._product("damping_factor", "inc_factor")
+        self._set("damping_factor", *_extreme(product, self._get("max_value"), min))
 
     def stop_attempts(self, loss: Tensor) -> bool:
         """lambda >= max_value (then resets lambda if ``auto_reset``)."""
-        should_stop = bool((self.damping_factor >= self.max_value).item())
+        lam, bound = self._get("damping_factor"), self._get("max_value")
+        dtype = _promote(lam[1], bound[1])
+        should_stop = _round(lam[0], dtype) >= _round(bound[0], dtype)
         if self.auto_reset and should_stop:
             self.reset()
         return should_stop
@@ -141,6 +223,22 @@ class StandardDampingStrategy(DampingStrategy):
         """``stop_attempts(loss) and conditional_stopping`` (calling ``stop_attempts`` again, as
         torch-levenberg-marquardt does: with ``auto_reset`` the second call sees the reset lambda)."""
         return self.stop_attempts(loss) and self.conditional_stopping
+
+    # -- the float form of the 0-dim tensors -------------------------------------------------------
+    def _get(self, name: str) -> Tuple[float, torch.dtype]:
+        return self.__dict__["_" + name]
+
+    def _set(self, name: str, value: float, dtype: torch.dtype) -> None:
+        self.__dict__["_" + name] = (value, dtype)
+        self.__dict__.pop("_tensor_" + name, None)
+
+    def _product(self, a: str, b: str) -> Tuple[float, torch.dtype]:
+        """``a * b`` as the package's 0-dim tensor product rounds it: in the promoted dtype. The
+        product of two float32 (or narrower) numbers is exact in a double, so rounding it once to
+        float32 gives the float32 product bit for bit; float64 products are Python's own."""
+        (x, dx), (y, dy) = self._get(a), self._get(b)
+        dtype = _promote(dx, dy)
+        return _round(x * y, dtype), dtype
 
     def damping_diagonal(self, diagonal: Tensor) -> Tensor:
         """What ``apply`` adds to the diagonal, given ``diagonal = diag(JJ)`` (``apply`` adds

@@ -21,6 +21,11 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _to_device(tree: Any, device: Any) -> Any:
+    """``tree_to_device``; a tensor (the usual batch) without the pytree walk, ~10 us a batch."""
+    return tree.to(device) if isinstance(tree, Tensor) else tree_to_device(tree, device)
+
+
 def _format(value: Any) -> str:
     value = _scalar(value)
     return f"{value:.4e}" if isinstance(value, float) else str(value)
@@ -151,7 +156,7 @@ def fit(
         )
         loss_sum, steps, pending, stop, logs = 0.0, 0, 0, False, {}
         for inputs, targets in iterate_batches(dataloader):
-            inputs, targets = tree_to_device(inputs, device), tree_to_device(targets, device)
+            inputs, targets = _to_device(inputs, device), _to_device(targets, device)
             outputs, loss, stop, logs = training_module.training_step(inputs, targets)
             loss_value = loss.detach().item() if isinstance(loss, Tensor) else float(loss)
             loss_sum += loss_value

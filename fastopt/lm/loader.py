@@ -70,6 +70,15 @@ def iterate_batches(loader: Iterable) -> Iterator[Any]:
     return iter(loader)
 
 
+def _tensor_list(examples: Any) -> bool:
+    """Whether ``examples`` is a list of tensors on one device, each with a batch dimension."""
+    return (
+        type(examples) is list
+        and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in examples)
+        and len({t.device for t in examples}) <= 1
+    )
+
+
 class FastDataLoader(DataLoader):
     """torch-levenberg-marquardt's ``utils.FastDataLoader``: the whole dataset held collated on
     ``device``, batches taken from it by index.
@@ -119,12 +128,23 @@ class FastDataLoader(DataLoader):
         self.examples = tree_to_device(examples, device)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # batches, not a DataLoader iterator
+        # A list of tensors (a TensorDataset's, or what default_collate made of tuples): each batch
+        # one index_select per tensor. tree_indices' pytree walk cost ~20 us a batch of the sinc
+        # example's ~30 us (measured: 10 epochs of 200 batches of 1000, 2 threads), for the same
+        # tensors.
+        tensors = self.examples if _tensor_list(self.examples) else None
         for _ in range(self.repeat):
             order = torch.arange(self.num_examples)
             if self.shuffle:
                 order = order[torch.randperm(self.num_examples, generator=self.shuffle_generator)]
+            if tensors is not None:
+                order = order.to(tensors[0].device) if len(tensors) else order
             for start in range(0, self.num_examples, self._batch):
-                yield tree_indices(self.examples, order[start : start + self._batch])
+                index = order[start : start + self._batch]
+                if tensors is not None:
+                    yield [t.index_select(0, index) for t in tensors]
+                else:
+                    yield tree_indices(self.examples, index)
 
     def __len__(self) -> int:
         return self.repeat * -(-self.num_examples // self._batch)

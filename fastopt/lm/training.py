@@ -28,6 +28,7 @@ different shapes instead of broadcasting them, and a batch larger than the first
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Tuple
@@ -171,6 +172,26 @@ def _uses_standard_apply(strategy: Any) -> TypeGuard[StandardDampingStrategy]:
     return isinstance(strategy, StandardDampingStrategy) and type(strategy).apply is StandardDampingStrategy.apply
 
 
+def _plain_standard_damping(strategy: StandardDampingStrategy) -> bool:
+    """Whether the damping is lambda I with lambda the strategy's own (mode 'standard', neither
+    ``damping_diagonal`` nor ``get_current_damping`` overridden): then lambda is passed as a float."""
+    cls = type(strategy)
+    return (
+        strategy.damping_mode == "standard"
+        and cls.damping_diagonal is StandardDampingStrategy.damping_diagonal
+        and cls.get_current_damping is StandardDampingStrategy.get_current_damping
+    )
+
+
+def _all_finite(x: Tensor) -> bool:
+    """``bool(torch.isfinite(x).all())``, mostly in one reduction and one read: a finite sum has no
+    inf or NaN among its terms (either would make it inf or NaN); a sum that is not finite may only
+    have overflowed, so it is checked element by element."""
+    if math.isfinite(float(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 class _LevenbergMarquardtBase(TrainingModule):
     """Construction, validation and the step loop that both fronts share."""
 
@@ -272,12 +293,12 @@ class _LevenbergMarquardtBase(TrainingModule):
     def _flat_params_backup(self) -> Tensor:
         return self._flat.backup
 
-    @torch.no_grad()
+    # No torch.no_grad() on these two (nor on FlatParameters' copies): the flat vector needs no
+    # grad, so a copy into it records nothing, and the decorator cost ~2 us a call, 2-3 calls a step.
     def backup_parameters(self) -> None:
         """Copies the current parameters into the backup."""
         self._flat.save()
 
-    @torch.no_grad()
     def restore_parameters(self) -> None:
         """Copies the backup into the parameters."""
         self._flat.restore()
@@ -315,6 +336,9 @@ class _LevenbergMarquardtBase(TrainingModule):
         if _uses_standard_apply(strategy):
             if self._reuse_eigh():
                 x = solver.solve_spectral(float(strategy.get_current_damping()), strategy.damping_mode)
+            elif _plain_standard_damping(strategy):
+                # lambda I: the float, added to the diagonal as the package's 0-dim tensor would be.
+                x = solver.solve_diagonal(strategy.current_damping_value())
             else:
                 x = solver.solve_diagonal(strategy.damping_diagonal(eq.diagonal))
         else:
@@ -333,7 +357,6 @@ class _LevenbergMarquardtBase(TrainingModule):
         # "auto": never, by measurement on this project's CPU (see DampedSolver); GPU unmeasured.
         return self.reuse_factorization == "eigh"
 
-    @torch.no_grad()
     def _run_step(
         self,
         inputs: Any,
@@ -345,7 +368,8 @@ class _LevenbergMarquardtBase(TrainingModule):
         apply_last_attempt: bool,
         require_finite: bool = False,
     ) -> _StepOutcome:
-        """One step from the current parameters; ``outputs`` (the model's on ``inputs``) may be None,
+        """One step from the current parameters (both fronts call it under ``torch.no_grad()``, so it
+        has no decorator of its own); ``outputs`` (the model's on ``inputs``) may be None,
         then they come from building the system when it gives them, else from a forward pass."""
         system = self._build_system(
             inputs, targets, outputs, batch_size=batch_size, num_residuals=num_residuals, require_finite=require_finite
@@ -427,10 +451,15 @@ class _LevenbergMarquardtBase(TrainingModule):
         """Solve for one damping value after another until the loss falls (accept), the damping
         strategy stops the attempts, or ``attempts_per_step`` run out (then the last update stays
         applied with ``apply_last_attempt``, tlm's quirk, else the parameters stay as they were)."""
-        solver = DampedSolver(system.equations, self.solve_method, self.fallback)
+        solver = DampedSolver(system.equations, self.solve_method, self.fallback, self.backend)
         strategy = self.damping_strategy
         data_parallel = self._data_parallel
         loss = system.loss
+
+        flat = self._flat.flat
+        learning_rate = self.learning_rate
+        # The comparisons read the losses once each: a float compares as the tensors do (same value).
+        loss_value: Optional[float] = None
 
         stop_training = False
         accepted = False
@@ -443,9 +472,12 @@ class _LevenbergMarquardtBase(TrainingModule):
             params_updated = False
             try:
                 updates = self._solve_update(solver, system.selection)
-                if torch.all(torch.isfinite(updates)):
+                if _all_finite(updates):
                     params_updated = True
-                    self._flat.flat.add_(-self.learning_rate * updates)
+                    if learning_rate == 1.0:
+                        flat.sub_(updates)  # the same rounding as adding -1 * updates
+                    else:
+                        flat.add_(-learning_rate * updates)  # not add_(alpha=): that one may fuse (FMA)
             except RuntimeError as err:  # SolveFailed, LinAlgError: a rejected attempt, as in tlm
                 failures += 1
                 logger.log(self._failure_log_level, f"An exception occurred: {err}")
@@ -462,7 +494,10 @@ class _LevenbergMarquardtBase(TrainingModule):
                     new_loss = self.loss_fn(self.forward(inputs), targets)
                 if params_updated:
                     assert new_loss is not None  # params_updated: this attempt computed it
-                    if new_loss < loss:
+                    if loss_value is None:
+                        loss_value = float(loss)
+                    new_value = float(new_loss)
+                    if new_value < loss_value:
                         loss = new_loss
                         accepted = True
                         strategy.on_successful_update(loss)
@@ -495,7 +530,9 @@ class LevenbergMarquardtModule(_LevenbergMarquardtBase):
         max_batch_size: build the system from slices of this many samples.
 
     fastopt's own keywords:
-        backend: the backend of the ``jacobian_products`` op (:mod:`fastopt.backends`), default "auto".
+        backend: the backend of the ``jacobian_products`` op and, for 'qr' systems of up to
+            ``fastopt.lm._engine.solve.SMALL_QR_COLUMNS`` columns, of the ``lm_small_solve`` op
+            (:mod:`fastopt.backends`), default "auto".
         jacobian: 'auto' (jacrev, or jacfwd when a sample has more residuals than there are
             parameters), 'jacrev' or 'jacfwd'.
         reuse_factorization: 'auto' (currently the same as 'never'), 'never' (factor per attempt,

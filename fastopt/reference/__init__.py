@@ -8,6 +8,7 @@ import torch
 
 from ._precision import math_dtype
 from .batched_lsq import batched_gram_reference, lsq_propose_reference, lsq_update_reference
+from .conv_grads import conv2d_per_sample_grads_reference
 from .ladam import (
     ladam_step_reference,
     ladam_update_lap_step_reference,
@@ -16,6 +17,7 @@ from .ladam import (
 )
 from .laplacian import STENCILS, laplacian, smooth, stencil_layout
 from .lm import jacobian_products_reference
+from .lm_small_solve import lm_small_solve_reference
 from .siblings import ladagrad_step_reference, lrmsprop_step_reference
 
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -34,6 +36,8 @@ DTYPES = {
 DTYPES["batched_gram"] = _FLOATS
 DTYPES["jacobian_products"] = _FLOATS  # inputs of any float dtype; fp32 (fp64 for fp64) accumulation
 DTYPES["lsq_propose"] = DTYPES["lsq_update"] = frozenset({torch.float32, torch.float64})  # least_squares' dtypes
+DTYPES["conv2d_per_sample_grads"] = _FLOATS  # the layer-by-layer LM Jacobian of convolutions
+DTYPES["lm_small_solve"] = frozenset({torch.float32, torch.float64})  # LAPACK's QR dtypes
 
 __all__ = [
     "STENCILS",
@@ -51,4 +55,6 @@ __all__ = [
     "jacobian_products_reference",
     "lsq_propose_reference",
     "lsq_update_reference",
+    "conv2d_per_sample_grads_reference",
+    "lm_small_solve_reference",
 ]

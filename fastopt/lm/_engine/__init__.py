@@ -18,7 +18,8 @@ one module each:
 * :mod:`.solve`: :class:`DampedSolver`, the damped system for one damping value after another.
   The undamped matrix stays in place; an attempt rewrites only its diagonal (O(P)), since every
   factorization copies the matrix anyway. ``reuse="eigh"`` factors once per step instead (see its
-  doc).
+  doc). A 'qr' system of up to ``SMALL_QR_COLUMNS`` columns goes to the ``lm_small_solve`` op
+  instead (one C++ call: the damped matrix built from the lower triangle, factored and solved).
 * :mod:`.workspace`: :class:`Workspace`, the big buffers, kept from step to step.
 
 This package re-exports them all: import from ``fastopt.lm._engine``.

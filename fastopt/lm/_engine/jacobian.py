@@ -8,8 +8,9 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 from torch.func import functional_call, jacfwd, jacrev, vmap
+from torch.nn.modules import module as _module_globals  # the global forward hooks
 
-from .._layerwise import LayerwiseJacobian, unsupported_reason
+from .._layerwise import LayerwiseJacobian, channels_last_view, opens_with_single_channel_conv, unsupported_reason
 from ..tree import tree_unsqueeze
 from .parameters import FlatParameters, Selection
 
@@ -20,6 +21,14 @@ def call_model(model: torch.nn.Module, inputs: Any) -> Any:
     """``model(*inputs)`` for a tuple, else ``model(inputs)``: how ``functional_call`` passes
     arguments, without its cost of swapping every parameter in and out."""
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _has_hooks(model: torch.nn.Module) -> bool:
+    """Whether a forward (pre-)hook is registered on ``model``, a submodule, or globally: then
+    trial forwards go through the model's own forward, which calls them."""
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 class ResidualJacobian:
@@ -40,9 +49,27 @@ class ResidualJacobian:
         self.use_vmap, self.mode = use_vmap, mode
         self._layerwise: Optional[LayerwiseJacobian] = None
         self.last_layerwise_outputs: Optional[Tensor] = None
+        self._restride_input = opens_with_single_channel_conv(model)
+        self._layerwise_took_last = False  # whether the last Jacobian was the layer-by-layer one
 
     def forward(self, inputs: Any) -> Any:
-        """The model's outputs at the current parameters."""
+        """The model's outputs at the current parameters (what the trial losses are computed from).
+
+        A model opening with a convolution of one input channel gets its image batch restrided
+        channels-last (the same tensor, no copy: see fastopt.lm._layerwise.channels_last_view),
+        where mkldnn's convolution is faster; its outputs may then differ from ``model(inputs)``
+        by round-off (the convolution sums in another order), as the Jacobian's forward does.
+        Without autograd, after a layer-by-layer Jacobian, it runs that Jacobian's own forward
+        and keeps its records for the next Jacobian (one forward fewer per step on one batch)."""
+        layerwise = self._layerwise
+        if self._layerwise_took_last and layerwise is not None and not torch.is_grad_enabled():
+            # A trial forward (no autograd: a caller who wants a graph gets the model's forward):
+            # the same layers the model's forward runs, their inputs and outputs kept for the
+            # next Jacobian (fastopt.lm._layerwise.LayerwiseJacobian.record_forward).
+            if layerwise.chain_rule_serves(inputs, self.loss_fn) and not _has_hooks(self.model):
+                return layerwise.record_forward(inputs)
+        if self._restride_input and isinstance(inputs, Tensor):
+            inputs = channels_last_view(inputs)
         return call_model(self.model, inputs)
 
     def _residual_fn(self, selection: Optional[Selection]) -> Tuple[Callable, List[int]]:
@@ -103,14 +130,16 @@ class ResidualJacobian:
         path can serve (the caller's :meth:`layerwise_reason` is None), None to find out here."""
         columns = (selection.size if selection is not None else self.params.numel) + 1
         self.last_layerwise_outputs = None
+        self._layerwise_took_last = False
         if self.mode in ("auto", "layerwise") and out is not None:
             reason = None if layerwise else self.layerwise_reason(inputs, selection)
             if reason is None:
                 if self._layerwise is None:
                     offsets = {id(p): start for p, start in zip(self.params.parameters, self.params.offsets)}
-                    self._layerwise = LayerwiseJacobian(self.model, offsets)
+                    self._layerwise = LayerwiseJacobian(self.model, offsets, self.params.flat)
                 result = self._layerwise(inputs, targets, self.loss_fn, out)
                 self.last_layerwise_outputs = self._layerwise.last_outputs
+                self._layerwise_took_last = True
                 return result
             if self.mode == "layerwise":
                 raise ValueError(f"jacobian='layerwise' cannot differentiate this model: {reason}; use jacobian='auto'")

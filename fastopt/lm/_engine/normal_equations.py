@@ -28,16 +28,17 @@ _CHUNK_BYTES = {False: 16 << 20, True: 64 << 20}
 _MIN_CHUNK_ROWS = 512
 
 
-# backends.choose's answer per (device, dtype, backend name, FASTOPT_BACKEND): asking it each step
-# cost ~10 us of the ~0.5 ms step of a 61-parameter model (its availability checks).
-_CHOSEN: Dict[Tuple[torch.device, torch.dtype, str, Optional[str]], backends.ChosenBackend] = {}
+# backends.choose's answer per (op, device, dtype, backend name, FASTOPT_BACKEND): asking it each
+# step cost ~10 us of the ~0.5 ms step of a 61-parameter model (its availability checks).
+_CHOSEN: Dict[Tuple[str, torch.device, torch.dtype, str, Optional[str]], backends.ChosenBackend] = {}
 
 
-def _products_backend(device: torch.device, dtype: torch.dtype, backend: str) -> backends.ChosenBackend:
-    key = (device, dtype, backend, os.environ.get(backends.ENV_VAR))
+def chosen_backend(op: str, device: torch.device, dtype: torch.dtype, backend: str) -> backends.ChosenBackend:
+    """:func:`fastopt.backends.choose` for ``op``, asked once per key and remembered."""
+    key = (op, device, dtype, backend, os.environ.get(backends.ENV_VAR))
     chosen = _CHOSEN.get(key)
     if chosen is None:
-        chosen = _CHOSEN[key] = backends.choose("jacobian_products", device, dtype, backend)
+        chosen = _CHOSEN[key] = backends.choose(op, device, dtype, backend)
     return chosen
 
 
@@ -100,7 +101,7 @@ def normal_equations(
     layerwise = jacobian_fn.mode in ("auto", "layerwise") and jacobian_fn.layerwise_reason(inputs, selection) is None
     chunk = chunk_samples(columns + 1, params.flat.element_size(), per_sample, persistent=layerwise)
     pieces = [(s, min(s + chunk, end)) for start, end in slices for s in range(start, end, chunk)]
-    chosen = _products_backend(params.device, params.dtype, backend)
+    chosen = chosen_backend("jacobian_products", params.device, params.dtype, backend)
     products = chosen.fn
     if scale is None:
         scale = 1.0 / batch_size

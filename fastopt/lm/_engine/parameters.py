@@ -47,11 +47,10 @@ class FlatParameters:
         self.backup = self.flat.clone()
         self.parameters = [p for _, p in named]
 
-    @torch.no_grad()
+    # Plain copies, no torch.no_grad(): flat and backup need no grad, a copy records nothing.
     def save(self) -> None:
         self.backup.copy_(self.flat)  # into the same buffer: no allocation per accepted step
 
-    @torch.no_grad()
     def restore(self) -> None:
         self.flat.copy_(self.backup)
 
