@@ -87,6 +87,10 @@ TORCH_LIBRARY(fastopt, m) {
   m.def(
       "conv2d_per_sample_grads(Tensor input, Tensor delta, Tensor(a!)? weight_out, Tensor(b!)? bias_out, *, "
       "int[] kernel_size, int[] stride, int[] padding, int[] dilation) -> ()");
+  // Levenberg-Marquardt, layer by layer: a convolution's input delta times the activation's derivative before it.
+  m.def(
+      "conv2d_input_delta(Tensor delta, Tensor weight, Tensor? activation_output, *, int[] input_size, int[] stride, "
+      "int[] padding, int[] dilation, str activation, float alpha, Tensor(a!)? out=None) -> Tensor");
   // Levenberg-Marquardt, small P: (lower(matrix) mirrored, diagonal + shift) x = rhs by Householder QR; x new.
   m.def("lm_small_solve(Tensor matrix, Tensor diagonal, Tensor rhs, *, float shift) -> Tensor");
   m.def("build_info() -> str", &fastopt::build_info);
@@ -105,6 +109,7 @@ TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("lsq_propose", &fastopt::lsq_propose_cpu);
   m.impl("lsq_update", &fastopt::lsq_update_cpu);
   m.impl("conv2d_per_sample_grads", &fastopt::conv2d_per_sample_grads_cpu);
+  m.impl("conv2d_input_delta", &fastopt::conv2d_input_delta_cpu);
   m.impl("lm_small_solve", &fastopt::lm_small_solve_cpu);
 }
 

@@ -81,6 +81,12 @@ void conv2d_per_sample_grads_cpu(const at::Tensor& input, const at::Tensor& delt
                                  const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
                                  c10::IntArrayRef dilation);
+// The input delta of a 2-D convolution times the derivative of the activation before it (signature of
+// fastopt/reference/conv_grads.py's conv2d_input_delta_reference).
+at::Tensor conv2d_input_delta_cpu(const at::Tensor& delta, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& activation_output, c10::IntArrayRef input_size,
+                                  c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                  c10::string_view activation, double alpha, const std::optional<at::Tensor>& out);
 
 #ifdef FASTOPT_WITH_CUDA
 void ladam_step_cuda(FASTOPT_LADAM_STEP_ARGS);

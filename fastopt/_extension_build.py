@@ -34,6 +34,7 @@ CPP_SOURCES = (
     "gram_checks.cpp",
     "gram_cpu.cpp",
     "lm_conv_cpu.cpp",
+    "lm_conv_delta_cpu.cpp",
     "lm_small_solve_cpu.cpp",
     "ladagrad_step_cpu.cpp",
     "ladam_step_cpu.cpp",

@@ -74,6 +74,7 @@ OPS = (
     "lsq_propose",  # least_squares: damped step and trial point of many small problems
     "lsq_update",  # least_squares: accept/reject, damping, stopping tests of many small problems
     "conv2d_per_sample_grads",  # LM layer by layer: a convolution's per-sample weight gradients into [J | r]
+    "conv2d_input_delta",  # LM layer by layer: a convolution's input delta times the activation's derivative
     "lm_small_solve",  # LM, small P: one attempt's damped system by Householder QR in one call
 )
 

@@ -141,7 +141,7 @@ DTYPES = {op: _DTYPES for op in _STEP_OPS + _MODE_STEP_OPS + ("jacobian_products
 _LSQ_OPS = tuple(op for op in ("lsq_propose", "lsq_update") if hasattr(_OPS, op))
 DTYPES.update({op: frozenset({torch.float32, torch.float64}) for op in _LSQ_OPS})
 # The layer-by-layer LM Jacobian's convolution op (CPU only, csrc/lm_conv_cpu.cpp), where this build has it.
-_CONV_OPS = tuple(op for op in ("conv2d_per_sample_grads",) if hasattr(_OPS, op))
+_CONV_OPS = tuple(op for op in ("conv2d_per_sample_grads", "conv2d_input_delta") if hasattr(_OPS, op))
 DTYPES.update({op: frozenset({torch.float32, torch.float64}) for op in _CONV_OPS})
 # The small-P LM solve (CPU only, csrc/lm_small_solve_cpu.cpp), where this build has it.
 _SMALL_SOLVE_OPS = tuple(op for op in ("lm_small_solve",) if hasattr(_OPS, op))
@@ -395,6 +395,17 @@ def conv2d_per_sample_grads(*args: Any, **kwargs: Any) -> None:
 
 if _CONV_OPS:  # absent from an extension built before csrc/lm_conv_cpu.cpp: backends then say so
     conv2d_per_sample_grads_cpu = conv2d_per_sample_grads
+
+
+def conv2d_input_delta(*args: Any, **kwargs: Any) -> Tensor:
+    """:func:`fastopt.reference.conv2d_input_delta_reference` on CPU tensors: each sample's input
+    delta summed in a per-thread buffer and written out times the activation's derivative
+    (csrc/lm_conv_delta_cpu.cpp)."""
+    return _OPS.conv2d_input_delta(*args, **kwargs)
+
+
+if "conv2d_input_delta" in _CONV_OPS:  # absent from an extension built before csrc/lm_conv_delta_cpu.cpp
+    conv2d_input_delta_cpu = conv2d_input_delta
 
 
 def lm_small_solve(matrix: Tensor, diagonal: Tensor, rhs: Tensor, *, shift: float) -> Tensor:

@@ -35,8 +35,8 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # least_squares' step ops (csrc/lsq_step_cpu.cpp and the reference) take its dtypes only; so does
 # the LM small-system QR solve (csrc/lm_small_solve_cpu.cpp: LAPACK's dtypes)
 LSQ_STEP_OPS = ("lsq_propose", "lsq_update", "lm_small_solve")
-# CPU kernels in float32 and float64 only, the reference in every dtype (csrc/lm_conv_cpu.cpp)
-CPU_FLOAT_OPS = ("conv2d_per_sample_grads",)
+# CPU kernels in float32 and float64 only, the reference in every dtype (csrc/lm_conv_cpu.cpp, lm_conv_delta_cpu.cpp)
+CPU_FLOAT_OPS = ("conv2d_per_sample_grads", "conv2d_input_delta")
 
 
 @pytest.mark.parametrize("op", backends.OPS)

@@ -1,5 +1,7 @@
 """The layer-by-layer Jacobian of convolutional models: the per-sample convolution gradient op
-(csrc/lm_conv_cpu.cpp) against its spec fastopt.reference.conv2d_per_sample_grads_reference, and
+(csrc/lm_conv_cpu.cpp) against its spec fastopt.reference.conv2d_per_sample_grads_reference, the
+input-delta op fused with the activation's backward (csrc/lm_conv_delta_cpu.cpp, spec
+conv2d_input_delta_reference) against aten's convolution_backward and activation backward ops, and
 the Jacobian of conv nets against torch.func's vmap(jacrev) over odd shapes and both dtypes."""
 
 import pytest
@@ -10,8 +12,13 @@ import fastopt.lm as flm
 from fastopt import backends
 from fastopt.lm._engine.jacobian import ResidualJacobian
 from fastopt.lm._engine.parameters import FlatParameters
-from fastopt.lm._layerwise import channels_last_view, opens_with_single_channel_conv, unsupported_reason
-from fastopt.reference import conv2d_per_sample_grads_reference
+from fastopt.lm._layerwise import (
+    LayerwiseJacobian,
+    channels_last_view,
+    opens_with_single_channel_conv,
+    unsupported_reason,
+)
+from fastopt.reference import conv2d_input_delta_reference, conv2d_per_sample_grads_reference
 from fastopt.testing import assert_close
 
 OP = "conv2d_per_sample_grads"
@@ -139,6 +146,108 @@ def test_backend_choice():
     assert backends.resolve(OP, "cpu", torch.float16) == "torch"
     assert backends.resolve(OP, "cpu", torch.float32) == ("cpu" if HAS_CPU_OP else "torch")
     assert backends.select(OP, "cpu", torch.float64, "torch") is conv2d_per_sample_grads_reference
+
+
+# -- the input delta through a convolution and the activation below it ------------------------
+
+DELTA_OP = "conv2d_input_delta"
+HAS_DELTA_OP = backends.available("cpu", DELTA_OP, "cpu", torch.float32)
+DELTA_IMPLEMENTATIONS = [
+    pytest.param("torch", id="reference"),
+    pytest.param(
+        "cpu", id="cpu", marks=pytest.mark.skipif(not HAS_DELTA_OP, reason=str(backends.why_not("cpu", DELTA_OP)))
+    ),
+]
+_aten = torch.ops.aten
+# activation: (its forward, aten's backward from its output, as autograd calls it)
+ACTIVATIONS = {
+    "identity": (lambda u: u, lambda g, y: g),
+    "elu": (lambda u: torch.nn.functional.elu(u, 0.7), lambda g, y: _aten.elu_backward(g, 0.7, 1, 1, True, y)),
+    "tanh": (torch.tanh, _aten.tanh_backward),
+    "sigmoid": (torch.sigmoid, _aten.sigmoid_backward),
+    "relu": (torch.relu, lambda g, y: _aten.threshold_backward(g, y, 0)),
+}
+
+
+def _aten_input_delta(a, delta, weight, geometry, activation):
+    """What the chain rule computed before the fused op: convolution_backward's input half, then
+    the activation's backward op from its output a."""
+    g = _aten.convolution_backward(
+        delta,
+        a,
+        weight,
+        None,
+        geometry["stride"],
+        geometry["padding"],
+        geometry["dilation"],
+        False,
+        (0, 0),
+        1,
+        (True, False, False),
+    )[0]
+    return ACTIVATIONS[activation][1](g, a)
+
+
+@pytest.mark.parametrize("implementation", DELTA_IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"shape{i}" for i in range(len(SHAPES))])
+def test_input_delta_equals_aten(implementation, dtype, activation, shape):
+    # a: the activation's output (the convolution's input), in every layout; the result fresh and
+    # written over a itself (as the chain rule does), equal to each other bit for bit and to aten's
+    # ops to the rounding of the summation order.
+    fn = backends.select(DELTA_OP, "cpu", dtype, implementation)
+    for layout in ("contiguous", "channels_last", "transposed"):
+        u, delta, geometry = _inputs(shape, dtype, layout, seed=5)
+        a = ACTIVATIONS[activation][0](u)
+        if layout == "channels_last":
+            a = a.contiguous(memory_format=torch.channels_last)
+        gen = torch.Generator().manual_seed(6)
+        weight = torch.randn(delta.shape[1], a.shape[1], *geometry["kernel_size"], generator=gen, dtype=dtype)
+        del geometry["kernel_size"]
+        kwargs = dict(geometry, input_size=tuple(a.shape[2:]), activation=activation, alpha=0.7)
+        want = _aten_input_delta(a.double(), delta.double(), weight.double(), geometry, activation)
+        got = fn(delta, weight, a, **kwargs)
+        over_a = a.clone()
+        returned = fn(delta, weight, over_a, **kwargs, out=over_a)
+        assert returned.data_ptr() == over_a.data_ptr() and torch.equal(over_a, got), layout
+        # Every sum has at most C_out * kh * kw terms, each bounded by |w| |delta| (times the
+        # activation's factor, at most 1 here: ELU's y + alpha < alpha < 1, tanh, sigmoid, relu).
+        scale = weight.abs().max() * delta.abs().max() * weight[:, 0].numel()
+        eps = torch.finfo(dtype).eps
+        assert not got.isnan().any()
+        assert (got.double() - want).abs().max() <= 8 * eps * scale, (layout, (got.double() - want).abs().max())
+        if implementation == "cpu":
+            assert got.is_contiguous(memory_format=torch.channels_last) or got.shape[1] == 1
+
+
+@pytest.mark.parametrize("implementation", DELTA_IMPLEMENTATIONS)
+def test_input_delta_bad_arguments_are_named(implementation):
+    u, delta, geometry = _inputs(SHAPES[2], torch.float64, "contiguous")
+    weight = torch.zeros(delta.shape[1], u.shape[1], *geometry.pop("kernel_size"), dtype=torch.float64)
+    fn = backends.select(DELTA_OP, "cpu", torch.float64, implementation)
+    kwargs = dict(geometry, input_size=tuple(u.shape[2:]), activation="elu", alpha=1.0)
+    with pytest.raises(ValueError, match="activation must be one of identity, elu, tanh, sigmoid, relu"):
+        fn(delta, weight, u, **{**kwargs, "activation": "gelu"})
+    with pytest.raises(ValueError, match="spatial size must be"):
+        fn(delta, weight, u, **{**kwargs, "input_size": (u.shape[2] + 3, u.shape[3])})
+    with pytest.raises(ValueError, match="needs activation_output"):
+        fn(delta, weight, None, **kwargs)
+    with pytest.raises(ValueError, match="stride, padding and dilation must have 2 values"):
+        fn(delta, weight, u, **{**kwargs, "stride": (1,)})
+    with pytest.raises(ValueError, match="weight"):
+        fn(delta, weight[:1] if delta.shape[1] > 1 else weight.repeat(2, 1, 1, 1), u, **kwargs)
+    if implementation == "cpu":  # the reference computes in any dtype torch does
+        with pytest.raises(TypeError, match="weight must have delta's dtype"):
+            fn(delta, weight.float(), u, **kwargs)
+        with pytest.raises(ValueError, match="out must have shape"):
+            fn(delta, weight, u, **kwargs, out=u[:1])
+
+
+def test_input_delta_backend_choice():
+    assert backends.resolve(DELTA_OP, "cpu", torch.bfloat16) == "torch"
+    assert backends.resolve(DELTA_OP, "cpu", torch.float32) == ("cpu" if HAS_DELTA_OP else "torch")
+    assert backends.select(DELTA_OP, "cpu", torch.float64, "torch") is conv2d_input_delta_reference
 
 
 # -- the Jacobian of conv nets -------------------------------------------------------------------
@@ -312,3 +421,50 @@ def test_trial_forward_records_serve_the_next_jacobian_only_while_valid(monkeypa
     outputs = jacobian.forward(x)  # autograd on: the model's forward, a graph, nothing recorded
     assert outputs.requires_grad
     check(x, 1)
+
+
+def _tanh_relu_net():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 2)),
+        nn.Tanh(),
+        nn.Conv2d(3, 5, 2, dilation=(2, 1), bias=False),
+        nn.ReLU(),
+        nn.Conv2d(5, 2, 2, stride=2),
+        nn.Flatten(),
+        nn.Linear(12, 2),
+    )
+
+
+@pytest.mark.parametrize(
+    "make, shape, loss, fused_per_residual",
+    [
+        (_conv_nets()[0][1], (1, 17, 17), flm.loss.CrossEntropyLoss(), 2),
+        (_tanh_relu_net, (2, 9, 7), flm.loss.MSELoss(), 2),  # several residuals per sample
+        (_conv_nets()[2][1], (1, 6, 6), flm.loss.MSELoss(), 1),
+    ],
+    ids=["elu", "tanh-relu", "sigmoid"],
+)
+def test_chain_rule_fuses_the_activation_between_convolutions(make, shape, loss, fused_per_residual, monkeypatch):
+    # Each activation between two convolutions is taken by conv2d_input_delta (in place only for
+    # the last residual component: MSE nets have several), and the Jacobian is still torch.func's.
+    calls = []
+    fused = LayerwiseJacobian._fused_input_delta
+
+    def counted(self, *args, **kwargs):
+        result = fused(self, *args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(LayerwiseJacobian, "_fused_input_delta", counted)
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    outputs = model(x)
+    if isinstance(loss, flm.loss.CrossEntropyLoss):
+        y = torch.randint(0, outputs.shape[1], (5,))
+    else:
+        y = torch.randn(outputs.shape, dtype=torch.float64)
+    per_sample = loss.residuals(outputs, y)[0].numel()
+    got, want = _jacobians(model, x, y, loss)
+    assert sum(calls) == fused_per_residual * per_sample, calls
+    assert_close(got, want, rtol=1e-10, atol=1e-12, what="layer-by-layer [J | r]")

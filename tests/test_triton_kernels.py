@@ -352,7 +352,7 @@ def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the policy, on a machine without a GPU
     # every op but least_squares' step ops, LM's small-system QR solve and its per-sample conv
     # gradients (C++ on CPU, the torch reference elsewhere)
-    cpu_only = {"lsq_propose", "lsq_update", "lm_small_solve", "conv2d_per_sample_grads"}
+    cpu_only = {"lsq_propose", "lsq_update", "lm_small_solve", "conv2d_per_sample_grads", "conv2d_input_delta"}
     assert set(kernels.DTYPES) == set(backends.OPS) - cpu_only
     for op, dtypes in kernels.DTYPES.items():
         for dtype in dtypes:

@@ -8,7 +8,7 @@ import torch
 
 from ._precision import math_dtype
 from .batched_lsq import batched_gram_reference, lsq_propose_reference, lsq_update_reference
-from .conv_grads import conv2d_per_sample_grads_reference
+from .conv_grads import conv2d_input_delta_reference, conv2d_per_sample_grads_reference
 from .ladam import (
     ladam_step_reference,
     ladam_update_lap_step_reference,
@@ -37,6 +37,7 @@ DTYPES["batched_gram"] = _FLOATS
 DTYPES["jacobian_products"] = _FLOATS  # inputs of any float dtype; fp32 (fp64 for fp64) accumulation
 DTYPES["lsq_propose"] = DTYPES["lsq_update"] = frozenset({torch.float32, torch.float64})  # least_squares' dtypes
 DTYPES["conv2d_per_sample_grads"] = _FLOATS  # the layer-by-layer LM Jacobian of convolutions
+DTYPES["conv2d_input_delta"] = _FLOATS  # its chain rule through a convolution and the activation before it
 DTYPES["lm_small_solve"] = frozenset({torch.float32, torch.float64})  # LAPACK's QR dtypes
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "jacobian_products_reference",
     "lsq_propose_reference",
     "lsq_update_reference",
+    "conv2d_input_delta_reference",
     "conv2d_per_sample_grads_reference",
     "lm_small_solve_reference",
 ]

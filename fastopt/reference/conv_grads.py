@@ -10,16 +10,23 @@ convolution's output z, the gradients of that sample's L with respect to the wei
 (im2col). This is the executable spec of ``fastopt._C``'s ``conv2d_per_sample_grads`` and the
 path on devices (or builds) without it. fastopt.lm's layer-by-layer Jacobian calls it with
 ``weight_out`` / ``bias_out`` the columns of the layer's parameters in the rows of ``[J | r]``.
+
+The chain rule below such a layer needs the delta of its input ``a = act(u)`` with respect to the
+activation's input u: the transposed convolution of d, times act'(u) written from ``y = act(u)``
+(``conv2d_input_delta_reference``, the spec of ``fastopt._C``'s ``conv2d_input_delta``):
+
+    da[n, c, h, w] = sum_{o, i, j : h = y*sh - ph + i*dh, w = x*sw - pw + j*dw} weight[o, c, i, j] * d[n, o, y, x]
+    du[n, c, h, w] = da[n, c, h, w] * act'(y[n, c, h, w])
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["conv2d_per_sample_grads_reference", "unfolded_input"]
+__all__ = ["ACTIVATIONS", "conv2d_input_delta_reference", "conv2d_per_sample_grads_reference", "unfolded_input"]
 
 
 def unfolded_input(
@@ -96,3 +103,64 @@ def conv2d_per_sample_grads_reference(
     if weight_out is not None:
         cols = unfolded_input(input, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
         weight_out.copy_(flat_delta.bmm(cols.transpose(1, 2)).reshape(batch, -1))
+
+
+# act'(u) from the activation's output y, as torch's backward ops compute it from their result
+# (elu_backward with is_result=True, tanh_backward, sigmoid_backward, threshold_backward at 0).
+ACTIVATIONS: Dict[str, Optional[Callable[[Tensor, float], Tensor]]] = {
+    "identity": None,
+    "elu": lambda y, alpha: (y > 0).to(y.dtype) + (y <= 0).to(y.dtype) * (y + alpha),
+    "tanh": lambda y, alpha: 1 - y * y,
+    "sigmoid": lambda y, alpha: (1 - y) * y,
+    "relu": lambda y, alpha: (y > 0).to(y.dtype),
+}
+
+
+def conv2d_input_delta_reference(
+    delta: Tensor,
+    weight: Tensor,
+    activation_output: Optional[Tensor],
+    *,
+    input_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    alpha: float,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """The delta of the activation's input below a convolution: ``delta`` (B, C_out, OH, OW) of the
+    convolution's output through ``weight`` (C_out, C, kh, kw) back to its input of spatial size
+    ``input_size`` (H, W), times the derivative of ``activation`` (one of :data:`ACTIVATIONS`;
+    ``alpha``: ELU's) from its output ``activation_output`` (B, C, H, W; None for identity).
+    Written into ``out`` where given (it may be ``activation_output`` itself) and returned."""
+    op = "conv2d_input_delta"
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    values = [tuple(int(v) for v in t) for t in (input_size, stride, padding, dilation)]
+    if any(len(v) != 2 for v in values):
+        raise ValueError(
+            f"{op}: input_size, stride, padding and dilation must have 2 values each, got {[list(v) for v in values]}"
+        )
+    (h, w), (sh, sw), (ph, pw), (dh, dw) = values
+    if delta.dim() != 4 or weight.dim() != 4 or weight.shape[0] != delta.shape[1]:
+        raise ValueError(
+            f"{op}: delta must have shape (B, C_out, OH, OW) and weight (C_out, C, kh, kw), got "
+            f"{tuple(delta.shape)} and {tuple(weight.shape)}"
+        )
+    kh, kw = weight.shape[2:]
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if tuple(delta.shape[2:]) != (oh, ow):
+        raise ValueError(f"{op}: delta's spatial size must be ({oh}, {ow}) for input_size {[h, w]}, got {delta.shape}")
+    derivative = ACTIVATIONS[activation]
+    if derivative is not None and activation_output is None:
+        raise ValueError(f"{op}: activation {activation!r} needs activation_output")
+    # output_padding: the rows and columns of the input past the last window (a stride > 1 drops them).
+    extra = (h - ((oh - 1) * sh - 2 * ph + dh * (kh - 1) + 1), w - ((ow - 1) * sw - 2 * pw + dw * (kw - 1) + 1))
+    result = F.conv_transpose2d(delta, weight, None, (sh, sw), (ph, pw), extra, 1, (dh, dw))
+    if derivative is not None:
+        assert activation_output is not None
+        result = result * derivative(activation_output, alpha)
+    if out is None:
+        return result
+    return out.copy_(result)
