@@ -24,6 +24,7 @@
 #include <optional>
 #include <vector>
 
+#include "lm_conv_geometry.h"
 #include "ops.h"
 
 namespace fastopt {
@@ -35,11 +36,7 @@ constexpr int64_t kGrain = 32;
 // Output channels reduced together: each unfolded input row is loaded once for this many channels.
 constexpr int64_t kChannelBlock = 4;
 
-struct Geometry {
-  int64_t batch, channels, height, width;  // the input
-  int64_t out_channels, out_height, out_width;  // the delta
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-};
+using conv::Geometry;
 
 int64_t pair_value(c10::IntArrayRef v, const char* name, int64_t i) {
   TORCH_CHECK_VALUE(v.size() == 2, "conv2d_per_sample_grads: ", name, " must have 2 values, got ", v.size());
@@ -73,8 +70,7 @@ Geometry check_args(const at::Tensor& input, const at::Tensor& delta, const std:
   TORCH_CHECK_VALUE(g.kh > 0 && g.kw > 0 && g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0 && g.ph >= 0 && g.pw >= 0,
                     op, ": kernel_size, stride and dilation must be positive and padding >= 0, got kernel_size ",
                     kernel_size, ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
-  const int64_t oh = (g.height + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  const int64_t ow = (g.width + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  const int64_t oh = g.expected_out_height(), ow = g.expected_out_width();
   TORCH_CHECK_VALUE(delta.size(0) == g.batch && g.out_height == oh && g.out_width == ow, op,
                     ": delta must have shape (", g.batch, ", C_out, ", oh, ", ", ow, ") for input ", input.sizes(),
                     ", got ", delta.sizes());

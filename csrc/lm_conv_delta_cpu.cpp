@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "lm_conv_geometry.h"
 #include "ops.h"
 
 namespace fastopt {
@@ -58,9 +59,7 @@ inline T derivative(T y, T alpha) {
   return T(1);
 }
 
-struct Geometry {
-  int64_t batch, channels, height, width, out_channels, out_height, out_width, kh, kw, sh, sw, ph, pw, dh, dw;
-};
+using conv::Geometry;
 
 // Samples [begin, end) into out (channels-last, (n, h, w, c) contiguous): each output position's
 // C_out deltas scatter wt[i, j] (C_out x C, the channels contiguous) into every tap's input pixel,
@@ -157,8 +156,7 @@ at::Tensor conv2d_input_delta_cpu(const at::Tensor& delta, const at::Tensor& wei
                         g.width > 0,
                     op, ": stride, dilation and input_size must be positive and padding >= 0, got stride ", stride,
                     ", padding ", padding, ", dilation ", dilation, ", input_size ", input_size);
-  const int64_t oh = (g.height + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  const int64_t ow = (g.width + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  const int64_t oh = g.expected_out_height(), ow = g.expected_out_width();
   TORCH_CHECK_VALUE(g.out_height == oh && g.out_width == ow, op, ": delta's spatial size must be (", oh, ", ", ow,
                     ") for input_size ", input_size, ", got ", delta.sizes());
   const bool needs_y = act != Act::kIdentity;

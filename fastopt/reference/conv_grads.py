@@ -29,6 +29,11 @@ from torch import Tensor
 __all__ = ["ACTIVATIONS", "conv2d_input_delta_reference", "conv2d_per_sample_grads_reference", "unfolded_input"]
 
 
+def _output_extent(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """The output extent of a convolution along one dimension, as F.conv2d's."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def unfolded_input(
     a: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> Tensor:
@@ -78,8 +83,7 @@ def conv2d_per_sample_grads_reference(
         )
     batch, channels = input.shape[:2]
     out_channels = delta.shape[1]
-    oh = (input.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (input.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = _output_extent(input.shape[2], kh, sh, ph, dh), _output_extent(input.shape[3], kw, sw, pw, dw)
     if tuple(delta.shape) != (batch, out_channels, oh, ow):
         raise ValueError(
             f"conv2d_per_sample_grads: delta must have shape ({batch}, C_out, {oh}, {ow}) for input "
@@ -149,7 +153,7 @@ def conv2d_input_delta_reference(
             f"{tuple(delta.shape)} and {tuple(weight.shape)}"
         )
     kh, kw = weight.shape[2:]
-    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = _output_extent(h, kh, sh, ph, dh), _output_extent(w, kw, sw, pw, dw)
     if tuple(delta.shape[2:]) != (oh, ow):
         raise ValueError(f"{op}: delta's spatial size must be ({oh}, {ow}) for input_size {[h, w]}, got {delta.shape}")
     derivative = ACTIVATIONS[activation]
